@@ -1,0 +1,31 @@
+# The two commands of the README: `make run` (the pipeline) and `make test`.
+# Both create .venv when missing and install everything first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test install data-packages
+
+run: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -q
+
+install: $(STAMP) data-packages
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	# animal-mnist's metadata wrongly requires tensorflow: it is only a pickle of arrays
+	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4
+	touch $(STAMP)
+
+# Fashion-MNIST (the source task) ships as a Debian package; without it (or
+# without root), xbar falls back to torchvision's download where there is a network.
+data-packages:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) >/dev/null; \
+	  else echo "note: install the Debian package dataset-fashion-mnist (or set source.dataset.root)"; fi; }

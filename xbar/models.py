@@ -1,0 +1,90 @@
+"""Backbones: a small ResNet for 28x28 single-channel images, and torchvision
+ResNet-18/50 for real-scale users. Every backbone has a `head` (the per-task
+linear classifier); everything else is the shared backbone mapped onto crossbars."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from xbar.errors import UserError
+from xbar.params import ModelParams
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """ResNet-20 style (3 stages of `blocks` basic blocks, widths w, 2w, 4w).
+
+    The stride-2 stem brings 28x28 to 14x14 so a 2-core CPU trains it in
+    seconds per epoch; width 16 / 3 blocks maps onto 126 PEs of 72x72 crossbars.
+    """
+
+    def __init__(self, num_classes: int, width: int = 16, blocks: int = 3, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        layers, cin = [], width
+        for stage, cout in enumerate((width, 2 * width, 4 * width)):
+            for b in range(blocks):
+                layers.append(BasicBlock(cin, cout, 2 if (b == 0 and stage > 0) else 1))
+                cin = cout
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(cin, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class TorchvisionResNet(nn.Module):
+    """A torchvision ResNet with its `fc` renamed `head` (and `conv1` adapted to 1 channel if asked)."""
+
+    def __init__(self, arch: str, num_classes: int, in_channels: int = 3, weights: str | None = None) -> None:
+        super().__init__()
+        import torchvision
+
+        net = getattr(torchvision.models, arch)(weights=None)
+        if weights:
+            try:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError) as err:
+                raise UserError(f"model.weights: cannot read {weights!r} as a torch state_dict ({type(err).__name__})") from None
+            net.load_state_dict(state)
+        if in_channels != 3:  # average the RGB filters: a grey image is all three channels at once
+            old = net.conv1
+            net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+            net.conv1.weight.data = old.weight.data.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+        self.head = nn.Linear(net.fc.in_features, num_classes)
+        net.fc = nn.Identity()
+        self.body = net
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def build_model(params: ModelParams, num_classes: int, in_channels: int = 1) -> nn.Module:
+    if params.name == "small_resnet":
+        return SmallResNet(num_classes, params.width, params.blocks, in_channels)
+    return TorchvisionResNet(params.name, num_classes, in_channels, params.weights)

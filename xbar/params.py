@@ -1,0 +1,184 @@
+"""Every tunable of the pipeline, validated once by one frozen pydantic model.
+
+`load_params("params.yaml")` is the only way stages, flows and the CLI read
+parameters. An invalid file raises `ParamsError` with one line that names the
+field and what is expected.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from xbar.errors import UserError
+
+# Built-in offline sources (xbar.data); real-scale sources are "torchvision" and "imagefolder".
+BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "fashion_mnist", "animal_mnist")
+DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
+METHODS = ("finetune_shared", "finetune_separate", "piggyback", "xbm", "xma", "xma2")
+MODELS = ("small_resnet", "resnet18", "resnet50")
+TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+class ParamsError(UserError):
+    """A user mistake in the parameters: carries one printable line."""
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class CrossbarParams(Frozen):
+    rows: PositiveInt = 72
+    cols: PositiveInt = 72
+    cell_bits: PositiveInt = 2
+    weight_bits: PositiveInt = 4
+    crossbars_per_pe: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _cells_fit(self) -> "CrossbarParams":
+        if self.weight_bits % self.cell_bits:
+            raise ValueError(f"weight_bits ({self.weight_bits}) must be a multiple of cell_bits ({self.cell_bits})")
+        if self.cols < self.weight_bits // self.cell_bits:
+            raise ValueError(f"cols ({self.cols}) must hold at least one weight ({self.weight_bits // self.cell_bits} cells)")
+        return self
+
+
+class QuantParams(Frozen):
+    act_bits: Annotated[int, Field(ge=2, le=8)] = 4
+    epochs: PositiveInt = 1  # QAT fine-tune of the pretrained backbone on the source task
+    lr: PositiveFloat = 0.01
+
+
+class TrainParams(Frozen):
+    """Defaults shared by every training loop (pretrain, QAT, tasks)."""
+
+    batch_size: PositiveInt = 128
+    eval_batch_size: PositiveInt = 512
+    lr: PositiveFloat = 0.05  # SGD lr for weights (backbone, spare PEs, heads)
+    mask_lr: PositiveFloat = 0.05  # Adam lr for real-valued masks
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    temperature: PositiveFloat = 1.0  # Gumbel-sigmoid temperature of the column mask
+    threads: PositiveInt = 2
+
+
+class ModelParams(Frozen):
+    name: Literal[MODELS] = "small_resnet"  # type: ignore[valid-type]
+    width: PositiveInt = 16  # small_resnet: channels of the first stage
+    blocks: PositiveInt = 3  # small_resnet: residual blocks per stage
+    weights: str | None = None  # torchvision ResNets: path to a local state_dict (e.g. ImageNet)
+
+
+class DatasetSpec(Frozen):
+    """Where a task's images come from; a plain string is shorthand for `source`."""
+
+    source: Literal[DATASET_SOURCES]  # type: ignore[valid-type]
+    name: str | None = None  # torchvision: the dataset class, e.g. "CIFAR10"
+    root: str | None = None  # torchvision / imagefolder / fashion_mnist: a local directory
+    image_size: PositiveInt = 28
+    channels: Literal[1, 3] = 1
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    max_train: PositiveInt | None = None  # cap the training split (stratified), for speed
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"source": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _needs(self) -> "DatasetSpec":
+        if self.source == "torchvision" and not self.name:
+            raise ValueError("source 'torchvision' needs 'name' (a torchvision.datasets class, e.g. CIFAR10)")
+        if self.source == "imagefolder" and not self.root:
+            raise ValueError("source 'imagefolder' needs 'root' (a directory with one sub-directory per class)")
+        return self
+
+
+class SourceTask(Frozen):
+    """The task the backbone is pretrained and quantized on (ImageNet's role in the paper)."""
+
+    dataset: DatasetSpec
+    epochs: PositiveInt = 3
+    lr: PositiveFloat = 0.1
+
+
+class TaskSpec(Frozen):
+    dataset: DatasetSpec
+    method: Literal[METHODS] = "xma2"  # type: ignore[valid-type]
+    epochs: PositiveInt = 3
+    spare_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1  # share of PEs re-programmed as spare PEs
+    shift_levels: Annotated[int, Field(ge=0, le=3)] = 3  # 0 = binary column mask (XBM)
+    rank_batch_size: PositiveInt = 64  # the ONE mini-batch that ranks the PEs
+
+
+class EnergyParams(Frozen):
+    preset: str = "paper"
+    overrides: dict[str, PositiveFloat] = {}  # any preset constant by name
+
+
+class Params(Frozen):
+    seed: Annotated[int, Field(ge=0)] = 0
+    crossbar: CrossbarParams = CrossbarParams()
+    quant: QuantParams = QuantParams()
+    train: TrainParams = TrainParams()
+    model: ModelParams = ModelParams()
+    source: SourceTask
+    energy: EnergyParams = EnergyParams()
+    tasks: dict[str, TaskSpec] = {}  # insertion order = the order tasks are learned
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        for name in tasks:
+            check_task_name(name)
+        return tasks
+
+
+def check_task_name(name: str) -> str:
+    """Task names become paths: only simple lower-case identifiers are allowed."""
+    if not isinstance(name, str) or not TASK_NAME.match(name):
+        raise ValueError(
+            f"task name {name!r} is not a simple identifier "
+            "(lower-case letter, then up to 31 lower-case letters, digits or '_')"
+        )
+    return name
+
+
+def _one_line(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (not a parameter of xbar)"
+    more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{source}: {field}: {msg}{more}"
+
+
+def parse_params(data: Any, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(data)
+    except ValidationError as err:
+        raise ParamsError(_one_line(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the project root or pass --params)") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ParamsError(f"{path}: expected a mapping of parameters at the top level")
+    return parse_params(data, str(path))
