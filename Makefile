@@ -4,14 +4,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# stages run `python -m stages.X` and tests run `dvc`: both must be the venv's
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test install data-packages
 
 run: install
-	$(BIN)/dvc repro
+	dvc repro
 
 test: install
-	$(BIN)/python -m pytest -q
+	python -m pytest -q
 
 install: $(STAMP) data-packages
 

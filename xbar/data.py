@@ -96,8 +96,10 @@ def _unique(images: np.ndarray, near: bool) -> np.ndarray:
         n, c, h, w = images.shape
         blocks = images.reshape(n, c, 7, h // 7, 7, w // 7).mean((1, 3, 5))
         flat = (blocks > blocks.mean((1, 2), keepdims=True)).reshape(n, -1)
-    _, first = np.unique(flat, axis=0, return_index=True)
-    return np.sort(first)
+    first: dict[bytes, int] = {}
+    for i, row in enumerate(np.ascontiguousarray(flat)):
+        first.setdefault(row.tobytes(), i)
+    return np.fromiter(sorted(first.values()), dtype=np.int64)
 
 
 def _resize(images: np.ndarray, size: int, channels: int) -> np.ndarray:

@@ -22,6 +22,7 @@ DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
 METHODS = ("finetune_shared", "finetune_separate", "piggyback", "xbm", "xma", "xma2")
 MODELS = ("small_resnet", "resnet18", "resnet50")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+FIRST_AFTER = "backbone"  # the `after` of the first task; reserved, not a task name
 
 
 class ParamsError(UserError):
@@ -111,6 +112,9 @@ class SourceTask(Frozen):
 
 
 class TaskSpec(Frozen):
+    # The task learned just before this one ("backbone" for the first): DVC reads it
+    # to chain each task's stages after the previous task's deployment state.
+    after: str | None = None
     dataset: DatasetSpec
     method: Literal[METHODS] = "xma2"  # type: ignore[valid-type]
     epochs: PositiveInt = 3
@@ -136,9 +140,13 @@ class Params(Frozen):
 
     @field_validator("tasks")
     @classmethod
-    def _task_names(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
-        for name in tasks:
+    def _task_chain(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        previous = FIRST_AFTER
+        for name, spec in tasks.items():
             check_task_name(name)
+            if spec.after != previous:
+                raise ValueError(f"{name}.after must be {previous!r} (the task learned before it), got {spec.after!r}")
+            previous = name
         return tasks
 
 
@@ -149,6 +157,8 @@ def check_task_name(name: str) -> str:
             f"task name {name!r} is not a simple identifier "
             "(lower-case letter, then up to 31 lower-case letters, digits or '_')"
         )
+    if name == FIRST_AFTER:
+        raise ValueError(f"task name {name!r} is reserved")
     return name
 
 

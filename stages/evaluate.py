@@ -1,0 +1,163 @@
+"""Stage evaluate (per task): the no-forgetting gate, and the task's MLflow run.
+
+Evaluates every task learned so far on the chip as it stands after this task
+(its test split, the model rebuilt from its task.pt over the backbone's
+cells), writes the accuracy-matrix row, and logs the task's child run. It
+FAILS, naming the task and both accuracies, if an earlier task's accuracy
+differs from its `accuracy_at_learn` recorded in MLflow. `finetune_shared`
+tasks are exempt: their forgetting is the baseline's point, so it is recorded,
+not gated. A failed gate writes no metrics and touches no earlier artifact.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages.common import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
+from stages.tracking import (Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
+                             tracker)
+from xbar.data import load_task_data
+from xbar.errors import UserError
+from xbar.methods import load_task_model, shared_view
+from xbar.params import Params
+from xbar.training import accuracy, seed_everything
+
+GATED = ("finetune_separate", "piggyback", "xbm", "xma", "xma2")
+
+
+class GateFailed(Exception):
+    """An earlier task's accuracy changed: the no-forgetting invariant is broken."""
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
+    return json.loads(path.read_text())
+
+
+def accuracies_now(params: Params, upto: str) -> dict[str, float]:
+    """Accuracy of every task up to `upto` on the chip as it stands after `upto`."""
+    names = list(params.tasks)[: list(params.tasks).index(upto) + 1]
+    levels = load_torch(BACKBONE / "levels.pt")
+    tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
+    shared = [n for n in names if tasks[n]["method"] == "finetune_shared"]
+    result = {}
+    for name in names:
+        task = tasks[name]
+        if task["method"] == "finetune_shared":  # one network on the chip: the latest shared weights
+            task = shared_view(task, tasks[shared[-1]])
+        model = load_task_model(task, levels, params)
+        data = load_task_data(params.tasks[name].dataset, params.seed)
+        if data.digest != task["dataset_digest"]:
+            raise UserError(f"task {name}: its test data changed since it was learned "
+                            f"(digest {data.digest} != {task['dataset_digest']}); restore the dataset")
+        result[name] = accuracy(model.net, data.test, params.train.eval_batch_size)
+    return result
+
+
+def dvc_stage_hashes(task: str) -> dict[str, str]:
+    """md5 of each output of this task's earlier stages, from dvc.lock (lineage)."""
+    lock = Path("dvc.lock")
+    if not lock.exists():
+        return {}
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    tags = {}
+    for name in ("pretrain", "quantize", "map_crossbars", f"rank_pes@{task}", f"train_masks@{task}",
+                 f"program_spares@{task}", f"simulate_energy@{task}"):
+        for out in stages.get(name, {}).get("outs", []):
+            tags[f"dvc.{name}.{Path(out['path']).name}"] = out.get("md5", "")
+    return tags
+
+
+def log_backbone(t: Tracker, params: Params, run_id: str) -> None:
+    pre, quant = read_json(METRICS / "pretrain.json"), read_json(METRICS / "quantize.json")
+    mapping = read_json(METRICS / "map.json") if (METRICS / "map.json").exists() else {}
+    t.log(run_id, params={"model": params.model.name, "width": params.model.width, "blocks": params.model.blocks,
+                          "source": params.source.dataset.source, "act_bits": params.quant.act_bits,
+                          "weight_bits": params.crossbar.weight_bits, "seed": params.seed},
+          metrics={"fp32_accuracy": pre["test_accuracy"],
+                   **{f"quantize/{k}": v for k, v in quant.items() if isinstance(v, int | float)},
+                   **{f"map/{k}": v for k, v in mapping.items() if isinstance(v, int | float)}})
+    t.log_dataset(run_id, params.source.dataset.source, pre["data_digest"], "source", "source")
+    for path in (BACKBONE / "levels.pt", METRICS / "pretrain.json", METRICS / "quantize.json"):
+        t.log_artifact(run_id, path, "backbone")
+
+
+def evaluate(params: Params, task: str) -> None:
+    seed_everything(params.seed, params.train.threads)
+    names = list(params.tasks)
+    order = names.index(task) + 1
+    spec = params.tasks[task]
+    train = read_json(task_metrics(task, "train"))
+    program = read_json(task_metrics(task, "program"))
+    energy = read_json(task_metrics(task, "energy"))
+    now = accuracies_now(params, task)
+    digests = {n: file_digest(task_dir(n) / "task.pt") for n in now}
+
+    with tracker() as t:
+        backbone_id = backbone_run(t, file_digest(BACKBONE / "levels.pt"), lambda rid: log_backbone(t, params, rid))
+        at_learn = {n: accuracy_at_learn(t, n, digests[n]) for n in names[: order - 1]}
+        at_learn[task] = now[task]
+        failures = []
+        if abs(now[task] - train["test_accuracy"]) > 0.01:  # deployed != trained: a deployment bug
+            failures.append(f"task {task}: deployed accuracy {now[task]:.2f}% != trained {train['test_accuracy']:.2f}%")
+        for n in names[: order - 1]:
+            if at_learn[n] is None:  # MLflow lost the record: fall back to the task's own DVC metrics
+                at_learn[n] = read_json(task_metrics(n, "evaluate"))["accuracy_at_learn"]
+            if params.tasks[n].method in GATED and now[n] != at_learn[n]:
+                failures.append(f"task {n}: accuracy {now[n]:.2f}% after adding {task}, "
+                                f"{at_learn[n]:.2f}% when learned")
+        forgetting = {n: at_learn[n] - now[n] for n in now}
+
+        run_id = t.create(task, {
+            "mlflow.parentRunId": parent_run(t, backbone_id), "xbar.kind": "task", "xbar.task": task,
+            "xbar.order": str(order), "xbar.task_digest": digests[task], "xbar.backbone_run_id": backbone_id,
+            "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
+            "xbar.gate": "failed" if failures else "passed", **dvc_stage_hashes(task)})
+        t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
+                              "spare_ratio": spec.spare_ratio, "shift_levels": spec.shift_levels,
+                              "rank_batch_size": spec.rank_batch_size, "after": spec.after, "seed": params.seed,
+                              **{f"crossbar.{k}": v for k, v in params.crossbar.model_dump().items()}},
+              metrics={"accuracy_at_learn": now[task], "forgetting": max(forgetting[n] for n in now),
+                       "spare_pes": train.get("spare_pes", 0), "mask_bytes": train.get("mask_bytes_packed", 0),
+                       "mask_bytes_unpacked": train.get("mask_bytes_unpacked", 0),
+                       "energy_j": energy.get("total_j", 0.0), "inference_j": energy.get("inference_j", 0.0),
+                       "reprogram_j": energy.get("reprogram_j", 0.0),
+                       "cells_written": program.get("cells_written", 0)})
+        t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=order)
+        data = load_task_data(spec.dataset, params.seed)
+        t.log_dataset(run_id, spec.dataset.source, data.train_digest, task, "train")
+        t.log_dataset(run_id, spec.dataset.source, data.test_digest, task, "test")
+        for path in [task_dir(task) / f for f in ("ranking.parquet", "program.parquet", "energy.png",
+                                                  "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
+            t.log_artifact(run_id, path, "artifacts")
+        for stage in ("rank", "train", "program", "energy"):
+            t.log_artifact(run_id, task_metrics(task, stage), "metrics")
+        t.finish(run_id, "FAILED" if failures else "FINISHED")
+
+    if failures:
+        raise GateFailed("no-forgetting gate failed: " + "; ".join(failures))
+    write_json(task_metrics(task, "evaluate"), {
+        "accuracy_at_learn": now[task], "accuracy": now, "forgetting": forgetting, "order": order,
+        "gate": "passed", "mlflow_run_id": run_id})
+    rows = io.StringIO()
+    rows.write("task,accuracy\n" + "".join(f"{n},{a:.2f}\n" for n, a in now.items()))
+    atomic_write_bytes(METRICS / "tasks" / task / "accuracy_row.csv", rows.getvalue().encode())
+    print(f"evaluate {task}: " + ", ".join(f"{n} {a:.2f}%" for n, a in now.items()) + " -- gate passed")
+
+
+def main() -> None:
+    try:
+        stage_main(evaluate, task_arg=True)
+    except GateFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

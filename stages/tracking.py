@@ -1,0 +1,180 @@
+"""MLflow, the system of record, behind one small context manager.
+
+Runs, all in one experiment (`xbar`):
+
+* one **backbone** run per quantized backbone (tag `xbar.kind=backbone`, keyed by
+  the digest of `levels.pt`): source-data input with its digest, fp32/4-bit accuracy;
+* one **pipeline** parent run per flow run (its id in `XBAR_PARENT_RUN_ID`) or,
+  for a plain `dvc repro`, one per backbone;
+* one **task** child run per task and parent: params, `accuracy_at_learn`,
+  `acc/<task>` of every task learned so far at step k (the forgetting matrix),
+  forgetting, spare PEs, mask bytes, energy, the dataset input, the git commit
+  and DVC stage hashes as tags, and the task's artifacts.
+
+The store defaults to `sqlite:///mlflow.db` in the project (MLflow 3 refuses a
+plain file store) and is overridden by `MLFLOW_TRACKING_URI`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from xbar.errors import UserError
+
+EXPERIMENT = "xbar"
+PARENT_ENV = "XBAR_PARENT_RUN_ID"
+T = TypeVar("T")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 5, first_wait: float = 0.5) -> T:
+    """Retry I/O on a locked or unreachable store with backoff; then one clear error."""
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OperationalError, OSError) as err:
+            if attempt == attempts - 1:
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """The few MLflow operations xbar needs, each retried on a locked store."""
+
+    def __init__(self) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri())
+        self.experiment_id = retry(self._experiment, "opening the experiment")
+
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(EXPERIMENT)
+        return exp.experiment_id if exp else self.client.create_experiment(EXPERIMENT)
+
+    def find(self, filter_string: str, newest_first: bool = True) -> list:
+        order = ["attributes.start_time DESC" if newest_first else "attributes.start_time ASC"]
+        return retry(lambda: self.client.search_runs([self.experiment_id], filter_string, order_by=order,
+                                                     max_results=1000), "searching runs")
+
+    def create(self, name: str, tags: dict[str, str]) -> str:
+        run = retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags), "creating a run")
+        return run.info.run_id
+
+    def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None,
+            tags: dict | None = None, step: int = 0) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        batch = dict(
+            metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+            params=[Param(k, str(v)) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+        retry(lambda: self.client.log_batch(run_id, **batch), "logging")
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, context: str) -> None:
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+
+        dataset = MetaDataset(CodeDatasetSource({"xbar.source": source}), name=name, digest=digest)
+        entry = DatasetInput(dataset._to_mlflow_entity(), [InputTag("mlflow.data.context", context)])
+        retry(lambda: self.client.log_inputs(run_id, [entry]), "logging a dataset")
+
+    def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        if Path(path).exists():
+            retry(lambda: self.client.log_artifact(run_id, str(path), folder), f"logging {path}")
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        retry(lambda: self.client.set_terminated(run_id, status), "closing a run")
+
+
+@contextmanager
+def tracker() -> Iterator[Tracker]:
+    """`with tracker() as t:` -- MLflow opened once, with clear errors and retries."""
+    yield Tracker()
+
+
+def backbone_run(t: Tracker, levels_digest: str, log: Callable[[str], None]) -> str:
+    """The run of this quantized backbone; created (and filled by `log`) on first use."""
+    runs = t.find(f"tags.`xbar.kind` = 'backbone' AND tags.`xbar.backbone_digest` = '{levels_digest}'")
+    if runs:
+        return runs[0].info.run_id
+    run_id = t.create("backbone", {"xbar.kind": "backbone", "xbar.backbone_digest": levels_digest,
+                                   "xbar.git_commit": git_commit()})
+    log(run_id)
+    t.finish(run_id)
+    return run_id
+
+
+def parent_run(t: Tracker, backbone_run_id: str) -> str:
+    """The flow's parent run (XBAR_PARENT_RUN_ID) or, for `dvc repro`, one per backbone."""
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    runs = t.find(f"tags.`xbar.kind` = 'pipeline' AND tags.`xbar.backbone_run_id` = '{backbone_run_id}' "
+                  "AND tags.`xbar.trigger` = 'dvc'")
+    if runs:
+        return runs[0].info.run_id
+    return t.create("dvc-pipeline", {"xbar.kind": "pipeline", "xbar.trigger": "dvc",
+                                     "xbar.backbone_run_id": backbone_run_id})
+
+
+def accuracy_at_learn(t: Tracker, task: str, task_digest: str) -> float | None:
+    """The accuracy recorded when this very task artifact (by digest) was learned."""
+    runs = t.find(f"tags.`xbar.task` = '{task}' AND tags.`xbar.task_digest` = '{task_digest}'", newest_first=False)
+    for run in runs:
+        if "accuracy_at_learn" in run.data.metrics:
+            return run.data.metrics["accuracy_at_learn"]
+    return None
+
+
+def report(t: Tracker) -> dict:
+    """Tasks, accuracy now / at learn, forgetting and the accuracy matrix, from MLflow alone.
+
+    Each task's newest run counts; "now" is what the newest run of the last task
+    measured for every earlier task (row k of the matrix is task k's `acc/*`).
+    """
+    latest: dict[str, object] = {}
+    for run in t.find("tags.`xbar.kind` = 'task'"):  # newest first
+        latest.setdefault(run.data.tags["xbar.task"], run)
+    ordered = sorted(latest.values(), key=lambda r: (int(r.data.tags["xbar.order"]), r.info.start_time))
+    names = [r.data.tags["xbar.task"] for r in ordered]
+    last = ordered[-1].data.metrics if ordered else {}
+    tasks = []
+    for run in ordered:
+        name, m = run.data.tags["xbar.task"], run.data.metrics
+        now = last.get(f"acc/{name}")
+        tasks.append({"name": name, "order": int(run.data.tags["xbar.order"]), "dataset": run.data.tags["xbar.dataset"],
+                      "method": run.data.tags["xbar.method"], "accuracy_at_learn": m.get("accuracy_at_learn"),
+                      "accuracy_now": now, "forgetting": None if now is None else m["accuracy_at_learn"] - now,
+                      "spare_pes": m.get("spare_pes"), "mask_bytes": m.get("mask_bytes"), "energy_j": m.get("energy_j"),
+                      "gate": run.data.tags.get("xbar.gate"), "run_id": run.info.run_id})
+    matrix = [[run.data.metrics.get(f"acc/{n}") for n in names] for run in ordered]
+    return {"tasks": tasks, "accuracy_matrix": matrix}

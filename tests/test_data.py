@@ -1,0 +1,112 @@
+"""Offline dataset sources: shapes, disjoint deterministic stratified splits, stable digests."""
+
+import numpy as np
+import pytest
+import torch
+
+from xbar.data import _NumpyOnly, content_digest, load_task_data, stratified_split
+from xbar.errors import UserError
+from xbar.params import DatasetSpec
+
+SOURCES = ["mnist5k", "optdigits", "lfw_faces", "animal_mnist", "fashion_mnist"]
+
+
+def _images(ds) -> torch.Tensor:
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
+@pytest.fixture(scope="module", params=SOURCES)
+def source(request):
+    spec = DatasetSpec(source=request.param, max_train=3000)
+    return spec, load_task_data(spec, seed=0)
+
+
+def test_shapes_and_classes(source):
+    spec, data = source
+    x, y = data.train[0]
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (1, 28, 28)
+    labels = torch.stack([data.test[i][1] for i in range(len(data.test))])
+    assert data.num_classes >= 2 and set(labels.tolist()) == set(range(data.num_classes))
+    assert len(data.train) <= 3000
+
+
+def test_no_image_in_both_splits(source):
+    _, data = source
+    train = {bytes(row) for row in _images(data.train).reshape(len(data.train), -1).numpy()}
+    test = {bytes(row) for row in _images(data.test).reshape(len(data.test), -1).numpy()}
+    assert not train & test
+
+
+def test_splits_and_digests_are_deterministic(source):
+    spec, data = source
+    again = load_task_data(spec, seed=0)
+    assert (data.train_digest, data.test_digest) == (again.train_digest, again.test_digest)
+    assert torch.equal(_images(data.test), _images(again.test))
+    other = load_task_data(spec, seed=1)
+    assert other.test_digest != data.test_digest
+
+
+def test_stratified_split_keeps_class_shares():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    train, test = stratified_split(labels, 0.2, seed=3)
+    assert not set(train) & set(test) and len(train) + len(test) == len(labels)
+    assert np.bincount(labels[test]).tolist() == [20, 10, 6, 4]
+    capped, _ = stratified_split(labels, 0.2, seed=3, max_train=80)
+    assert abs(len(capped) - 80) <= 4 and np.bincount(labels[capped])[0] == 2 * np.bincount(labels[capped])[1]
+
+
+def test_digest_sees_content_and_labels():
+    images = np.zeros((3, 1, 4, 4), np.uint8)
+    labels = np.array([0, 1, 0])
+    base = content_digest(images, labels)
+    flipped = images.copy()
+    flipped[1, 0, 2, 2] = 1
+    assert content_digest(flipped, labels) != base
+    assert content_digest(images, np.array([0, 1, 1])) != base
+    assert content_digest(images.copy(), labels.copy()) == base
+
+
+def test_animal_mnist_near_duplicates_are_dropped():
+    data = load_task_data(DatasetSpec(source="animal_mnist"), seed=0)
+    assert len(data.train) + len(data.test) < 9716  # 9716 exact-unique images in the package
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    import io
+    import pickle
+
+    payload = pickle.dumps(print)  # a global that is not a numpy array
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        _NumpyOnly(io.BytesIO(payload)).load()
+
+
+def test_imagefolder_by_configuration(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    spec = DatasetSpec(source="imagefolder", root=str(tmp_path), image_size=32, channels=3, test_fraction=0.3)
+    data = load_task_data(spec, seed=0)
+    assert len(data.train) == 14 and len(data.test) == 6 and data.num_classes == 2
+    x, y = data.train[0]
+    assert x.dtype == torch.uint8 and tuple(x.shape) == (3, 32, 32)
+    assert load_task_data(spec, seed=0).digest == data.digest
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(UserError, match="not a directory"):
+        load_task_data(DatasetSpec(source="imagefolder", root=str(tmp_path / "missing")), 0)
+    with pytest.raises(UserError, match="not a torchvision.datasets class"):
+        load_task_data(DatasetSpec(source="torchvision", name="NoSuchSet", root=str(tmp_path)), 0)
+
+
+def test_corrupt_fashion_file_is_named(tmp_path):
+    from xbar.data import FASHION_FILES
+
+    for name in FASHION_FILES:
+        (tmp_path / name).write_bytes(b"not gzip")
+    with pytest.raises(UserError, match="corrupt idx file"):
+        load_task_data(DatasetSpec(source="fashion_mnist", root=str(tmp_path)), 0)
