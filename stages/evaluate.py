@@ -88,6 +88,30 @@ def log_backbone(t: Tracker, params: Params, run_id: str) -> None:
         t.log_artifact(run_id, path, "backbone")
 
 
+def log_task(t: Tracker, run_id: str, params: Params, task: str, now: dict[str, float], forgetting: dict[str, float],
+             train: dict, program: dict, energy: dict, order: int) -> None:
+    """The task's child run: params, metrics, the acc/<task> row at step `order`, datasets, artifacts."""
+    spec = params.tasks[task]
+    t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
+                          "spare_ratio": spec.spare_ratio, "shift_levels": spec.shift_levels,
+                          "rank_batch_size": spec.rank_batch_size, "after": spec.after, "seed": params.seed,
+                          **{f"crossbar.{k}": v for k, v in params.crossbar.model_dump().items()}},
+          metrics={"accuracy_at_learn": now[task], "forgetting": max(forgetting[n] for n in now),
+                   "spare_pes": train["spare_pes_used"], "mask_bytes": train["mask_bytes_packed"],
+                   "mask_bytes_unpacked": train["mask_bytes_unpacked"],
+                   "energy_j": energy["total_j"], "inference_j": energy["inference_j"],
+                   "reprogram_j": energy["reprogram_j"], "cells_written": program["cells_written"]})
+    t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=order)
+    data = load_task_data(spec.dataset, params.seed)
+    t.log_dataset(run_id, spec.dataset.source, data.train_digest, task, "train")
+    t.log_dataset(run_id, spec.dataset.source, data.test_digest, task, "test")
+    for path in [task_dir(task) / f for f in ("ranking.parquet", "program.parquet", "energy.png",
+                                              "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
+        t.log_artifact(run_id, path, "artifacts")
+    for stage in ("rank", "train", "program", "energy"):
+        t.log_artifact(run_id, task_metrics(task, stage), "metrics")
+
+
 def evaluate(params: Params, task: str) -> None:
     seed_everything(params.seed, params.train.threads)
     names = list(params.tasks)
@@ -119,25 +143,11 @@ def evaluate(params: Params, task: str) -> None:
             "xbar.order": str(order), "xbar.task_digest": digests[task], "xbar.backbone_run_id": backbone_id,
             "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
             "xbar.gate": "failed" if failures else "passed", **dvc_stage_hashes(task)})
-        t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
-                              "spare_ratio": spec.spare_ratio, "shift_levels": spec.shift_levels,
-                              "rank_batch_size": spec.rank_batch_size, "after": spec.after, "seed": params.seed,
-                              **{f"crossbar.{k}": v for k, v in params.crossbar.model_dump().items()}},
-              metrics={"accuracy_at_learn": now[task], "forgetting": max(forgetting[n] for n in now),
-                       "spare_pes": train.get("spare_pes", 0), "mask_bytes": train.get("mask_bytes_packed", 0),
-                       "mask_bytes_unpacked": train.get("mask_bytes_unpacked", 0),
-                       "energy_j": energy.get("total_j", 0.0), "inference_j": energy.get("inference_j", 0.0),
-                       "reprogram_j": energy.get("reprogram_j", 0.0),
-                       "cells_written": program.get("cells_written", 0)})
-        t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=order)
-        data = load_task_data(spec.dataset, params.seed)
-        t.log_dataset(run_id, spec.dataset.source, data.train_digest, task, "train")
-        t.log_dataset(run_id, spec.dataset.source, data.test_digest, task, "test")
-        for path in [task_dir(task) / f for f in ("ranking.parquet", "program.parquet", "energy.png",
-                                                  "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
-            t.log_artifact(run_id, path, "artifacts")
-        for stage in ("rank", "train", "program", "energy"):
-            t.log_artifact(run_id, task_metrics(task, stage), "metrics")
+        try:
+            log_task(t, run_id, params, task, now, forgetting, train, program, energy, order)
+        except BaseException:
+            t.finish(run_id, "FAILED")
+            raise
         t.finish(run_id, "FAILED" if failures else "FINISHED")
 
     if failures:

@@ -158,11 +158,12 @@ def accuracy_at_learn(t: Tracker, task: str, task_digest: str) -> float | None:
 def report(t: Tracker) -> dict:
     """Tasks, accuracy now / at learn, forgetting and the accuracy matrix, from MLflow alone.
 
-    Each task's newest run counts; "now" is what the newest run of the last task
+    Each task's newest run whose gate passed counts; "now" is what the newest run of the last task
     measured for every earlier task (row k of the matrix is task k's `acc/*`).
     """
     latest: dict[str, object] = {}
-    for run in t.find("tags.`xbar.kind` = 'task'"):  # newest first
+    runs = t.find("tags.`xbar.kind` = 'task'")  # newest first; a run whose gate failed only if no other
+    for run in sorted(runs, key=lambda r: r.data.tags.get("xbar.gate") != "passed"):
         latest.setdefault(run.data.tags["xbar.task"], run)
     ordered = sorted(latest.values(), key=lambda r: (int(r.data.tags["xbar.order"]), r.info.start_time))
     names = [r.data.tags["xbar.task"] for r in ordered]

@@ -65,5 +65,138 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
     Console().print(table)
 
 
+@app.command()
+@one_line_errors
+def memory(
+    model: str = typer.Option(..., "--model", help="small_resnet, or a torchvision architecture (e.g. resnet50)."),
+    rows: int = typer.Option(72, help="Rows per crossbar."),
+    cols: int = typer.Option(72, help="Columns per crossbar."),
+    cell_bits: int = typer.Option(2, help="Bits per ReRAM cell."),
+    weight_bits: int = typer.Option(4, help="Bits per weight (weight_bits / cell_bits cells each)."),
+    shift_levels: int = typer.Option(3, help="Shift levels N of the column shift mask (N + 2 values)."),
+    spare_ratio: float = typer.Option(0.1, help="Share of PEs replaced by spare PEs (XMA2)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+) -> None:
+    """Per-task mask memory of Piggyback, XBM, XMA and XMA2 for a model mapped onto crossbars (no weights needed)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from xbar.crossbar import CrossbarSpec
+    from xbar.memory import named_model_report
+
+    spec = CrossbarSpec(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
+    mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio)
+    if as_json:
+        print(json.dumps({"model": model, "rows": rows, "cols": cols, "cell_bits": cell_bits,
+                          "utilization": round(mapping.utilization, 6)} | rep.as_dict(), indent=2))
+        return
+    size = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} KB"  # noqa: E731 (decimal, as the paper)
+    console = Console()
+    console.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
+                  f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
+                  f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
+    table = Table(title=f"mask memory per task ({shift_levels} shift levels, spare ratio {spare_ratio:g})")
+    for col in ("method", "what a task stores", "bytes", "size", "vs Piggyback"):
+        table.add_column(col, justify="right" if col in ("bytes", "size", "vs Piggyback") else "left")
+    rows_out = [
+        ("Piggyback", "1 bit / weight", rep.piggyback_bytes),
+        ("XBM", "1 bit / column", rep.column_binary_bytes),
+        ("XMA", f"{rep.shift_values} values / column", rep.column_shift_bytes),
+        ("XMA", f"{rep.shift_values} values / column, packed", rep.column_shift_packed_bytes),
+        ("XMA2", "PE mask + frozen shift mask", rep.xma2_pe_mask_bytes + rep.xma2_column_shift_bytes),
+        ("XMA2", f"{rep.spare_pes} spare PEs' weights", rep.xma2_spare_weight_bytes),
+        ("any", "head + BN (fp32)", rep.head_bytes + rep.bn_bytes),
+        ("XMA2", "total (+ head, BN)", rep.xma2_bytes),
+    ]
+    for method, what, b in rows_out:
+        table.add_row(method, what, f"{b:,}", size(b), f"{b / max(1, rep.piggyback_bytes):.1%}")
+    console.print(table)
+
+
+@app.command()
+@one_line_errors
+def energy(
+    model: str = typer.Option(..., "--model", help="small_resnet, or a torchvision architecture (e.g. resnet50)."),
+    preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
+    spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
+    inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+) -> None:
+    """Energy of fine-tuning, Piggyback, XBM, XMA and XMA2 for one new task on a model (no weights needed):
+    inference x N + re-programming, from documented typical cell changes (docs/energy.md)."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from xbar.energy import named_energy
+
+    result = named_energy(model, preset, spare_ratio, inferences)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    a = result["assumptions"]
+    table = Table(title=f"{model}, preset {preset}, {a['spare_pes']} spare PEs of {a['pes']}, "
+                        f"{inferences} inference(s) per task")
+    for col in ("method", "inference J", "re-programming J", "total J", "cells written", "total / XMA2"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    x2 = result["methods"]["xma2"]["total_j"]
+    for name, m in result["methods"].items():
+        table.add_row(name, f"{m['inference_j']:.3g}", f"{m['reprogram_j']:.3g}", f"{m['total_j']:.3g}",
+                      f"{m['cells_written']:,}", f"{m['total_j'] / x2:.2f}x")
+    Console().print(table)
+    print(f"scenario: {a['scenario']}")
+
+
+@app.command("add-task")
+@one_line_errors
+def add_task(
+    name: str = typer.Argument(..., help="The new task's name: a lower-case identifier not used yet."),
+    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, "
+                                "fashion_mnist, animal_mnist."),
+    spare_ratio: float | None = typer.Option(None, help="Share of PEs replaced by spare PEs, in (0, 1] (default 0.1)."),
+    shift_levels: int | None = typer.Option(None, help="Column-mask shift levels 0..3 (default 3)."),
+    epochs: int | None = typer.Option(None, help="Training epochs (default 3)."),
+    method: str | None = typer.Option(None, help="xma2, xma, xbm, piggyback, finetune_shared, finetune_separate "
+                                      "(default xma2)."),
+) -> None:
+    """Add a task to params.yaml and learn it now (the `new-task` Prefect flow; waits for a running one)."""
+    from pathlib import Path
+
+    from flows.add_task import NewTask, plan_new_task
+
+    given = dict(spare_ratio=spare_ratio, shift_levels=shift_levels, epochs=epochs, method=method)
+    task = NewTask.parse(name=name, dataset=dataset, **{k: v for k, v in given.items() if v is not None})
+    plan_new_task(Path("params.yaml"), task)  # refuse bad input here, before Prefect starts
+
+    from flows.dvc import StageFailed
+    from flows.new_task import new_task
+
+    try:
+        result = new_task(**task.model_dump())
+    except StageFailed as err:  # the run failed and was rolled back: not an input error
+        print(f"error: {err} (params.yaml and dvc.lock restored)", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(f"task {result['task']!r} learned after {result['after']!r}; MLflow parent run "
+          f"{result['mlflow_parent_run_id']}")
+
+
+@app.command()
+@one_line_errors
+def serve(limit: int = typer.Option(1, min=1, help="Flow runs executed at once (the workspace lock "
+                                                    "serializes DVC anyway).")) -> None:
+    """Serve the `new-task/add-task` and `continual/pipeline` deployments for the Prefect UI (Ctrl-C stops)."""
+    from pathlib import Path
+
+    from xbar.params import load_params
+
+    load_params(Path("params.yaml"))  # served runs start here: refuse a wrong directory now
+    from flows.new_task import serve as serve_flows
+
+    serve_flows(limit)
+
+
 if __name__ == "__main__":
     app()

@@ -3,23 +3,38 @@
 Conventions (DESIGN.md, "Map to crossbars"):
 
 * A conv weight [Cout, Cin/groups, kh, kw] is unrolled to Cin*kh*kw rows by
-  Cout outputs; a linear weight [out, in] is a 1x1 conv.
+  Cout outputs, row r = channel * kh*kw + kernel position (the order of
+  `weight.reshape(Cout, -1)`); a linear weight [out, in] is a 1x1 conv.
 * A **row tile** holds G = rows // (kh*kw) input channels with all their kernel
-  positions (G = 8 for 3x3 on 72 rows, 72 for 1x1). A kernel with more than
-  `rows` positions (e.g. 11x11 on 72 rows) is split across ceil(kh*kw / rows)
-  row tiles per channel.
-* Each weight takes cells_per_weight = weight_bits / cell_bits cells in
-  adjacent columns (bit slices); a crossbar holds cols // cells_per_weight outputs.
+  positions (G = 8 for 3x3 on 72 rows, 72 for 1x1, 1 for 7x7). A kernel with
+  more than `rows` positions (11x11 = 121 on 72 rows) is split per channel into
+  ceil(kh*kw / rows) row tiles (72 + 49 rows), so a row tile never mixes the
+  positions of two channels.
+* Each weight takes cells_per_weight = weight_bits / cell_bits cells in adjacent
+  physical columns (bit slices, most significant first); a crossbar holds
+  cols // cells_per_weight outputs (36 at 72 columns, 2 cells per weight). A
+  layer with more outputs than that takes several column tiles per row tile.
 * A **column** -- the mask unit -- is one output channel within one row tile,
-  i.e. all its bit-slice columns: the shift-adder applies one shift to them.
-* Grouped and depthwise convs are packed block-diagonally: as many groups as
-  fit in both the rows and the columns share a crossbar.
-* A **PE** is `crossbars_per_pe` crossbars of the same layer.
+  i.e. all its bit-slice columns: the shift-adder merges the slices and applies
+  one shift to the result. A layer has out_channels * row_tiles columns.
+* Grouped and depthwise convs are packed block-diagonally when a group fits in
+  one crossbar: as many groups as fit in both the rows and the outputs share a
+  crossbar (8 depthwise 3x3 channels on 72 rows); each output channel is then
+  one column. Groups that do not fit are mapped one after another like a
+  dense conv each.
+* A **PE** is `crossbars_per_pe` consecutive crossbars of one layer (the column
+  tiles of one row tile come first, so a PE's crossbars share their inputs);
+  a PE never spans two layers. Crossbars and PEs are numbered globally in layer
+  order.
 
-Signed weights use **offset encoding**: a weight level w in [-L, L] (L = 7 at 4
-bits) is stored as w + L in [0, 2L] written in base 2**cell_bits over the
-cells_per_weight cells (most significant slice first); the shift-adder
-subtracts L * sum(inputs), taken from one reference column per crossbar.
+Signed weights (**offset encoding**): a weight level w in [-L, L] (L = 7 at 4
+bits) is stored as the unsigned u = w + L in [0, 2L] written in base
+2**cell_bits over cells_per_weight cells, most significant slice first (-7 ->
+(0, 0), 0 -> (1, 3), 7 -> (3, 2) at 2-bit cells). A column then computes
+sum((w + L) * x); the shift-adder subtracts L * sum(x), which it gets from the
+digital input bits of the row tile (one popcount per row tile, shared by every
+column of the crossbar), so no cell or column is spent on the sign and one
+column still holds one output. The column mask scales the corrected output.
 """
 
 from __future__ import annotations
@@ -46,12 +61,19 @@ class CrossbarSpec:
     def __post_init__(self) -> None:
         for name in ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise UserError(f"crossbar.{name}: expected a positive integer, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UserError(f"crossbar {name}: expected a positive integer, got {value!r}")
         if self.weight_bits % self.cell_bits:
-            raise UserError(f"crossbar.cell_bits: {self.cell_bits} does not divide weight_bits ({self.weight_bits})")
+            raise UserError(f"crossbar cell_bits: {self.cell_bits} does not divide weight_bits ({self.weight_bits})")
+        if self.weight_bits < 2:
+            raise UserError(f"crossbar weight_bits: {self.weight_bits} cannot hold a signed weight (need >= 2)")
         if self.cols < self.cells_per_weight:
-            raise UserError(f"crossbar.cols: {self.cols} cannot hold one weight ({self.cells_per_weight} cells)")
+            raise UserError(f"crossbar cols: {self.cols} cannot hold one weight ({self.cells_per_weight} cells)")
+
+    @classmethod
+    def from_params(cls, params: object) -> CrossbarSpec:
+        """From `Params.crossbar` (xbar.params.CrossbarParams)."""
+        return cls(**{k: getattr(params, k) for k in ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe")})
 
     @property
     def cells_per_weight(self) -> int:
@@ -62,21 +84,52 @@ class CrossbarSpec:
         return self.cols // self.cells_per_weight
 
     @property
+    def cells_per_pe(self) -> int:
+        return self.rows * self.cols * self.crossbars_per_pe
+
+    @property
     def weight_levels(self) -> int:
         """L: weights take integer levels in [-L, L]."""
         return 2 ** (self.weight_bits - 1) - 1
 
     def cell_levels(self, weight_levels: torch.Tensor) -> torch.Tensor:
         """Offset-encoded cell levels, shape [..., cells_per_weight], MSB slice first (uint8)."""
-        u = weight_levels.to(torch.int64) + self.weight_levels
+        w = weight_levels.to(torch.int64)
+        if w.numel() and (w.abs().max() > self.weight_levels):
+            raise ValueError(f"weight levels must lie in [-{self.weight_levels}, {self.weight_levels}]")
+        u = w + self.weight_levels
         base = 2**self.cell_bits
         digits = [(u // base**k) % base for k in reversed(range(self.cells_per_weight))]
         return torch.stack(digits, -1).to(torch.uint8)
 
+    def weight_from_cells(self, cells: torch.Tensor) -> torch.Tensor:
+        """Inverse of `cell_levels`: [..., cells_per_weight] cell levels -> int64 weight levels."""
+        base = 2**self.cell_bits
+        u = torch.zeros(cells.shape[:-1], dtype=torch.int64)
+        for k in range(self.cells_per_weight):  # MSB first: Horner's rule, as the shift-adder merges slices
+            u = u * base + cells[..., k].to(torch.int64)
+        return u - self.weight_levels
+
+
+def _row_tiles(cin: int, kernel: int, rows: int) -> int:
+    """Row tiles of one group: ceil(cin / G) with G = rows // kernel, or per-channel splits."""
+    if kernel <= rows:
+        return math.ceil(cin / (rows // kernel))
+    return cin * math.ceil(kernel / rows)
+
+
+def _tile_rows(cin: int, kernel: int, rows: int) -> list[tuple[int, int]]:
+    """(first row, row count) of each row tile of one group, rows in unrolled order."""
+    if kernel <= rows:
+        g = rows // kernel
+        return [(c0 * kernel, min(g, cin - c0) * kernel) for c0 in range(0, cin, g)]
+    per = math.ceil(kernel / rows)
+    return [(c * kernel + p * rows, min(rows, kernel - p * rows)) for c in range(cin) for p in range(per)]
+
 
 @dataclass(frozen=True)
 class LayerMap:
-    """How one layer sits on crossbars. Index tensors are built on demand (small models)."""
+    """How one layer sits on crossbars: the layer's crossbars, PEs and columns."""
 
     name: str
     kind: str  # "conv" | "linear"
@@ -85,7 +138,7 @@ class LayerMap:
     spec: CrossbarSpec
     first_crossbar: int  # global index of this layer's first crossbar
     first_pe: int
-    crossbars: list[dict] = field(repr=False)  # one dict per crossbar (local order)
+    crossbars: list[dict] = field(repr=False, default_factory=list)  # one dict per crossbar (local order)
 
     @property
     def out_channels(self) -> int:
@@ -97,24 +150,28 @@ class LayerMap:
 
     @property
     def kernel(self) -> int:
+        """Kernel positions kh*kw (1 for a linear layer)."""
         return math.prod(self.shape[2:]) if len(self.shape) > 2 else 1
 
     @property
     def weights(self) -> int:
         return math.prod(self.shape)
 
-    @property
-    def packed(self) -> bool:
-        """Several groups share one crossbar (grouped / depthwise convs)."""
-        return self.groups > 1 and self._groups_per_crossbar > 1
-
     @cached_property
-    def _groups_per_crossbar(self) -> int:
+    def groups_per_crossbar(self) -> int:
+        """Groups packed block-diagonally into one crossbar (1: each group maps like a dense conv)."""
+        if self.groups == 1:
+            return 1
         cout_g = self.out_channels // self.groups
         rows_g = self.cin_per_group * self.kernel
         if rows_g > self.spec.rows or cout_g > self.spec.outputs_per_crossbar:
             return 1
         return min(self.spec.rows // rows_g, self.spec.outputs_per_crossbar // cout_g, self.groups)
+
+    @property
+    def packed(self) -> bool:
+        """Several groups share one crossbar (grouped / depthwise convs)."""
+        return self.groups_per_crossbar > 1
 
     @property
     def n_crossbars(self) -> int:
@@ -129,64 +186,69 @@ class LayerMap:
         return _row_tiles(self.cin_per_group, self.kernel, self.spec.rows)
 
     @property
+    def n_row_tiles(self) -> int:
+        """Row tiles of the whole layer (a packed crossbar is one row tile for its groups)."""
+        if self.packed:
+            return math.ceil(self.groups / self.groups_per_crossbar)
+        return self.groups * self.row_tiles_per_group
+
+    @property
     def n_columns(self) -> int:
         """Mask units: one per output channel per row tile."""
         return self.out_channels if self.packed else self.out_channels * self.row_tiles_per_group
 
     def index_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column, pe) of every weight, both int64 of the weight's shape; pe is global."""
+        """(column, pe) of every weight, both int64 of the weight's shape; column is local, pe global."""
         cout, cin_g, k = self.out_channels, self.cin_per_group, self.kernel
         cout_g = cout // self.groups
+        opc = self.spec.outputs_per_crossbar
         out = torch.arange(cout).view(cout, 1, 1)
         chan = torch.arange(cin_g).view(1, cin_g, 1)
         pos = torch.arange(k).view(1, 1, k)
         if self.packed:
             column = out.expand(cout, cin_g, k)
-            crossbar = (out // cout_g // self._groups_per_crossbar).expand(cout, cin_g, k)
+            crossbar = (out // cout_g // self.groups_per_crossbar).expand(cout, cin_g, k)
         else:
-            rt = _row_tile_of(chan, pos, k, self.spec.rows)  # within the group
-            n_rt = self.row_tiles_per_group
-            n_ct = math.ceil(cout_g / self.spec.outputs_per_crossbar)
+            if k <= self.spec.rows:
+                rt = (chan // (self.spec.rows // k)).expand(1, cin_g, k)
+            else:
+                rt = chan * math.ceil(k / self.spec.rows) + pos // self.spec.rows
+            n_ct = math.ceil(cout_g / opc)  # column tiles per row tile
             group, o_in_g = out // cout_g, out % cout_g
-            column = (rt * cout + out).expand(cout, cin_g, k)
-            crossbar = ((group * n_rt + rt) * n_ct + o_in_g // self.spec.outputs_per_crossbar).expand(cout, cin_g, k)
+            column = rt * cout + out
+            crossbar = (group * self.row_tiles_per_group + rt) * n_ct + o_in_g // opc
         pe = self.first_pe + crossbar // self.spec.crossbars_per_pe
-        return column.reshape(self.shape).contiguous(), pe.reshape(self.shape).contiguous()
+        return (column.expand(cout, cin_g, k).reshape(self.shape).contiguous(),
+                pe.expand(cout, cin_g, k).reshape(self.shape).contiguous())
 
 
-def _row_tiles(cin: int, kernel: int, rows: int) -> int:
-    if kernel <= rows:
-        return math.ceil(cin / (rows // kernel))
-    return cin * math.ceil(kernel / rows)
+def _layer_crossbars(lm: LayerMap) -> list[dict]:
+    """Row range, output range and usage of each crossbar of one layer (local order)."""
+    spec, k, cin_g = lm.spec, lm.kernel, lm.cin_per_group
+    cout_g = lm.out_channels // lm.groups
+    rows_g = cin_g * k
+    xbs = []
+    if lm.packed:
+        gpc = lm.groups_per_crossbar
+        for tile, g0 in enumerate(range(0, lm.groups, gpc)):
+            ng = min(gpc, lm.groups - g0)
+            xbs.append(dict(row_tile=tile, row_start=g0 * rows_g, rows_used=ng * rows_g,
+                            out_start=g0 * cout_g, columns=ng * cout_g, weights=ng * rows_g * cout_g))
+        return xbs
+    opc = spec.outputs_per_crossbar
+    tiles = _tile_rows(cin_g, k, spec.rows)
+    for g in range(lm.groups):
+        for t, (r0, nr) in enumerate(tiles):
+            for o0 in range(0, cout_g, opc):
+                no = min(opc, cout_g - o0)
+                xbs.append(dict(row_tile=g * len(tiles) + t, row_start=g * rows_g + r0, rows_used=nr,
+                                out_start=g * cout_g + o0, columns=no, weights=nr * no))
+    return xbs
 
 
-def _row_tile_of(chan: torch.Tensor, pos: torch.Tensor, kernel: int, rows: int) -> torch.Tensor:
-    if kernel <= rows:
-        return chan // (rows // kernel) + 0 * pos
-    return chan * math.ceil(kernel / rows) + pos // rows
-
-
-def _layer_crossbars(shape: tuple[int, ...], groups: int, spec: CrossbarSpec, packed_gpc: int) -> list[dict]:
-    """Rows, outputs and weights held by each crossbar of one layer (local order)."""
-    cout, cin_g = shape[0], shape[1]
-    kernel = math.prod(shape[2:]) if len(shape) > 2 else 1
-    cout_g = cout // groups
-    if groups > 1 and packed_gpc > 1:
-        blocks = []
-        for g0 in range(0, groups, packed_gpc):
-            ng = min(packed_gpc, groups - g0)
-            blocks.append(dict(rows_used=ng * cin_g * kernel, outputs=ng * cout_g, weights=ng * cin_g * kernel * cout_g))
-        return blocks
-    # rows per row tile (same for every group)
-    if kernel <= spec.rows:
-        g = spec.rows // kernel
-        tile_rows = [min(g, cin_g - c0) * kernel for c0 in range(0, cin_g, g)]
-    else:
-        per = math.ceil(kernel / spec.rows)
-        tile_rows = [min(spec.rows, kernel - p * spec.rows) for _ in range(cin_g) for p in range(per)]
-    o = spec.outputs_per_crossbar
-    outs = [min(o, cout_g - o0) for o0 in range(0, cout_g, o)]
-    return [dict(rows_used=r, outputs=n, weights=r * n) for _ in range(groups) for r in tile_rows for n in outs]
+_CROSSBAR_SCHEMA = dict(layer=pl.String, pe=pl.Int64, crossbar=pl.Int64, row_tile=pl.Int64, row_start=pl.Int64,
+                        rows_used=pl.Int64, out_start=pl.Int64, columns=pl.Int64, cols_used=pl.Int64,
+                        weights=pl.Int64, cells_used=pl.Int64, utilization=pl.Float64)
 
 
 @dataclass(frozen=True)
@@ -196,44 +258,97 @@ class Mapping:
 
     @property
     def n_crossbars(self) -> int:
-        return sum(l.n_crossbars for l in self.layers)
+        return sum(lm.n_crossbars for lm in self.layers)
 
     @property
     def n_pes(self) -> int:
-        return sum(l.n_pes for l in self.layers)
+        return sum(lm.n_pes for lm in self.layers)
 
     @property
     def n_columns(self) -> int:
-        return sum(l.n_columns for l in self.layers)
+        return sum(lm.n_columns for lm in self.layers)
+
+    @property
+    def n_weights(self) -> int:
+        return sum(lm.weights for lm in self.layers)
+
+    @property
+    def n_cells_used(self) -> int:
+        return self.n_weights * self.spec.cells_per_weight
+
+    @property
+    def utilization(self) -> float:
+        """Cells holding a weight over the cells of every crossbar used."""
+        return self.n_cells_used / max(1, self.n_crossbars * self.spec.rows * self.spec.cols)
 
     def layer(self, name: str) -> LayerMap:
-        return next(l for l in self.layers if l.name == name)
+        for lm in self.layers:
+            if lm.name == name:
+                return lm
+        raise KeyError(f"layer {name!r} is not mapped (mapped: {', '.join(x.name for x in self.layers)})")
 
     def crossbar_table(self) -> pl.DataFrame:
-        """One row per crossbar: layer, pe, crossbar, row tile usage, cells, utilization."""
+        """One row per crossbar: layer, pe, crossbar, row tile, row range [row_start, +rows_used),
+        output range [out_start, +columns), columns (mask units = outputs held), cols_used
+        (physical columns, bit slices included), weights, cells used, utilization."""
+        s = self.spec
+        data: dict[str, list] = {k: [] for k in _CROSSBAR_SCHEMA if k not in ("cols_used", "cells_used", "utilization")}
+        for lm in self.layers:
+            for i, xb in enumerate(lm.crossbars):
+                data["layer"].append(lm.name)
+                data["pe"].append(lm.first_pe + i // s.crossbars_per_pe)
+                data["crossbar"].append(lm.first_crossbar + i)
+                for key in ("row_tile", "row_start", "rows_used", "out_start", "columns", "weights"):
+                    data[key].append(xb[key])
+        df = pl.DataFrame(data, schema={k: _CROSSBAR_SCHEMA[k] for k in data})
+        return df.with_columns(
+            cols_used=pl.col("columns") * s.cells_per_weight,
+            cells_used=pl.col("weights") * s.cells_per_weight,
+            utilization=pl.col("weights") * s.cells_per_weight / (s.rows * s.cols),
+        ).select(list(_CROSSBAR_SCHEMA))
+
+    def pe_table(self) -> pl.DataFrame:
+        """One row per PE: layer, pe, crossbars, columns, weights, cells used, utilization of its
+        crossbars_per_pe crossbars (a layer's last PE may leave crossbars empty)."""
+        s = self.spec
+        return (self.crossbar_table().group_by("pe", maintain_order=True)
+                .agg(pl.col("layer").first(), pl.len().alias("crossbars"), pl.col("columns").sum(),
+                     pl.col("weights").sum(), pl.col("cells_used").sum())
+                .with_columns(utilization=pl.col("cells_used") / s.cells_per_pe)
+                .select("layer", "pe", "crossbars", "columns", "weights", "cells_used", "utilization"))
+
+    def layer_table(self) -> pl.DataFrame:
+        """One row per layer: shape, weights, row tiles, columns, crossbars, PEs, rows/cols/cells used,
+        utilization of the layer's crossbars."""
         s = self.spec
         rows = []
         for lm in self.layers:
-            for i, xb in enumerate(lm.crossbars):
-                cols_used = xb["outputs"] * s.cells_per_weight
-                rows.append(dict(layer=lm.name, pe=lm.first_pe + i // s.crossbars_per_pe,
-                                 crossbar=lm.first_crossbar + i, rows_used=xb["rows_used"],
-                                 outputs=xb["outputs"], cols_used=cols_used, weights=xb["weights"],
-                                 cells_used=xb["weights"] * s.cells_per_weight))
-        df = pl.DataFrame(rows, schema=dict(layer=pl.String, pe=pl.Int64, crossbar=pl.Int64, rows_used=pl.Int64,
-                                            outputs=pl.Int64, cols_used=pl.Int64, weights=pl.Int64, cells_used=pl.Int64))
-        return df.with_columns(utilization=pl.col("cells_used") / (s.rows * s.cols))
-
-    def layer_table(self) -> pl.DataFrame:
-        """One row per layer: shape, weights, row tiles, columns, crossbars, PEs, cells, utilization."""
-        s = self.spec
-        rows = [dict(layer=l.name, kind=l.kind, out_channels=l.out_channels, in_per_group=l.cin_per_group,
-                     kernel=l.kernel, groups=l.groups, weights=l.weights, row_tiles=l.row_tiles_per_group * l.groups
-                     if not l.packed else l.n_crossbars, columns=l.n_columns, crossbars=l.n_crossbars, pes=l.n_pes,
-                     first_pe=l.first_pe, cells_used=l.weights * s.cells_per_weight)
-                for l in self.layers]
-        df = pl.DataFrame(rows)
+            rows.append(dict(
+                layer=lm.name, kind=lm.kind, out_channels=lm.out_channels, in_per_group=lm.cin_per_group,
+                kernel=lm.kernel, groups=lm.groups, weights=lm.weights, row_tiles=lm.n_row_tiles,
+                columns=lm.n_columns, crossbars=lm.n_crossbars, pes=lm.n_pes, first_crossbar=lm.first_crossbar,
+                first_pe=lm.first_pe, rows_used=sum(x["rows_used"] for x in lm.crossbars),
+                cols_used=sum(x["columns"] for x in lm.crossbars) * s.cells_per_weight,
+                cells_used=lm.weights * s.cells_per_weight))
+        schema = dict(layer=pl.String, kind=pl.String, **{k: pl.Int64 for k in (
+            "out_channels", "in_per_group", "kernel", "groups", "weights", "row_tiles", "columns", "crossbars",
+            "pes", "first_crossbar", "first_pe", "rows_used", "cols_used", "cells_used")})
+        df = pl.DataFrame(rows, schema=schema)
         return df.with_columns(utilization=pl.col("cells_used") / (pl.col("crossbars") * s.rows * s.cols))
+
+    def pe_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(columns, weights) held by each PE, two int64 tensors of length n_pes."""
+        cpp = self.spec.crossbars_per_pe
+        pes, columns, weights = [], [], []
+        for lm in self.layers:
+            for i, xb in enumerate(lm.crossbars):
+                pes.append(lm.first_pe + i // cpp)
+                columns.append(xb["columns"])
+                weights.append(xb["weights"])
+        index = torch.tensor(pes, dtype=torch.int64)
+        zeros = torch.zeros(self.n_pes, dtype=torch.int64)
+        return (zeros.index_add(0, index, torch.tensor(columns, dtype=torch.int64)),
+                zeros.index_add(0, index, torch.tensor(weights, dtype=torch.int64)))
 
 
 def mapped_layers(model: nn.Module, exclude: tuple[str, ...] = ("head",)) -> list[tuple[str, nn.Module]]:
@@ -246,15 +361,21 @@ def map_layers(shapes: list[tuple[str, str, tuple[int, ...], int]], spec: Crossb
     """Map (name, kind, weight shape, groups) layers in order; PEs never span layers."""
     layers, xb, pe = [], 0, 0
     for name, kind, shape, groups in shapes:
-        probe = LayerMap(name, kind, tuple(shape), groups, spec, xb, pe, [])
-        crossbars = _layer_crossbars(tuple(shape), groups, spec, probe._groups_per_crossbar)
-        lm = LayerMap(name, kind, tuple(shape), groups, spec, xb, pe, crossbars)
+        shape = tuple(int(d) for d in shape)
+        if len(shape) not in (2, 4) or groups < 1 or shape[0] % groups:
+            raise UserError(f"layer {name}: cannot map weight shape {shape} with {groups} groups")
+        lm = LayerMap(name, kind, shape, groups, spec, xb, pe)
+        lm.crossbars.extend(_layer_crossbars(lm))  # the list is the dataclass's own: filled once, here
         layers.append(lm)
         xb, pe = xb + lm.n_crossbars, pe + lm.n_pes
     return Mapping(spec, layers)
 
 
+def layer_shapes(model: nn.Module, exclude: tuple[str, ...] = ("head",)) -> list[tuple[str, str, tuple[int, ...], int]]:
+    """(name, kind, weight shape, groups) of every mapped layer (works on the meta device too)."""
+    return [(n, "conv" if isinstance(m, nn.Conv2d) else "linear", tuple(m.weight.shape),
+             m.groups if isinstance(m, nn.Conv2d) else 1) for n, m in mapped_layers(model, exclude)]
+
+
 def map_model(model: nn.Module, spec: CrossbarSpec, exclude: tuple[str, ...] = ("head",)) -> Mapping:
-    shapes = [(n, "conv" if isinstance(m, nn.Conv2d) else "linear", tuple(m.weight.shape),
-               m.groups if isinstance(m, nn.Conv2d) else 1) for n, m in mapped_layers(model, exclude)]
-    return map_layers(shapes, spec)
+    return map_layers(layer_shapes(model, exclude), spec)

@@ -1,0 +1,197 @@
+"""Adding one task to params.yaml, safely: validate everything first, append, roll back on failure.
+
+No Prefect here, so the CLI can refuse bad input at once, before any server starts.
+The task is appended as text (the file's comments and layout stay as they are),
+and the result must parse to exactly the old parameters plus the new task.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from xbar.errors import UserError
+from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, METHODS, TASK_NAME, Params, ParamsError, check_task_name,
+                         load_params, parse_params)
+
+# The form's fields (Prefect renders these types as inputs with choices, bounds and help).
+# The bounds repeat xbar.params.TaskSpec's so the UI refuses bad values before a run
+# starts; TaskSpec still validates the resulting params.yaml (tests keep the two in sync).
+TaskName = Annotated[str, Field(pattern=TASK_NAME.pattern, description=(
+    "A new task's name: a lower-case letter, then up to 31 lower-case letters, digits or '_'."))]
+Dataset = Annotated[Literal[BUILTIN_DATASETS], Field(  # type: ignore[valid-type]
+    description="A built-in offline dataset (torchvision / ImageFolder sources: edit params.yaml)")]
+Method = Annotated[Literal[METHODS], Field(  # type: ignore[valid-type]
+    description="How the task is learned on the frozen backbone")]
+Epochs = Annotated[int, Field(gt=0, description="Training epochs of the task")]
+SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replaced by spare PEs (XMA2), in (0, 1]")]
+ShiftLevels = Annotated[int, Field(ge=0, le=3, description="Column-mask shift levels 0..3 (0 = binary mask, XBM)")]
+
+
+class NewTask(BaseModel):
+    """A task to add: its name and the spec written under `tasks.<name>` in params.yaml."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: TaskName
+    dataset: Dataset
+    method: Method = "xma2"
+    epochs: Epochs = 3
+    spare_ratio: SpareRatio = 0.1
+    shift_levels: ShiftLevels = 3
+
+    @classmethod
+    def parse(cls, **fields: Any) -> "NewTask":
+        """Validate user input; a mistake raises UserError with one line naming the field."""
+        if "name" in fields:
+            try:
+                check_task_name(fields["name"])  # its message is friendlier than the regex's
+            except ValueError as err:
+                raise UserError(str(err)) from None
+        try:
+            return cls(**fields)
+        except ValidationError as err:
+            first = err.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "task"
+            got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+            raise UserError(f"{field}: {first['msg']}{got}") from None
+
+    def spec(self, after: str) -> dict[str, Any]:
+        """The mapping written under `tasks.<name>`: every field explicit, so the file records the run."""
+        return {"after": after, **self.model_dump(exclude={"name"})}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What adding the task will write, worked out (and validated) before anything is touched."""
+
+    task: NewTask
+    after: str
+    old_text: str
+    new_text: str
+    params: Params  # the validated result
+    kept_comments: bool
+
+
+def plan_new_task(params_path: Path, task: NewTask) -> Plan:
+    """Check `task` against the current params.yaml and build the new file's text; raise UserError if refused."""
+    params_path = Path(params_path)
+    try:
+        check_task_name(task.name)  # the form's pattern allows the reserved "backbone"
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    current = load_params(params_path)  # the file must be valid before we add to it
+    if task.name in current.tasks:
+        raise UserError(f"task {task.name!r} already exists in {params_path} "
+                        f"(tasks: {', '.join(current.tasks)}); choose another name")
+    old_text = params_path.read_text()
+    data = yaml.safe_load(old_text)
+    after = list(current.tasks)[-1] if current.tasks else FIRST_AFTER
+    data["tasks"] = {**(data.get("tasks") or {}), task.name: task.spec(after)}
+    params = parse_params(data, str(params_path))  # the whole result, exactly as stages will read it
+
+    new_text = append_task_text(old_text, task.name, task.spec(after))
+    kept = new_text is not None and yaml.safe_load(new_text) == data
+    if not kept:  # an unusual layout (e.g. a flow-style mapping): re-dump, losing comments
+        new_text = yaml.safe_dump(data, sort_keys=False)
+    return Plan(task, after, old_text, new_text, params, kept)
+
+
+def append_task_text(text: str, name: str, spec: dict[str, Any]) -> str | None:
+    """Insert `name: spec` as the last entry of the block-style `tasks:` mapping; None if there is none."""
+    lines = text.splitlines(keepends=True)
+    header = next((i for i, ln in enumerate(lines) if re.match(r"tasks:\s*(\{\s*\}|null|~)?\s*(#.*)?$", ln)), None)
+    if header is None:
+        if re.search(r"^tasks\s*:", text, re.M):
+            return None  # present but written in a way we do not edit as text
+        lines.append("" if not lines or lines[-1].endswith("\n") else "\n")
+        lines.append("tasks:\n")
+        header = len(lines) - 1
+    elif re.match(r"tasks:\s*(\{\s*\}|null|~)", lines[header]):
+        comment = re.search(r"\s#.*$", lines[header].rstrip("\n"))
+        lines[header] = "tasks:" + (comment.group(0) if comment else "") + "\n"
+
+    # The block ends at its last indented line (column-0 comments after it belong to what follows).
+    end = header + 1
+    body: list[str] = []
+    for i in range(header + 1, len(lines)):
+        ln = lines[i]
+        if ln.strip() and not ln[0].isspace() and not ln.startswith("#"):
+            break  # the next top-level key
+        if ln.strip() and ln[0].isspace():
+            end = i + 1
+            body.append(ln)
+    keys = [ln for ln in body if ln.strip() and not ln.lstrip().startswith("#")]
+    indent = _indent(keys[0]) if keys else "  "
+    step = (_indent(keys[1])[len(indent):] if len(keys) > 1 and len(_indent(keys[1])) > len(indent) else "  ")
+
+    block = [f"{indent}{_scalar(name)}:\n"]
+    block += [f"{indent}{step}{key}: {_scalar(value)}\n" for key, value in spec.items()]
+    if end > 0 and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    return "".join(lines[:end] + block + lines[end:])
+
+
+def _indent(line: str) -> str:
+    return line[: len(line) - len(line.lstrip())]
+
+
+def _scalar(value: Any) -> str:
+    """One YAML scalar as PyYAML writes it (quoted where a plain word would read back differently)."""
+    return yaml.safe_dump([value], default_flow_style=True, width=10**9).strip()[1:-1]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file beside `path`, fsync, rename: a reader (DVC, a stage) never sees half a file.
+
+    The file keeps its permissions (mkstemp would make it 0600).
+    """
+    path = Path(path)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def params_added(root: Path, task: NewTask) -> Iterator[Plan]:
+    """params.yaml with `task` appended for the duration of the block; restored if the block fails.
+
+    The caller holds the workspace lock, so the check here (re-done: another run may have
+    added a task while we waited) cannot race. dvc.lock is restored too: a task whose stages
+    failed must leave no trace of a half-added task for DVC.
+    """
+    root = Path(root)
+    params_path, dvc_lock = root / "params.yaml", root / "dvc.lock"
+    plan = plan_new_task(params_path, task)
+    old_lock = dvc_lock.read_text() if dvc_lock.exists() else None
+    atomic_write_text(params_path, plan.new_text)
+    try:
+        if load_params(params_path) != plan.params:  # what the stages will read is what we validated
+            raise ParamsError(f"{params_path}: the appended task did not read back as written")
+        yield plan
+    except BaseException:
+        atomic_write_text(params_path, plan.old_text)
+        if old_lock is None:
+            dvc_lock.unlink(missing_ok=True)
+        else:
+            atomic_write_text(dvc_lock, old_lock)
+        raise

@@ -1,0 +1,28 @@
+"""Stage deploy_backbone: the freshly deployed chip -- backbone PEs holding levels.pt, blank spare PEs.
+
+Writes artifacts/tasks/backbone/deployment.json, the deployment state the first
+task starts from (xbar.deployment; no tensor file: nothing is re-programmed yet).
+The chip gets enough spare PEs for the most demanding xma2 task in params.yaml,
+and at least 10% of the PEs (the paper's architecture).
+"""
+
+from __future__ import annotations
+
+from stages.common import BACKBONE, load_torch, stage_main, task_dir, write_json
+from xbar.deployment import ChipLayout, backbone_mapping, chip_files, chip_spare_pes, new_chip
+from xbar.params import FIRST_AFTER, Params
+
+
+def run(params: Params) -> None:
+    levels_pt = load_torch(BACKBONE / "levels.pt")
+    mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
+    chip = new_chip(ChipLayout(mapping), {n: e["levels"] for n, e in levels_pt.items()},
+                    chip_spare_pes(params.tasks, mapping.n_pes))
+    meta, _ = chip_files(chip, None)
+    write_json(task_dir(FIRST_AFTER) / "deployment.json", meta)
+    print(f"deploy_backbone: {chip.n_pes} backbone PEs + {chip.n_slots} blank spare PEs "
+          f"({chip.spec.cells_per_pe} cells each)")
+
+
+if __name__ == "__main__":
+    stage_main(run)

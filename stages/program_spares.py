@@ -1,0 +1,103 @@
+"""Stage program_spares (per task): program the chip for the task, then account the switches that
+evaluating every earlier task costs.
+
+Starts from the deployment state of the task learned before it (its `after`
+in params.yaml; the first task starts from artifacts/tasks/backbone/
+deployment.json of deploy_backbone, or builds that backbone-only chip from
+levels.pt when it is missing: backbone PEs from levels.pt, blank spare PEs).
+Programs this task's TaskImage (its spare PEs, or its fine-tuned /
+Piggyback-masked backbone), then switches the chip to
+each earlier task in turn (their evaluation after this task is learned) and
+back to this one. Reads every earlier task's task.pt for that.
+
+Writes artifacts/tasks/<task>/deployment.json + deployment.pt (the chip
+serving this task), program.parquet (one row per PE written, per event) and
+metrics/tasks/<task>/program.json. A previous deployment made for another
+mapping or backbone is refused (one line, exit 2) before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+                           write_json)
+from xbar.deployment import (ChipLayout, backbone_mapping, chip_files, chip_spare_pes, load_chip, new_chip, program,
+                             task_image)
+from xbar.energy import resolve_preset
+from xbar.errors import UserError
+from xbar.params import FIRST_AFTER, Params
+
+TENSORS = "deployment.pt"
+
+
+def _totals(reports: list) -> dict:
+    keys = ("cells_written", "level_steps", "pulses", "energy_j", "mask_bits_loaded", "mask_load_j")
+    return {k: sum(r.summary[k] for r in reports) for k in keys} | {"events": len(reports)}
+
+
+def run(params: Params, task: str) -> None:
+    began = time.perf_counter()
+    names = list(params.tasks)
+    index = names.index(task)
+    preset = resolve_preset(params.energy.preset, params.energy.overrides)
+    levels_pt = load_torch(BACKBONE / "levels.pt")
+    levels = {name: entry["levels"] for name, entry in levels_pt.items()}
+    mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
+    layout = ChipLayout(mapping)
+    before = task_dir(params.tasks[task].after or FIRST_AFTER) / "deployment.json"
+    if index == 0 and not before.exists():
+        chip = new_chip(layout, levels, chip_spare_pes(params.tasks, mapping.n_pes))
+    else:
+        chip = load_chip(before, layout, levels)
+
+    tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names[: index + 1]}
+    for name, t in tasks.items():
+        if t.get("method") != params.tasks[name].method:
+            raise UserError(f"{task_dir(name) / 'task.pt'}: method {t.get('method')!r}, params.yaml says "
+                            f"{params.tasks[name].method!r}; re-run train_masks for {name}")
+    shared = [n for n in names[: index + 1] if params.tasks[n].method == "finetune_shared"]
+
+    def image(name: str):  # noqa: ANN202
+        # a finetune_shared task runs on the latest shared weights (that is its forgetting)
+        latest = (shared[-1], tasks[shared[-1]]) if name in shared and name != shared[-1] else None
+        return task_image(name, tasks[name], layout, levels, shared_from=latest)
+
+    used = layout.used()
+    programmed = program(chip, image(task), preset, used, "program")
+    switches = []
+    for earlier in names[:index]:  # evaluating an earlier task needs the chip set up for it
+        switches.append(program(chip, image(earlier), preset, used, "switch"))
+    if switches:
+        switches.append(program(chip, image(task), preset, used, "switch_back"))
+
+    meta, data = chip_files(chip, TENSORS)
+    out = task_dir(task)
+    table = pl.concat([r.rows for r in [programmed, *switches]])
+    atomic_write_bytes(out / TENSORS, data)
+    write_json(out / "deployment.json", meta)
+    save_parquet(out / "program.parquet", table)
+    s = programmed.summary
+    switch = _totals(switches)
+    write_json(task_metrics(task, "program"), {
+        "task": task, "method": params.tasks[task].method, "preset": preset.name,
+        "cells_written": s["cells_written"], "pulses": s["pulses"], "energy_j": s["energy_j"],
+        "program": {k: v for k, v in s.items() if k not in ("phase", "task", "method")},
+        "switch": switch,
+        "reprogram_j": s["energy_j"] + s["mask_load_j"] + switch["energy_j"] + switch["mask_load_j"],
+        "endurance": chip.endurance(),
+        "chip": {"pes": chip.n_pes, "spare_pes": chip.n_slots, "cells_per_pe": chip.spec.cells_per_pe,
+                 "spare_pes_in_use": sum(1 for x in chip.slots if x is not None)},
+        "seconds": round(time.perf_counter() - began, 2),
+    })
+    saving = f", HA3M saved {s['cells_saved_share']:.1%} of spare-PE cells" if "cells_saved_share" in s else ""
+    print(f"program_spares {task}: {s['cells_written']} cells written ({s['energy_j'] * 1e6:.3g} uJ){saving}; "
+          f"{switch['events']} switches for evaluation: {switch['cells_written']} cells "
+          f"({switch['energy_j'] * 1e6:.3g} uJ); "
+          f"max {chip.endurance()['max_writes_per_cell']} writes per cell")
+
+
+if __name__ == "__main__":
+    stage_main(run, task_arg=True)

@@ -1,0 +1,40 @@
+"""Stage rank_pes (per task): score every backbone PE on one mini-batch of the new task (tier-1 PE mask)."""
+
+from __future__ import annotations
+
+import time
+
+from stages.common import BACKBONE, load_torch, save_parquet, stage_main, task_dir, task_metrics, write_json
+from xbar.data import load_task_data
+from xbar.methods import backbone_net, check_spec, crossbar_spec, deploy_cells
+from xbar.params import Params
+from xbar.ranking import rank_batch, rank_pes
+from xbar.training import seed_everything
+
+
+def run(params: Params, task: str) -> None:
+    spec = params.tasks[task]
+    seed_everything(params.seed, params.train.threads)
+    data = load_task_data(spec.dataset, params.seed)
+    check_spec(spec, len(data.train))
+    quant, levels = load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
+    start = time.perf_counter()
+    net = backbone_net(params, quant)
+    deploy_cells(net, levels, crossbar_spec(params))
+    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
+    table, loss = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
+    selected = table.filter("selected")
+    save_parquet(task_dir(task) / "ranking.parquet", table)
+    write_json(task_metrics(task, "rank"), {
+        "pes": table.height, "selected": selected.height, "spare_ratio": spec.spare_ratio,
+        "batch_size": spec.rank_batch_size, "batch_loss": round(loss, 4),
+        "selected_per_layer": dict(selected.group_by("layer").len().sort("layer").iter_rows()),
+        "selected_score_share": round(float(selected["score"].sum()), 4),
+        "seconds": round(time.perf_counter() - start, 2), "data_digest": data.digest,
+    })
+    print(f"rank_pes {task}: {selected.height} of {table.height} PEs selected "
+          f"({float(selected['score'].sum()):.1%} of the score)")
+
+
+if __name__ == "__main__":
+    stage_main(run, task_arg=True)

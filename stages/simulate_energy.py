@@ -1,0 +1,130 @@
+"""Stage simulate_energy (per task): the task's inference energy (per image and over its test set),
+its re-programming energy (program_spares: programming + the switches for evaluation), the total,
+per layer and per PE, and the five methods' typical figures on the same backbone for comparison.
+
+Reads levels.pt (the mapping), task.pt (column masks: a column with mask 0 is
+off; frozen PEs read their mask), metrics/tasks/<task>/program.json and
+train.json (test-set size). Writes artifacts/tasks/<task>/energy_layers.parquet,
+energy_pes.parquet, energy.png and metrics/tasks/<task>/energy.json.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import polars as pl
+import torch
+
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+                           write_json)
+from xbar.deployment import backbone_mapping
+from xbar.energy import column_use, inference_energy, layer_io, mask_bits_for, resolve_preset, typical_methods
+from xbar.errors import UserError
+from xbar.models import build_model
+from xbar.params import Params
+
+
+def read_json(path: Path) -> dict:
+    if not path.exists():
+        raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON; re-run the stage that writes it") from None
+
+
+def plot(layers: pl.DataFrame, methods: dict, task: str, path: Path) -> None:
+    """Two panels: this task's inference energy per layer (stacked components), and the five methods'
+    typical totals on the same backbone (inference over the test set + re-programming)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    bottom = torch.zeros(layers.height, dtype=torch.float64)
+    x = range(layers.height)
+    for comp in ("cells_j", "adc_j", "shift_add_j", "mask_j", "interconnect_j", "buffer_j"):
+        values = torch.tensor(layers[comp].to_list(), dtype=torch.float64) * 1e9
+        ax1.bar(x, values.numpy(), bottom=bottom.numpy(), label=comp.removesuffix("_j"))
+        bottom += values
+    ax1.set_xticks(list(x), layers["layer"].to_list(), rotation=90, fontsize=6)
+    ax1.set_ylabel("nJ per image")
+    ax1.set_title(f"{task}: inference energy per layer")
+    ax1.legend(fontsize=7)
+    names = list(methods)
+    inf = [methods[n]["inference_j"] * 1e3 for n in names]
+    rep = [methods[n]["reprogram_j"] * 1e3 for n in names]
+    ax2.bar(names, inf, label="inference")
+    ax2.bar(names, rep, bottom=inf, label="re-programming")
+    ax2.set_ylabel("mJ per task")
+    ax2.set_title("methods (typical, test set)")
+    ax2.tick_params(axis="x", labelrotation=45)
+    ax2.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(params: Params, task: str) -> None:
+    spec = params.tasks[task]
+    preset = resolve_preset(params.energy.preset, params.energy.overrides)
+    levels_pt = load_torch(BACKBONE / "levels.pt")
+    mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
+    t = load_torch(task_dir(task) / "task.pt")
+    program = read_json(task_metrics(task, "program"))
+    train = read_json(task_metrics(task, "train"))
+    test_images = int(train.get("test_images", 0))
+    if test_images < 1:
+        raise UserError(f"{task_metrics(task, 'train')}: no test_images count; re-run train_masks")
+
+    with torch.device("meta"):
+        model = build_model(params.model, int(t["num_classes"]), int(t["channels"]))
+    size = spec.dataset.image_size
+    io_ = layer_io(model, [lm.name for lm in mapping.layers], (int(t["channels"]), size, size))
+    act_bits = params.quant.act_bits
+    columns = column_use(t, mapping)
+    bits = mask_bits_for(len(t.get("mask_values", ()))) if columns else 0
+    energy = inference_energy(mapping, io_, preset, act_bits, columns, bits)
+
+    reprogram = float(program["reprogram_j"])
+    per_image = energy.per_image_j
+    writes = pl.read_parquet(task_dir(task) / "program.parquet") if (task_dir(task) / "program.parquet").exists() \
+        else pl.DataFrame(schema={"pe": pl.Int64, "energy_j": pl.Float64})
+    written = writes.group_by("pe").agg(pl.col("energy_j").sum().alias("reprogram_j"))  # every phase, by backbone PE
+    pes = (energy.pes.rename({"total_j": "inference_per_image_j"})
+           .join(written, on="pe", how="left").with_columns(pl.col("reprogram_j").fill_null(0.0)))
+    layers = energy.layers.rename({"total_j": "inference_per_image_j"}).with_columns(
+        inference_test_set_j=pl.col("inference_per_image_j") * test_images)
+
+    typical = {n: typical_methods(mapping, io_, preset, act_bits, spec.spare_ratio, k, max(spec.shift_levels, 0))
+               for n, k in (("one_image", 1), ("test_set", test_images))}
+    out = task_dir(task)
+    save_parquet(out / "energy_layers.parquet", layers)
+    save_parquet(out / "energy_pes.parquet", pes)
+    plot(energy.layers, typical["test_set"]["methods"], task, out / "energy.png")
+    write_json(task_metrics(task, "energy"), {
+        "task": task, "method": spec.method, "preset": preset.name,
+        "per_image_j": per_image, "test_images": test_images,
+        "inference_j": per_image * test_images, "reprogram_j": reprogram,
+        "program_j": program["program"]["energy_j"] + program["program"]["mask_load_j"],
+        "switch_j": program["switch"]["energy_j"] + program["switch"]["mask_load_j"],
+        "total_j": per_image * test_images + reprogram,
+        "reprogram_over_inference_per_image": reprogram / per_image,
+        "breakdown_per_image_j": energy.breakdown(),
+        "columns_off": int(sum(int((~c.active).sum()) for c in columns.values())),
+        "mask_bits_per_column": bits,
+        "constants": preset.constants,
+        "typical_methods": {k: {"inferences": v["assumptions"]["inferences"], "methods": v["methods"],
+                                "ratios": v["assumptions"]["ratios"]} for k, v in typical.items()},
+    })
+    print(f"simulate_energy {task}: {per_image * 1e6:.3g} uJ per image, {per_image * test_images * 1e3:.3g} mJ "
+          f"over {test_images} test images, re-programming {reprogram * 1e6:.3g} uJ ({preset.name})")
+
+
+if __name__ == "__main__":
+    stage_main(run, task_arg=True)

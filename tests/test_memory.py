@@ -1,0 +1,114 @@
+"""Mask-memory accounting, the paper's ResNet-50 check, and the `xbar memory` command."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from xbar.cli import app
+from xbar.crossbar import CrossbarSpec, map_layers
+from xbar.errors import UserError
+from xbar.memory import build_named_model, column_shift_bits, memory_report, named_model_report, spare_pe_count
+
+SPEC = CrossbarSpec()  # 72x72, 2-bit cells, 4-bit weights
+
+
+def test_shift_mask_bits_by_hand():
+    # 512 columns; N shift levels -> N + 2 values
+    assert column_shift_bits(512, 0, packed=False) == column_shift_bits(512, 0, packed=True) == 512  # binary
+    assert column_shift_bits(512, 1, packed=False) == 1024  # 3 values: 2 bits
+    assert column_shift_bits(512, 1, packed=True) == 812  # 512 * log2(3) = 811.5
+    assert column_shift_bits(512, 3, packed=False) == 1536  # 5 values: 3 bits
+    assert column_shift_bits(512, 3, packed=True) == 1189  # 512 * log2(5) = 1188.9
+    with pytest.raises(UserError):
+        column_shift_bits(10, -1, packed=True)
+
+
+def test_report_of_one_layer_by_hand():
+    # 3x3 64->64: 16 crossbars (8 row tiles x 2 column tiles), 512 columns; PE 0 = row tile 0,
+    # outputs 0..35: 72 x 36 = 2592 weights, 36 columns
+    m = map_layers([("conv", "conv", (64, 64, 3, 3), 1)], SPEC)
+    r = memory_report(m, shift_levels=3, head_params=650, bn_params=128, spare_pes=[0])
+    assert r.piggyback_bytes == 64 * 64 * 9 // 8 == 4608
+    assert r.column_binary_bytes == 512 // 8
+    assert r.column_shift_bytes == 512 * 3 // 8
+    assert r.column_shift_packed_bytes == math.ceil(1189 / 8)
+    assert r.spare_pes == 1 and r.spare_pe_weights == 2592
+    assert r.xma2_spare_weight_bytes == 2592 * 4 // 8
+    assert r.xma2_column_shift_bytes == math.ceil(math.ceil(476 * math.log2(5)) / 8)  # frozen: 512 - 36 columns
+    assert r.xma2_pe_mask_bytes == 2  # 16 PEs, one bit each
+    assert (r.head_bytes, r.bn_bytes) == (650 * 4, 128 * 4)
+    assert r.xma2_bytes == 2 + r.xma2_column_shift_bytes + 1296 + 2600 + 512
+    with pytest.raises(UserError):
+        memory_report(m, spare_pes=[16])
+
+
+def test_spare_estimate_is_an_upper_bound():
+    # 3x3 20->50: crossbars hold 72x36, 72x14, 72x36, 72x14, 36x36, 36x14 weights
+    m = map_layers([("conv", "conv", (50, 20, 3, 3), 1)], SPEC)
+    assert spare_pe_count(6, 0.1) == 1 and spare_pe_count(6, 0.5) == 3 and spare_pe_count(6, 0.0) == 0
+    r = memory_report(m, spare_ratio=0.5)  # the 3 fullest: 72x36, 72x36, 36x36
+    assert r.spare_pes == 3 and r.spare_pe_weights == 72 * 36 * 2 + 36 * 36
+    with pytest.raises(UserError):
+        memory_report(m, spare_ratio=1.5)
+
+
+def test_paper_resnet50_mask_memory():
+    """The paper: ResNet-50 on 72x72 crossbars, 2-bit cells, 4-bit weights, 3 shift levels."""
+    mapping, r = named_model_report("resnet50", SPEC, shift_levels=3)
+    model = build_named_model("resnet50")
+    # conv weights independently: every parameter minus the fc and the BN scales/shifts
+    total = sum(p.numel() for p in model.parameters())
+    bn = sum(p.numel() for n, p in model.named_parameters() if ".bn" in n or "downsample.1" in n or n.startswith("bn1"))
+    conv = total - model.fc.weight.numel() - model.fc.bias.numel() - bn
+    assert r.conv_weights == r.weights == conv and 23.4e6 < conv < 23.5e6
+    # columns independently: out_channels x ceil(in_channels / G), G = 72 // (kh*kw), no grouped conv
+    columns = sum(m.out_channels * math.ceil(m.in_channels / (72 // (m.kernel_size[0] * m.kernel_size[1])))
+                  for n, m in model.named_modules() if type(m).__name__ == "Conv2d")
+    assert r.columns == columns
+    assert r.piggyback_bytes == math.ceil(conv / 8) and 2.85e6 < r.piggyback_bytes < 2.95e6  # paper: 2.88 MB
+    assert 38e3 < r.column_binary_bytes < 45e3  # paper: about 40 KB
+    assert r.column_shift_packed_bytes < 100e3  # paper: under 100 KB ...
+    assert r.column_shift_packed_bytes / r.piggyback_bytes <= 0.035  # ... 3.4% of Piggyback
+    assert r.column_shift_bytes == math.ceil(columns * 3 / 8)  # unpacked: 3 bits for 5 values
+
+
+def test_cli_json_and_table():
+    runner = CliRunner()
+    result = runner.invoke(app, ["memory", "--model", "small_resnet", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    for key in ("conv_weights", "crossbars", "pes", "columns", "piggyback_bytes", "column_binary_bytes",
+                "column_shift_bytes", "column_shift_packed_bytes"):
+        assert isinstance(out[key], int), key
+    assert out["piggyback_bytes"] == math.ceil(out["conv_weights"] / 8)
+    assert out["column_binary_bytes"] == math.ceil(out["columns"] / 8)
+    wider = json.loads(runner.invoke(app, ["memory", "--model", "small_resnet", "--json", "--rows", "144"]).stdout)
+    assert wider["crossbars"] < out["crossbars"] and wider["conv_weights"] == out["conv_weights"]
+    table = runner.invoke(app, ["memory", "--model", "small_resnet"])
+    assert table.exit_code == 0 and "Piggyback" in table.stdout and "XMA2" in table.stdout
+
+
+@pytest.mark.parametrize("args", [["--rows", "0"], ["--cell-bits", "3"], ["--spare-ratio", "2"],
+                                  ["--shift-levels", "-1"], ["--model", "no_such_net"]])
+def test_cli_bad_input_is_one_line_exit_2(args):
+    argv = ["memory", "--json"] + (args if "--model" in args else ["--model", "small_resnet"] + args)
+    result = CliRunner().invoke(app, argv)
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.output
+
+
+def test_cli_entry_point_subprocess():
+    exe = shutil.which("xbar", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("the xbar entry point is not installed in this environment")
+    bad = subprocess.run([exe, "memory", "--model", "resnet50", "--cell-bits", "3"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    ok = subprocess.run([exe, "memory", "--model", "small_resnet", "--json"], capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["pes"] >= 100

@@ -1,0 +1,192 @@
+"""Per-task mask memory of each method, from a crossbar Mapping.
+
+What a task stores beyond the frozen backbone cells (bits; bytes = ceil(bits / 8)):
+
+* Piggyback: a binary mask per weight: `weights` bits.
+* Column binary mask (XBM): one bit per column: `columns` bits.
+* Column shift mask (XMA) with N shift levels: N + 2 values per column
+  (0, 1/2**N .. 1/2, 1). Unpacked, each column takes ceil(log2(N + 2)) bits;
+  packed (several columns' values coded together as one base-(N+2) number, e.g.
+  3 values of 5 levels in 7 bits), log2(N + 2) bits per column. N = 0 is XBM.
+* XMA2: the tier-1 PE mask (one bit per PE), the packed column shift mask of
+  the frozen PEs only, the spare PEs' weights at weight_bits each, and the
+  task's head and BN parameters at `param_bits` (fp32, digital).
+
+The backbone's `head` is not mapped; `head_params` / `bn_params` are counted
+by the caller (BN as a folded scale and shift per channel). Which PEs become
+spare PEs is a per-task ranking; without it, the estimate takes the
+ceil(spare_ratio * PEs) fullest PEs, an upper bound for the spare weights.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from xbar.crossbar import CrossbarSpec, Mapping, map_model
+from xbar.errors import UserError
+
+HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifier modules (and ours)
+AUX_NAMES = ("aux1", "aux2", "AuxLogits")  # training-only auxiliary classifiers (GoogLeNet, Inception v3)
+
+
+def shift_values(shift_levels: int) -> int:
+    """Values a column shift mask takes: 0, 1 and the N shifts 1/2 .. 1/2**N."""
+    if shift_levels < 0:
+        raise UserError(f"shift levels: expected an integer >= 0, got {shift_levels}")
+    return shift_levels + 2
+
+
+def column_shift_bits(columns: int, shift_levels: int, packed: bool) -> int:
+    """Bits of one task's column shift mask over `columns` columns."""
+    values = shift_values(shift_levels)
+    if packed:
+        return math.ceil(columns * math.log2(values))
+    return columns * math.ceil(math.log2(values))
+
+
+def to_bytes(bits: int | float) -> int:
+    return math.ceil(bits / 8)
+
+
+def spare_pe_count(n_pes: int, spare_ratio: float) -> int:
+    """PEs replaced by spare PEs: ceil(ratio * PEs) (at least one when the ratio is positive)."""
+    if not 0 <= spare_ratio <= 1:
+        raise UserError(f"spare ratio: expected a share of PEs in [0, 1], got {spare_ratio}")
+    return min(n_pes, math.ceil(spare_ratio * n_pes - 1e-9))
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Per-task mask memory (bytes) and the mapping figures it follows from."""
+
+    weights: int  # mapped weights (conv + linear of the backbone)
+    conv_weights: int
+    crossbars: int
+    pes: int
+    columns: int
+    weight_bits: int
+    shift_levels: int
+    shift_values: int
+    spare_ratio: float
+    spare_pes: int
+    spare_pe_weights: int
+    head_params: int
+    bn_params: int
+    piggyback_bytes: int
+    column_binary_bytes: int
+    column_shift_bytes: int  # unpacked: ceil(log2(N + 2)) bits per column
+    column_shift_packed_bytes: int  # packed: log2(N + 2) bits per column
+    xma2_pe_mask_bytes: int
+    xma2_column_shift_bytes: int  # packed, frozen PEs only
+    xma2_spare_weight_bytes: int
+    head_bytes: int
+    bn_bytes: int
+    xma2_bytes: int
+
+    @property
+    def shift_packed_vs_piggyback(self) -> float:
+        return self.column_shift_packed_bytes / max(1, self.piggyback_bytes)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"shift_packed_vs_piggyback": round(self.shift_packed_vs_piggyback, 6)}
+
+
+def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 0.1, head_params: int = 0,
+                  bn_params: int = 0, spare_pes: list[int] | torch.Tensor | None = None,
+                  param_bits: int = 32) -> MemoryReport:
+    """Mask memory of one task on `mapping`; `spare_pes` (global PE ids) when the ranking is known."""
+    columns_pe, weights_pe = mapping.pe_counts()
+    if spare_pes is None:  # upper bound: the fullest PEs
+        n_spare = spare_pe_count(mapping.n_pes, spare_ratio)
+        spare = torch.argsort(weights_pe, descending=True, stable=True)[:n_spare]
+    else:
+        spare = torch.as_tensor(spare_pes, dtype=torch.int64).unique()
+        if spare.numel() and (spare.min() < 0 or spare.max() >= mapping.n_pes):
+            raise UserError(f"spare PEs: ids must lie in [0, {mapping.n_pes}), got {spare.tolist()}")
+    frozen_columns = int(columns_pe.sum() - columns_pe[spare].sum())
+    spare_weights = int(weights_pe[spare].sum())
+    wb = mapping.spec.weight_bits
+    parts = dict(
+        xma2_pe_mask_bytes=to_bytes(mapping.n_pes),
+        xma2_column_shift_bytes=to_bytes(column_shift_bits(frozen_columns, shift_levels, packed=True)),
+        xma2_spare_weight_bytes=to_bytes(spare_weights * wb),
+        head_bytes=to_bytes(head_params * param_bits),
+        bn_bytes=to_bytes(bn_params * param_bits),
+    )
+    return MemoryReport(
+        weights=mapping.n_weights,
+        conv_weights=sum(lm.weights for lm in mapping.layers if lm.kind == "conv"),
+        crossbars=mapping.n_crossbars,
+        pes=mapping.n_pes,
+        columns=mapping.n_columns,
+        weight_bits=wb,
+        shift_levels=shift_levels,
+        shift_values=shift_values(shift_levels),
+        spare_ratio=spare_ratio,
+        spare_pes=int(spare.numel()),
+        spare_pe_weights=spare_weights,
+        head_params=head_params,
+        bn_params=bn_params,
+        piggyback_bytes=to_bytes(mapping.n_weights),
+        column_binary_bytes=to_bytes(mapping.n_columns),
+        column_shift_bytes=to_bytes(column_shift_bits(mapping.n_columns, shift_levels, packed=False)),
+        column_shift_packed_bytes=to_bytes(column_shift_bits(mapping.n_columns, shift_levels, packed=True)),
+        **parts,
+        xma2_bytes=sum(parts.values()),
+    )
+
+
+def _under(name: str, roots: tuple[str, ...]) -> bool:
+    return any(name == r or name.startswith(r + ".") for r in roots)
+
+
+def head_and_bn_params(model: nn.Module, head: tuple[str, ...] = HEAD_NAMES,
+                       skip: tuple[str, ...] = ()) -> tuple[int, int]:
+    """(head parameters, BN parameters) a task stores: the classifier's weights and biases, and a
+    folded scale + shift per channel of every normalization layer outside the head (and `skip`)."""
+    head_params = sum(p.numel() for n, p in model.named_parameters() if _under(n, head))
+    bn_params = sum(2 * m.weight.numel() for n, m in model.named_modules()
+                    if isinstance(m, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+                    and getattr(m, "weight", None) is not None and not _under(n, head + skip))
+    return head_params, bn_params
+
+
+def build_named_model(name: str) -> nn.Module:
+    """The project's `small_resnet` (default width/blocks, 10 classes, 1 channel) or a torchvision
+    architecture by name, without weights, on the meta device (shapes only: nothing is allocated)."""
+    if name == "small_resnet":
+        from xbar.models import build_model
+        from xbar.params import ModelParams
+
+        with torch.device("meta"):
+            return build_model(ModelParams(), num_classes=10, in_channels=1)
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        raise UserError(f"--model: unknown model {name!r} (small_resnet or a torchvision name, e.g. resnet50)")
+    with warnings.catch_warnings():  # e.g. GoogLeNet's notice about its future default initialization
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            with torch.device("meta"):
+                return torchvision.models.get_model(name, weights=None)
+        except (RuntimeError, NotImplementedError):  # an initializer the meta device cannot run
+            return torchvision.models.get_model(name, weights=None)
+
+
+def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3,
+                       spare_ratio: float = 0.1) -> tuple[Mapping, MemoryReport]:
+    """Map a model by name (its classifier head excluded) and account one task's mask memory."""
+    model = build_named_model(name)
+    head = tuple(n for n, _ in model.named_children() if n in HEAD_NAMES)
+    aux = tuple(n for n, _ in model.named_children() if n in AUX_NAMES)
+    mapping = map_model(model, spec, exclude=head + aux)
+    if not mapping.layers:
+        raise UserError(f"--model: {name} has no Conv2d / Linear layer to map")
+    head_params, bn_params = head_and_bn_params(model, head, skip=aux)
+    return mapping, memory_report(mapping, shift_levels, spare_ratio, head_params, bn_params)
