@@ -2,8 +2,8 @@
 
 Writes artifacts/tasks/backbone/deployment.json, the deployment state the first
 task starts from (xbar.deployment; no tensor file: nothing is re-programmed yet).
-The chip gets enough spare PEs for the most demanding xma2 task in params.yaml,
-and at least 10% of the PEs (the paper's architecture).
+The chip is built with crossbar.spare_pe_ratio x (backbone PEs) spare PEs; an
+xma2 task may ask for at most that share (params validation).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def run(params: Params) -> None:
     levels_pt = load_torch(BACKBONE / "levels.pt")
     mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
     chip = new_chip(ChipLayout(mapping), {n: e["levels"] for n, e in levels_pt.items()},
-                    chip_spare_pes(params.tasks, mapping.n_pes))
+                    chip_spare_pes(params.crossbar.spare_pe_ratio, mapping.n_pes))
     meta, _ = chip_files(chip, None)
     write_json(task_dir(FIRST_AFTER) / "deployment.json", meta)
     print(f"deploy_backbone: {chip.n_pes} backbone PEs + {chip.n_slots} blank spare PEs "

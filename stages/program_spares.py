@@ -18,13 +18,11 @@ mapping or backbone is refused (one line, exit 2) before anything is written.
 
 from __future__ import annotations
 
-import time
-
 import polars as pl
 
 from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
-from xbar.deployment import (ChipLayout, backbone_mapping, chip_files, chip_spare_pes, load_chip, new_chip, program,
+from xbar.deployment import (ChipLayout, backbone_mapping, chip_files, load_chip, program,
                              task_image)
 from xbar.energy import resolve_preset
 from xbar.errors import UserError
@@ -39,7 +37,6 @@ def _totals(reports: list) -> dict:
 
 
 def run(params: Params, task: str) -> None:
-    began = time.perf_counter()
     names = list(params.tasks)
     index = names.index(task)
     preset = resolve_preset(params.energy.preset, params.energy.overrides)
@@ -48,10 +45,7 @@ def run(params: Params, task: str) -> None:
     mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
     layout = ChipLayout(mapping)
     before = task_dir(params.tasks[task].after or FIRST_AFTER) / "deployment.json"
-    if index == 0 and not before.exists():
-        chip = new_chip(layout, levels, chip_spare_pes(params.tasks, mapping.n_pes))
-    else:
-        chip = load_chip(before, layout, levels)
+    chip = load_chip(before, layout, levels)
 
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names[: index + 1]}
     for name, t in tasks.items():
@@ -90,7 +84,6 @@ def run(params: Params, task: str) -> None:
         "endurance": chip.endurance(),
         "chip": {"pes": chip.n_pes, "spare_pes": chip.n_slots, "cells_per_pe": chip.spec.cells_per_pe,
                  "spare_pes_in_use": sum(1 for x in chip.slots if x is not None)},
-        "seconds": round(time.perf_counter() - began, 2),
     })
     saving = f", HA3M saved {s['cells_saved_share']:.1%} of spare-PE cells" if "cells_saved_share" in s else ""
     print(f"program_spares {task}: {s['cells_written']} cells written ({s['energy_j'] * 1e6:.3g} uJ){saving}; "

@@ -322,7 +322,7 @@ def test_program_spares_and_simulate_energy_stages(tmp_path):
     table = pl.read_parquet(tmp_path / "artifacts/tasks/second/program.parquet")
     assert set(table["phase"]) == {"program", "switch", "switch_back"}
     dep = json.loads((tmp_path / "artifacts/tasks/third/deployment.json").read_text())
-    assert dep["serving"] == "third" and dep["spare_pes"] == -(-project["mapping"].n_pes // 10)
+    assert dep["serving"] == "third" and dep["spare_pes"] == -(-project["mapping"].n_pes * 4 // 10)  # spare_pe_ratio 0.4
 
     out = stage(tmp_path, "stages.simulate_energy", "--task", "first")
     assert out.returncode == 0, out.stderr
@@ -340,6 +340,7 @@ def test_program_spares_and_simulate_energy_stages(tmp_path):
 
 def test_program_spares_refuses_another_mapping(tmp_path):
     write_project(tmp_path)
+    assert stage(tmp_path, "stages.deploy_backbone").returncode == 0
     assert stage(tmp_path, "stages.program_spares", "--task", "first").returncode == 0
     assert stage(tmp_path, "stages.program_spares", "--task", "second").returncode == 0
     outputs = [tmp_path / "artifacts/tasks/second/deployment.json", tmp_path / "artifacts/tasks/second/deployment.pt",

@@ -444,12 +444,8 @@ def backbone_mapping(model_params, crossbar_params, levels: dict) -> Mapping:  #
     return mapping
 
 
-def chip_spare_pes(tasks: dict, n_pes: int) -> int:  # noqa: ANN001 (name -> xbar.params.TaskSpec)
-    """Spare PEs the chip is built with: enough for the most demanding xma2 task, and at least the
-    default 10% (the paper's architecture reserves them whatever the tasks)."""
+def chip_spare_pes(spare_pe_ratio: float, n_pes: int) -> int:
+    """Spare PEs the chip is built with (params crossbar.spare_pe_ratio of the backbone's PEs)."""
     from xbar.memory import spare_pe_count
-    from xbar.params import TaskSpec
 
-    ratios = [t.spare_ratio for t in tasks.values() if t.method == "xma2"]
-    ratios.append(TaskSpec.model_fields["spare_ratio"].default)
-    return spare_pe_count(n_pes, max(ratios))
+    return spare_pe_count(n_pes, spare_pe_ratio)

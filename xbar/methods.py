@@ -60,6 +60,9 @@ WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
 # keep the last layer, it is quantized to 8 bits: a 4-bit head alone costs tens of points.
 HEAD_BITS = 8
 HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
+HEAD_LOGIT_SCALE: float | None = None
+HEAD_OPTIMIZER = "adam"
+HEAD_LR = 1e-3
 RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches smaller than the feature width
 
 
@@ -178,7 +181,7 @@ class TaskModel:
 
 
 def crossbar_spec(params: Params) -> CrossbarSpec:
-    return CrossbarSpec(**params.crossbar.model_dump())
+    return CrossbarSpec.from_params(params.crossbar)
 
 
 def quantized_net(params: Params, num_classes: int, channels: int) -> nn.Module:
@@ -251,8 +254,11 @@ def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> None:
     f, y = torch.cat(feats), torch.cat(labels)
     w, b = ridge_head(f, y, net.head.out_features)
     logits = f @ w.T + b
-    scales = torch.logspace(-1, 3, 41)
-    best = min(scales.tolist(), key=lambda s: float(F.cross_entropy(logits * s, y)))
+    if HEAD_LOGIT_SCALE is not None:
+        best = HEAD_LOGIT_SCALE
+    else:
+        scales = torch.logspace(-1, 3, 41)
+        best = min(scales.tolist(), key=lambda s: float(F.cross_entropy(logits * s, y)))
     net.head.weight.copy_(w * best)
     net.head.bias.copy_(b * best)
     net.head.weight_quant.ready.fill_(False)  # clips start from the fitted weights / real features
@@ -339,21 +345,28 @@ def set_trainable(model: TaskModel) -> None:
                 (p if isinstance(p, nn.Parameter) else p.real).requires_grad_(True)
 
 
-def parameter_groups(model: TaskModel) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
-    """(weights with decay, other SGD parameters, real-valued masks) among the trainables."""
-    masks, decay, other = [], [], []
-    mask_ids = set()
+@dataclass
+class ParameterGroups:
+    """The trainables by optimizer role."""
+
+    cells: list[nn.Parameter]  # crossbar weights: fine-tuned or spare-PE weights (SGD, decay)
+    head: list[nn.Parameter]  # the task head (weight decay on its weight)
+    digital: list[nn.Parameter]  # BN affine, activation clips (no decay)
+    masks: list[nn.Parameter]  # real-valued masks (Adam)
+
+
+def parameter_groups(model: TaskModel) -> ParameterGroups:
+    groups = ParameterGroups([], [], [], [])
     for layer in model.layers().values():
         for mask in (layer.column_mask, layer.element_mask):
             if mask is not None:
-                masks.append(mask.real)
-                mask_ids.add(id(mask.real))
+                groups.masks.append(mask.real)
         if layer.latent is not None:
-            decay.append(layer.latent)
-    decay.append(model.net.head.weight)
-    taken = mask_ids | {id(p) for p in decay}
-    other = [p for p in model.net.parameters() if p.requires_grad and id(p) not in taken]
-    return decay, other, masks
+            groups.cells.append(layer.latent)
+    groups.head = [p for p in model.net.head.parameters() if p.requires_grad]
+    taken = {id(p) for p in groups.cells + groups.head + groups.masks}
+    groups.digital = [p for p in model.net.parameters() if p.requires_grad and id(p) not in taken]
+    return groups
 
 
 def trainable_names(model: TaskModel) -> set[str]:
@@ -402,24 +415,41 @@ def train_mode(model: TaskModel):  # noqa: ANN201 (a callable for fit)
     return apply
 
 
+def optimizers(model: TaskModel, train: TrainParams) -> list[torch.optim.Optimizer]:
+    """Fine-tuning: SGD on everything. Mask methods: Adam on masks, head and BN, SGD on spare-PE weights."""
+    g = parameter_groups(model)
+    head_decay = [model.net.head.weight]
+    head_rest = [p for p in g.head if p is not model.net.head.weight]
+    sgd = dict(lr=train.lr, momentum=train.momentum, nesterov=train.momentum > 0)
+    if model.method in FINETUNE_METHODS or HEAD_OPTIMIZER == "sgd":
+        groups = [{"params": g.cells + head_decay, "weight_decay": WEIGHT_DECAY},
+                  {"params": head_rest + g.digital, "weight_decay": 0.0}]
+        opts: list[torch.optim.Optimizer] = [torch.optim.SGD(groups, **sgd)]
+    else:
+        opts = [torch.optim.Adam([{"params": head_decay, "weight_decay": WEIGHT_DECAY},
+                                  {"params": head_rest + g.digital}], lr=HEAD_LR)]
+        if g.cells:
+            opts.append(torch.optim.SGD(g.cells, weight_decay=WEIGHT_DECAY, **sgd))
+    if g.masks:
+        lr = train.mask_lr * (PIGGYBACK_LR_SCALE if model.method == "piggyback" else 1.0)
+        opts.append(torch.optim.Adam(g.masks, lr=lr))
+    return opts
+
+
 def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, desc: str) -> float:  # noqa: ANN001
     """Fit the head in closed form, then train the method's trainables; returns the last epoch's mean loss."""
+    if trains_bn(model.method):  # per-task BN starts from the task's own statistics
+        recalibrate_bn(model, data, seed)
     init_head(model, data, seed)
-    decay, other, masks = parameter_groups(model)
-    sgd = torch.optim.SGD([{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": other, "weight_decay": 0.0}],
-                          lr=train.lr, momentum=train.momentum, nesterov=train.momentum > 0)
-    optimizers: list[torch.optim.Optimizer] = [sgd]
-    if masks:
-        lr = train.mask_lr * (PIGGYBACK_LR_SCALE if model.method == "piggyback" else 1.0)
-        optimizers.append(torch.optim.Adam(masks, lr=lr))
+    opts = optimizers(model, train)
     steps = spec.epochs * math.ceil(len(data) / train.batch_size)
-    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) for opt in optimizers]
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) for opt in opts]
 
     def after_step() -> None:
         for s in schedules:
             s.step()
 
-    loss = fit(model.net, data, optimizers, spec.epochs, train.batch_size, seed, desc,
+    loss = fit(model.net, data, opts, spec.epochs, train.batch_size, seed, desc,
                after_step=after_step, train_mode=train_mode(model))
     if trains_bn(model.method):
         recalibrate_bn(model, data, seed)

@@ -43,6 +43,9 @@ class CrossbarParams(Frozen):
     cell_bits: PositiveInt = 2
     weight_bits: PositiveInt = 4
     crossbars_per_pe: PositiveInt = 1
+    # spare PEs the chip is built with, as a share of the backbone's PEs: an xma2
+    # task's spare_ratio may not exceed it (the comparison sweeps up to 40%)
+    spare_pe_ratio: Annotated[float, Field(gt=0, le=1)] = 0.4
 
     @model_validator(mode="after")
     def _cells_fit(self) -> "CrossbarParams":
@@ -137,6 +140,14 @@ class Params(Frozen):
     source: SourceTask
     energy: EnergyParams = EnergyParams()
     tasks: dict[str, TaskSpec] = {}  # insertion order = the order tasks are learned
+
+    @model_validator(mode="after")
+    def _spares_fit(self) -> "Params":
+        for name, spec in self.tasks.items():
+            if spec.method == "xma2" and spec.spare_ratio > self.crossbar.spare_pe_ratio:
+                raise ValueError(f"tasks.{name}.spare_ratio {spec.spare_ratio} exceeds crossbar.spare_pe_ratio "
+                                 f"{self.crossbar.spare_pe_ratio} (the spare PEs the chip is built with)")
+        return self
 
     @field_validator("tasks")
     @classmethod
