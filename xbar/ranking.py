@@ -24,6 +24,7 @@ from xbar.errors import UserError
 from xbar.methods import CrossbarLayer, n_spare_pes, ridge_head
 from xbar.training import as_input
 
+
 def rank_batch(data, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 (Dataset)
     """The seeded mini-batch (images uint8, labels) that ranks the PEs."""
     n = len(data)

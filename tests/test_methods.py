@@ -1,0 +1,159 @@
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from project import ROOT, tiny_params
+from tiny_backbone import random_task, tiny_backbone
+from xbar.errors import UserError
+from xbar.methods import (build_task_model, check_spec, export_task, load_task_model, mask_report, n_spare_pes,
+                          trainable_names, train_task)
+from xbar.params import TaskSpec
+from xbar.training import predict, seed_everything
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return tiny_backbone()
+
+
+def model_of(backbone, method: str, spare=None):
+    params, quant, levels = backbone
+    spec = TaskSpec(dataset="optdigits", method=method, epochs=1)
+    seed_everything(0)
+    return build_task_model(params, spec, quant, levels, 3, spare_pes=spare), spec
+
+
+def kinds(names: set[str]) -> set[str]:
+    """What sort of parameter each trainable is (head, bn, act clip, latent weight, masks)."""
+    out = set()
+    for n in names:
+        if n.startswith("head."):
+            out.add("head")
+        elif ".column_mask." in n:
+            out.add("column_mask")
+        elif ".element_mask." in n:
+            out.add("element_mask")
+        elif n.endswith(".latent"):
+            out.add("weights")
+        elif ".act_quant." in n:
+            out.add("act_clip")
+        else:
+            out.add("bn")
+    return out
+
+
+@pytest.mark.parametrize(("method", "expected"), [
+    ("finetune_separate", {"head", "weights", "act_clip", "bn"}),
+    ("finetune_shared", {"head", "weights", "act_clip", "bn"}),
+    ("piggyback", {"head", "element_mask"}),
+    ("xbm", {"head", "column_mask", "bn"}),
+    ("xma", {"head", "column_mask", "bn"}),
+    ("xma2", {"head", "column_mask", "bn", "weights"}),
+])
+def test_trainables_per_method(backbone, method, expected):
+    model, _ = model_of(backbone, method, spare=[0, 3] if method == "xma2" else None)
+    names = trainable_names(model)
+    assert kinds(names) == expected
+    layers = model.layers()
+    if method == "xma2":  # trainable weights only where a spare PE lives
+        with_latent = {n for n, l in layers.items() if l.latent is not None}
+        holding = {l.lm.name for l in layers.values() if {0, 3} & set(range(l.lm.first_pe, l.lm.first_pe + l.lm.n_pes))}
+        assert with_latent == holding and with_latent
+    if method == "xbm":
+        assert all(l.column_mask.shift_levels == 0 for l in layers.values())
+
+
+def test_xma2_export_rebuild_is_exact_and_keeps_the_backbone(backbone):
+    params, quant, levels = backbone
+    model, spec = model_of(backbone, "xma2", spare=[0, 3])
+    data = random_task(64)
+    train_task(model, data, spec, params.train.model_copy(update={"mask_lr": 0.5}), 0, "t")
+    task = export_task(model, 3, 1, "digest")
+    assert task["mask_values"].tolist() == [0, 0.125, 0.25, 0.5, 1]
+    assert task["spare_pes"].tolist() == [0, 3]
+    for name, layer in model.layers().items():
+        codes = task["column_masks"][name]
+        assert codes.dtype == torch.uint8 and codes.shape == (layer.lm.n_columns,)
+        column, pe = layer.lm.index_tensors()
+        spare = torch.isin(pe, torch.tensor([0, 3]))
+        assert (codes[column[spare]] == 4).all()  # a spare PE's columns are unmasked
+        assert torch.equal(task["levels"][name][~spare], levels[name]["levels"][~spare])
+        assert task["levels"][name].dtype == torch.int8
+    deployed = load_task_model(task, levels, params)
+    assert torch.equal(predict(model.net, data)[0], predict(deployed.net, data)[0])
+    report = mask_report(task, model.mapping)
+    spare_columns = 0
+    for layer in model.layers().values():
+        column, pe = layer.lm.index_tensors()
+        spare_columns += column[torch.isin(pe, torch.tensor([0, 3]))].unique().numel()
+    masked = report["masked_units"]
+    assert masked == model.mapping.n_columns - spare_columns
+    assert report["mask_bytes_packed"] == math.ceil(math.ceil(masked / 3) * 7 / 8)
+    assert report["mask_bytes_unpacked"] == math.ceil(masked * 3 / 8)
+    assert sum(report["mask_histogram"].values()) == masked < model.mapping.n_columns
+
+
+def test_rebuild_refuses_changed_backbone_cells(backbone):
+    params, quant, levels = backbone
+    model, _ = model_of(backbone, "xma")
+    task = export_task(model, 3, 1)
+    name = next(iter(task["levels"]))
+    task["levels"][name] = task["levels"][name].clone()
+    task["levels"][name].view(-1)[0] += 1
+    with pytest.raises(UserError, match="no-forgetting"):
+        load_task_model(task, levels, params)
+
+
+def test_piggyback_exports_element_masks(backbone):
+    params, quant, levels = backbone
+    model, _ = model_of(backbone, "piggyback")
+    task = export_task(model, 3, 1)
+    assert task["column_masks"] == {} and set(task["element_masks"]) == set(levels)
+    assert all(m.dtype == torch.bool and m.all() for m in task["element_masks"].values())
+    total = sum(v["levels"].numel() for v in levels.values())
+    assert mask_report(task, model.mapping)["mask_bytes_packed"] == math.ceil(total / 8)
+
+
+def test_spec_checks_and_spare_count():
+    assert n_spare_pes(0.1, 126) == 13 and n_spare_pes(1.0, 126) == 126 and n_spare_pes(1e-6, 126) == 1
+    with pytest.raises(UserError, match="larger than the task's training set"):
+        check_spec(TaskSpec(dataset="optdigits", rank_batch_size=100), n_train=99)
+    for bad in (dict(shift_levels=4), dict(spare_ratio=0.0), dict(spare_ratio=1.5), dict(method="dropout")):
+        spec = TaskSpec.model_construct(**{**TaskSpec(dataset="optdigits").model_dump(), **bad})
+        with pytest.raises(UserError):
+            check_spec(spec)
+
+
+@pytest.mark.parametrize("bad", [{"shift_levels": 4}, {"spare_ratio": 0}, {"spare_ratio": 1.2},
+                                 {"method": "dropout"}, {"rank_batch_size": 10_000}])
+def test_stages_reject_bad_input(tmp_path: Path, monkeypatch, capsys, bad):
+    """One line on stderr, exit code 2, nothing written (stage_main in-process: no interpreter start-up)."""
+    from stages import rank_pes, train_masks
+    from stages.common import stage_main
+
+    raw = tiny_params({"t": {"dataset": "lfw_faces", **bad}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    for stage in (train_masks, rank_pes):
+        monkeypatch.setattr(sys, "argv", [stage.__name__, "--task", "t"])
+        with pytest.raises(SystemExit) as exit_:
+            stage_main(stage.run, task_arg=True)
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error: ")
+    assert not (tmp_path / "artifacts").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_train_masks_command_line_exit_code(tmp_path: Path):
+    raw = tiny_params({"t": {"dataset": "lfw_faces", "rank_batch_size": 10_000}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "stages.train_masks", "--task", "t"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 2 and "rank_batch_size" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "artifacts").exists()
