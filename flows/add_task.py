@@ -7,10 +7,7 @@ and the result must parse to exactly the old parameters plus the new task.
 
 from __future__ import annotations
 
-import os
 import re
-import stat
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from stages.common import atomic_write_bytes
 from xbar.errors import UserError
 from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, METHODS, TASK_NAME, Params, ParamsError, check_task_name,
                          load_params, parse_params)
@@ -152,23 +150,7 @@ def _scalar(value: Any) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file beside `path`, fsync, rename: a reader (DVC, a stage) never sees half a file.
-
-    The file keeps its permissions (mkstemp would make it 0600).
-    """
-    path = Path(path)
-    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode())
 
 
 @contextmanager
