@@ -64,11 +64,11 @@ from xbar.training import as_input, fit
 COLUMN_MASK_METHODS = ("xbm", "xma", "xma2")
 FINETUNE_METHODS = ("finetune_shared", "finetune_separate")
 MASK_METHODS = ("piggyback",) + COLUMN_MASK_METHODS  # the backbone's cells never change outside spare PEs
-# Piggyback's real mask lives on a far smaller scale (init 1e-2, threshold 5e-3) than
-# the logit-scale column mask, so its Adam step is mask_lr scaled down: 5e-4 at
-# mask_lr 0.5, the best of 1e-4 / 5e-4 / 2e-3 on mnist and animals (1e-4 barely
-# flips a mask; 2e-3 collapses the frozen-BN network to chance).
-PIGGYBACK_LR_SCALE = 1e-3
+# Piggyback's real mask lives on a fixed, far smaller scale (init 1e-2, threshold
+# 5e-3, constants of the method) than the logit-scale column mask, so its Adam lr
+# is a constant too, not train.mask_lr: 5e-4 was the best of 1e-4 / 5e-4 / 2e-3 on
+# mnist and animals (1e-4 barely flips a mask; 2e-3 collapses the frozen-BN network).
+PIGGYBACK_MASK_LR = 5e-4
 WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
 # The per-task head is digital (not mapped onto crossbars); like PACT / LSQ / PROFIT
 # keep the last layer, it is quantized to 8 bits: a 4-bit head alone costs tens of points.
@@ -424,7 +424,8 @@ def train_mode(model: TaskModel):  # noqa: ANN201 (a callable for fit)
 
 
 def optimizers(model: TaskModel, train: TrainParams) -> list[torch.optim.Optimizer]:
-    """SGD (lr, momentum) on weights, head, BN and clips; Adam (mask_lr) on the real-valued masks.
+    """SGD (lr, momentum) on weights, head, BN and clips; Adam on the real-valued masks
+    (train.mask_lr for column masks, PIGGYBACK_MASK_LR for Piggyback's).
 
     (Adam on the head and BN was tried: it adapts the head too slowly to the
     masked features, -1 to -4 points for xma / xma2.)
@@ -436,7 +437,7 @@ def optimizers(model: TaskModel, train: TrainParams) -> list[torch.optim.Optimiz
     opts: list[torch.optim.Optimizer] = [
         torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=train.momentum > 0)]
     if g.masks:
-        lr = train.mask_lr * (PIGGYBACK_LR_SCALE if model.method == "piggyback" else 1.0)
+        lr = PIGGYBACK_MASK_LR if model.method == "piggyback" else train.mask_lr
         opts.append(torch.optim.Adam(g.masks, lr=lr))
     return opts
 
