@@ -9,6 +9,7 @@ import os
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 BACKBONE = ARTIFACTS / "backbone"
 MAPPING = ARTIFACTS / "mapping"
+# Benchmarks set this to a file: each stage appends its wall time, MLflow time and peak memory.
+STAGE_LOG_ENV = "XBAR_STAGE_LOG"
+# Tests only: set to a stage output's path (e.g. artifacts/tasks/t2/task.pt) to make its write stop
+# half-way through the temp file and sleep, so a test can `kill -9` the stage at the worst moment.
+PAUSE_WRITE_ENV = "XBAR_TEST_PAUSE_WRITE"
 
 
 def task_dir(task: str) -> Path:
@@ -36,13 +42,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file beside `path`, then rename: a reader never sees half a file.
 
     A file that exists keeps its permissions; a new one gets 0644 (mkstemp would make it 0600).
+    The temp file's name holds the writer's pid: a temp file left by a killed writer is removed here.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    _remove_dead_temps(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            if os.environ.get(PAUSE_WRITE_ENV) == path.as_posix():
+                f.write(data[: len(data) // 2])
+                f.flush()
+                print(f"xbar: paused writing {path} ({PAUSE_WRITE_ENV})", file=sys.stderr, flush=True)
+                time.sleep(3600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -51,6 +64,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Delete `.<name>.<pid>.*.tmp` beside `path` whose writer process no longer exists."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # alive, another user's
+            pass
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -95,6 +122,27 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
             fn(params, args.task)
         else:
             fn(params)
+        log_stage_figures(fn.__module__, getattr(args, "task", None))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def log_stage_figures(stage: str, task: str | None) -> None:
+    """Append one JSON line to $XBAR_STAGE_LOG (when set): this process's wall time since it
+    started (interpreter and imports included), the part of it spent in MLflow, and peak RSS."""
+    path = os.environ.get(STAGE_LOG_ENV)
+    if not path:
+        return
+    import resource
+    import time
+
+    import psutil
+
+    tracking = sys.modules.get("stages.tracking")
+    line = {"stage": stage.rsplit(".", 1)[-1], "task": task,
+            "seconds": round(time.time() - psutil.Process().create_time(), 3),
+            "mlflow_seconds": round(tracking.SECONDS if tracking else 0.0, 3),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    with open(path, "a") as f:  # one short line per write: O_APPEND keeps lines whole
+        f.write(json.dumps(line) + "\n")

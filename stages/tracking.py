@@ -9,7 +9,10 @@ Runs, all in one experiment (`xbar`):
 * one **task** child run per task and parent: params, `accuracy_at_learn`,
   `acc/<task>` of every task learned so far at step k (the forgetting matrix),
   forgetting, spare PEs, mask bytes, energy, the dataset input, the git commit
-  and DVC stage hashes as tags, and the task's artifacts.
+  and DVC stage hashes as tags, and the task's artifacts;
+* one **comparison** run per `xbar compare` (tag `xbar.kind=comparison`, flows/compare.py):
+  `acc/<label>/<task>` after the last task (label `xma2-p10` for XMA2 at P = 10%, see
+  `comparison_key`), the comparison's tables and plots as artifacts.
 
 The store defaults to `sqlite:///mlflow.db` in the project (MLflow 3 refuses a
 plain file store) and is overridden by `MLFLOW_TRACKING_URI`.
@@ -29,6 +32,7 @@ from typing import TypeVar
 from xbar.errors import UserError
 
 EXPERIMENT = "xbar"
+SECONDS = 0.0  # wall time this process spent inside `tracker()` (benchmarks count it as orchestration)
 PARENT_ENV = "XBAR_PARENT_RUN_ID"
 T = TypeVar("T")
 
@@ -119,17 +123,30 @@ class Tracker:
 @contextmanager
 def tracker() -> Iterator[Tracker]:
     """`with tracker() as t:` -- MLflow opened once, with clear errors and retries."""
-    yield Tracker()
+    global SECONDS
+    start = time.perf_counter()
+    try:
+        yield Tracker()
+    finally:
+        SECONDS += time.perf_counter() - start
 
 
 def backbone_run(t: Tracker, levels_digest: str, log: Callable[[str], None]) -> str:
     """The run of this quantized backbone; created (and filled by `log`) on first use."""
-    runs = t.find(f"tags.`xbar.kind` = 'backbone' AND tags.`xbar.backbone_digest` = '{levels_digest}'")
+    runs = t.find(f"tags.`xbar.kind` = 'backbone' AND tags.`xbar.backbone_digest` = '{levels_digest}' "
+                  "AND attributes.status = 'FINISHED'")  # one cut off while logging is not reused
     if runs:
         return runs[0].info.run_id
     run_id = t.create("backbone", {"xbar.kind": "backbone", "xbar.backbone_digest": levels_digest,
                                    "xbar.git_commit": git_commit()})
-    log(run_id)
+    try:
+        log(run_id)
+    except BaseException:
+        try:
+            t.finish(run_id, "FAILED")
+        except UserError:  # the store is gone: the run stays RUNNING, equally never reused
+            pass
+        raise
     t.finish(run_id)
     return run_id
 
@@ -148,7 +165,8 @@ def parent_run(t: Tracker, backbone_run_id: str) -> str:
 
 def accuracy_at_learn(t: Tracker, task: str, task_digest: str) -> float | None:
     """The accuracy recorded when this very task artifact (by digest) was learned."""
-    runs = t.find(f"tags.`xbar.task` = '{task}' AND tags.`xbar.task_digest` = '{task_digest}'", newest_first=False)
+    runs = t.find(f"tags.`xbar.task` = '{task}' AND tags.`xbar.task_digest` = '{task_digest}' "
+                  "AND tags.`xbar.gate` = 'passed'", newest_first=False)
     for run in runs:
         if "accuracy_at_learn" in run.data.metrics:
             return run.data.metrics["accuracy_at_learn"]
@@ -162,7 +180,8 @@ def report(t: Tracker) -> dict:
     measured for every earlier task (row k of the matrix is task k's `acc/*`).
     """
     latest: dict[str, object] = {}
-    runs = t.find("tags.`xbar.kind` = 'task'")  # newest first; a run whose gate failed only if no other
+    runs = t.find("tags.`xbar.kind` = 'task' AND tags.`xbar.gate` != 'pending'")  # newest first; a run whose
+    # gate failed only if no other; a "pending" run was cut off while logging (MLflow failed mid-way)
     for run in sorted(runs, key=lambda r: r.data.tags.get("xbar.gate") != "passed"):
         latest.setdefault(run.data.tags["xbar.task"], run)
     ordered = sorted(latest.values(), key=lambda r: (int(r.data.tags["xbar.order"]), r.info.start_time))
@@ -178,4 +197,22 @@ def report(t: Tracker) -> dict:
                       "spare_pes": m.get("spare_pes"), "mask_bytes": m.get("mask_bytes"), "energy_j": m.get("energy_j"),
                       "gate": run.data.tags.get("xbar.gate"), "run_id": run.info.run_id})
     matrix = [[run.data.metrics.get(f"acc/{n}") for n in names] for run in ordered]
-    return {"tasks": tasks, "accuracy_matrix": matrix}
+    return {"tasks": tasks, "accuracy_matrix": matrix, "comparison": comparison(t)}
+
+
+def comparison_key(label: str) -> str:
+    """A comparison label in an MLflow metric name, which may not hold '@': "xma2@10" -> "xma2-p10"."""
+    return label.replace("@", "-p")
+
+
+def comparison(t: Tracker) -> dict[str, dict[str, float]]:
+    """{label: {task: accuracy after the last task}} of the newest finished comparison run ({} if none)."""
+    runs = t.find("tags.`xbar.kind` = 'comparison' AND attributes.status = 'FINISHED'")
+    if not runs:
+        return {}
+    metrics, tags = runs[0].data.metrics, runs[0].data.tags
+    tasks, out = tags.get("xbar.tasks", "").split(","), {}
+    for label in filter(None, tags.get("xbar.labels", "").split(",")):
+        key = comparison_key(label)
+        out[label] = {task: metrics[f"acc/{key}/{task}"] for task in tasks if f"acc/{key}/{task}" in metrics}
+    return out

@@ -447,6 +447,10 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
     if trains_bn(model.method):  # per-task BN starts from the task's own statistics
         recalibrate_bn(model, data, seed)
     init_head(model, data, seed)
+    noise = torch.Generator().manual_seed(seed)  # Gumbel noise of its own: no other training draws from it
+    for layer in model.layers().values():
+        if layer.column_mask is not None:
+            layer.column_mask.generator = noise
     opts = optimizers(model, train)
     steps = spec.epochs * math.ceil(len(data) / train.batch_size)
     schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) for opt in opts]
@@ -576,7 +580,31 @@ def shared_view(earlier: dict, latest: dict) -> dict:
     return view
 
 
+def chip_view(tasks: dict[str, dict], name: str) -> dict:
+    """Task `name` as the chip runs it once every task of `tasks` (name -> task.pt, in learning order)
+    is learned: its own task.pt, except that a finetune_shared task runs on the latest shared network."""
+    task = tasks[name]
+    if task["method"] != "finetune_shared":
+        return task
+    latest = [t for t in tasks.values() if t["method"] == "finetune_shared"][-1]
+    return shared_view(task, latest)
+
+
 # --- reporting ------------------------------------------------------------------------
+
+
+def layer_mask_levels(task: dict, mapping: Mapping) -> dict[str, torch.Tensor]:
+    """Per mapped layer, how many columns of frozen PEs hold each mask level code (column masks only)."""
+    out = {}
+    for lm in mapping.layers:
+        codes = task["column_masks"][lm.name].long()
+        if task["spare_pes"].numel():  # a spare PE's columns carry no mask
+            column, pe = lm.index_tensors()
+            frozen = torch.ones(lm.n_columns, dtype=torch.bool)
+            frozen[column[torch.isin(pe, task["spare_pes"])]] = False
+            codes = codes[frozen]
+        out[lm.name] = torch.bincount(codes, minlength=len(task["mask_values"]))
+    return out
 
 
 def mask_report(task: dict, mapping: Mapping) -> dict:
@@ -589,15 +617,7 @@ def mask_report(task: dict, mapping: Mapping) -> dict:
     """
     if task["column_masks"]:
         values = task["mask_values"].tolist()
-        counts = torch.zeros(len(values), dtype=torch.int64)
-        for lm in mapping.layers:
-            codes = task["column_masks"][lm.name].long()
-            if task["spare_pes"].numel():
-                column, pe = lm.index_tensors()
-                frozen = torch.ones(lm.n_columns, dtype=torch.bool)
-                frozen[column[torch.isin(pe, task["spare_pes"])]] = False
-                codes = codes[frozen]
-            counts += torch.bincount(codes, minlength=len(values))
+        counts = sum(layer_mask_levels(task, mapping).values())
         masked, k = int(counts.sum()), len(values)
         return {"mask_histogram": {f"{v:g}": int(c) for v, c in zip(values, counts)}, "masked_units": masked,
                 "mask_bytes_unpacked": math.ceil(masked * math.ceil(math.log2(k)) / 8),

@@ -1,0 +1,134 @@
+"""The speed and memory figures of the README, measured side by side in one run on this machine.
+
+    python -m benchmarks.figures [--tasks 3] [--rounds 30]
+
+Needs the default pipeline's artifacts (`make run`). Prints:
+
+1. XMA2 training step time / plain fine-tuning step time (target <= 1.3; see step_ratio.py);
+2. PE ranking on one mini-batch / one training epoch, on the first task of params.yaml;
+3. for k = 1..K, the time to add one more task (a copy of the first task's spec) with
+   `xbar add-task` -- Prefect flow, DVC stages, MLflow, gate -- in a scratch copy of this
+   workspace (this one is not touched): wall time, the stages' own time, the orchestration
+   share (everything but the stages' own work, MLflow included; target <= 15%), and the
+   peak memory of train_masks. The time must stay flat in k: no earlier task is retrained.
+
+A stage's own time is its process's wall time, interpreter and imports included, minus the
+time it spent in MLflow (each stage reports both through $XBAR_STAGE_LOG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.step_ratio import step_times
+from stages.common import BACKBONE, STAGE_LOG_ENV, load_torch
+from xbar.data import load_task_data
+from xbar.methods import backbone_net, build_task_model, crossbar_spec, deploy_cells, train_task
+from xbar.params import Params, load_params
+from xbar.ranking import rank_batch, rank_pes
+from xbar.training import seed_everything
+
+WORKSPACE_STATE = ("artifacts", "metrics", "dvc.lock", ".dvc/cache")  # what `make run` left, besides git's files
+
+
+def ranking_vs_epoch(params: Params) -> tuple[float, float]:
+    """Seconds of PE ranking (one mini-batch) and of one XMA2 training epoch on the first task."""
+    spec = next(iter(params.tasks.values()))
+    data = load_task_data(spec.dataset, params.seed)
+    quant, levels = load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
+    seed_everything(params.seed, params.train.threads)
+    net = backbone_net(params, quant)
+    deploy_cells(net, levels, crossbar_spec(params))
+    start = time.perf_counter()
+    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
+    table, _ = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
+    ranking = time.perf_counter() - start
+    one_epoch = spec.model_copy(update={"epochs": 1, "method": "xma2"})
+    model = build_task_model(params, one_epoch, quant, levels, data.num_classes,
+                             spare_pes=table.filter("selected")["pe"].to_list())
+    start = time.perf_counter()
+    train_task(model, data.train, one_epoch, params.train, params.seed, "one epoch")
+    return ranking, time.perf_counter() - start
+
+
+def scratch_workspace(dest: Path) -> None:
+    """A git + DVC copy of this workspace after `make run` (tracked files and the pipeline's outputs)."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], capture_output=True, check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        if Path(name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(name, dest / name)
+    for name in WORKSPACE_STATE:
+        if Path(name).is_dir():
+            shutil.copytree(name, dest / name)
+        elif Path(name).is_file():
+            shutil.copy2(name, dest / name)
+    git = ["git", "-c", "user.name=xbar", "-c", "user.email=xbar@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "scratch copy for benchmarks"]):
+        subprocess.run(git + cmd, cwd=dest, check=True)
+
+
+def add_task(root: Path, name: str, params: Params, log: Path) -> float:
+    """Wall seconds of `xbar add-task NAME` (the first task's spec) in `root`."""
+    spec = next(iter(params.tasks.values()))
+    env = {**os.environ, STAGE_LOG_ENV: str(log), "PREFECT_HOME": str(root / ".prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env.pop("PREFECT_API_URL", None)  # a temporary Prefect server, as a plain `xbar add-task` gets
+    cmd = [sys.executable, "-m", "xbar.cli", "add-task", name, "--dataset", spec.dataset.source,
+           "--method", spec.method, "--epochs", str(spec.epochs), "--spare-ratio", str(spec.spare_ratio),
+           "--shift-levels", str(spec.shift_levels)]
+    start = time.perf_counter()
+    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if out.returncode != 0:
+        sys.exit(f"error: `xbar add-task {name}` failed in the scratch workspace: "
+                 f"{(out.stderr.strip().splitlines() or ['?'])[-1]}")
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--tasks", type=int, default=3, help="K: tasks added one after another")
+    parser.add_argument("--rounds", type=int, default=30, help="training steps timed per model")
+    args = parser.parse_args()
+    params = load_params(Path(args.params))
+    if not (BACKBONE / "levels.pt").exists() or not Path("dvc.lock").exists():
+        sys.exit("error: artifacts/backbone/levels.pt or dvc.lock missing: run the pipeline first (make run)")
+
+    plain, xma2, n_spare = step_times(params, args.rounds)
+    print(f"1. training step, batch {params.train.batch_size}, {torch.get_num_threads()} threads: "
+          f"plain {plain * 1e3:.1f} ms, xma2 ({n_spare} spare PEs) {xma2 * 1e3:.1f} ms, "
+          f"ratio {xma2 / plain:.2f} (target <= 1.3)")
+    ranking, epoch = ranking_vs_epoch(params)
+    print(f"2. PE ranking {ranking:.2f} s / one training epoch {epoch:.1f} s = {ranking / epoch:.3f}")
+
+    with tempfile.TemporaryDirectory(prefix="xbar-bench-") as tmp:
+        root = Path(tmp)
+        scratch_workspace(root)
+        print(f"3. adding tasks (spec of {next(iter(params.tasks))!r}) after the {len(params.tasks)} of params.yaml:")
+        for k in range(1, args.tasks + 1):
+            log = root / f"stages-{k}.jsonl"
+            wall = add_task(root, f"bench{k}", params, log)
+            stages = [json.loads(line) for line in log.read_text().splitlines()]
+            mlflow = sum(s["mlflow_seconds"] for s in stages)
+            own = sum(s["seconds"] for s in stages) - mlflow
+            peak = max(s["peak_rss_mb"] for s in stages if s["stage"] == "train_masks")
+            per_stage = ", ".join(f"{s['stage']} {s['seconds']:.1f}" for s in stages)
+            print(f"   k={k}: {wall:.1f} s; stages' own work {own:.1f} s ({per_stage}; MLflow {mlflow:.1f} s); "
+                  f"orchestration share {(wall - own) / wall:.1%} (target <= 15%); "
+                  f"train_masks peak memory {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
