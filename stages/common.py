@@ -109,7 +109,9 @@ def save_parquet(path: Path, df) -> None:  # noqa: ANN001 (polars DataFrame)
 
 def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
     """Run a stage: parse `--params` (and `--task`), turn a UserError into one line + exit 2."""
-    parser = argparse.ArgumentParser(prog=f"python -m {fn.__module__}")
+    main = sys.modules["__main__"]  # `python -m stages.X` runs X as __main__; its spec keeps the name
+    module = main.__spec__.name if fn.__module__ == "__main__" and main.__spec__ else fn.__module__
+    parser = argparse.ArgumentParser(prog=f"python -m {module}")
     parser.add_argument("--params", default="params.yaml")
     if task_arg:
         parser.add_argument("--task", required=True)
@@ -122,7 +124,7 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
             fn(params, args.task)
         else:
             fn(params)
-        log_stage_figures(fn.__module__, getattr(args, "task", None))
+        log_stage_figures(module.rsplit(".", 1)[-1], getattr(args, "task", None))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -140,7 +142,7 @@ def log_stage_figures(stage: str, task: str | None) -> None:
     import psutil
 
     tracking = sys.modules.get("stages.tracking")
-    line = {"stage": stage.rsplit(".", 1)[-1], "task": task,
+    line = {"stage": stage, "task": task,
             "seconds": round(time.time() - psutil.Process().create_time(), 3),
             "mlflow_seconds": round(tracking.SECONDS if tracking else 0.0, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
