@@ -90,15 +90,28 @@ def save_torch(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+# What the stages rely on in each checkpoint they read by name (docs/artifacts.md).
+REQUIRED_KEYS = {
+    "fp32.pt": ("state_dict", "num_classes", "channels"),
+    "quant.pt": ("state_dict", "num_classes", "channels"),
+    "task.pt": ("method", "levels", "scales", "spare_pes", "num_classes", "channels", "model_state"),
+}
+
+
 def load_torch(path: Path) -> Any:
     """Checkpoints hold tensors and plain containers only: weights_only=True, never pickled code."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated / corrupt / not a torch file
         raise UserError(f"{path}: corrupt or truncated checkpoint ({type(err).__name__}); delete it and run dvc repro") from None
+    need = REQUIRED_KEYS.get(path.name, ())
+    missing = [k for k in need if not isinstance(obj, dict) or k not in obj]
+    if missing:  # a readable torch file, but not what the stage that writes this name writes
+        raise UserError(f"{path}: not an xbar {path.name} (no {missing[0]!r}); delete it and run dvc repro")
+    return obj
 
 
 def save_parquet(path: Path, df) -> None:  # noqa: ANN001 (polars DataFrame)
@@ -130,20 +143,20 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
         sys.exit(2)
 
 
-def log_stage_figures(stage: str, task: str | None) -> None:
-    """Append one JSON line to $XBAR_STAGE_LOG (when set): this process's wall time since it
-    started (interpreter and imports included), the part of it spent in MLflow, and peak RSS."""
+def log_stage_figures(stage: str, task: str | None, seconds: float | None = None) -> None:
+    """Append one JSON line to $XBAR_STAGE_LOG (when set): `seconds`, by default this process's
+    wall time since it started (interpreter and imports included); the part of it spent in MLflow;
+    and the process's peak RSS."""
     path = os.environ.get(STAGE_LOG_ENV)
     if not path:
         return
     import resource
-    import time
 
     import psutil
 
     tracking = sys.modules.get("stages.tracking")
     line = {"stage": stage, "task": task,
-            "seconds": round(time.time() - psutil.Process().create_time(), 3),
+            "seconds": round(time.time() - psutil.Process().create_time() if seconds is None else seconds, 3),
             "mlflow_seconds": round(tracking.SECONDS if tracking else 0.0, 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     with open(path, "a") as f:  # one short line per write: O_APPEND keeps lines whole
