@@ -17,14 +17,16 @@ import sys
 from pathlib import Path
 
 import yaml
+from matplotlib.figure import Figure
 
 from stages.common import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
 from stages.tracking import (Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
                              tracker)
 from xbar.data import load_task_data
 from xbar.errors import UserError
-from xbar.methods import load_task_model, shared_view
+from xbar.methods import chip_view, load_task_model
 from xbar.params import Params
+from xbar.plots import accuracy_matrix, png
 from xbar.training import accuracy, seed_everything
 
 GATED = ("finetune_separate", "piggyback", "xbm", "xma", "xma2")
@@ -45,12 +47,9 @@ def accuracies_now(params: Params, upto: str) -> dict[str, float]:
     names = list(params.tasks)[: list(params.tasks).index(upto) + 1]
     levels = load_torch(BACKBONE / "levels.pt")
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
-    shared = [n for n in names if tasks[n]["method"] == "finetune_shared"]
     result = {}
     for name in names:
-        task = tasks[name]
-        if task["method"] == "finetune_shared":  # one network on the chip: the latest shared weights
-            task = shared_view(task, tasks[shared[-1]])
+        task = chip_view(tasks, name)  # finetune_shared: one network on the chip, the latest shared weights
         model = load_task_model(task, levels, params)
         data = load_task_data(params.tasks[name].dataset, params.seed)
         if data.digest != task["dataset_digest"]:
@@ -89,7 +88,7 @@ def log_backbone(t: Tracker, params: Params, run_id: str) -> None:
 
 
 def log_task(t: Tracker, run_id: str, params: Params, task: str, now: dict[str, float], forgetting: dict[str, float],
-             train: dict, program: dict, energy: dict, order: int) -> None:
+             train: dict, program: dict, energy: dict, order: int, matrix: Figure) -> None:
     """The task's child run: params, metrics, the acc/<task> row at step `order`, datasets, artifacts."""
     spec = params.tasks[task]
     t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
@@ -105,9 +104,10 @@ def log_task(t: Tracker, run_id: str, params: Params, task: str, now: dict[str, 
     data = load_task_data(spec.dataset, params.seed)
     t.log_dataset(run_id, spec.dataset.source, data.train_digest, task, "train")
     t.log_dataset(run_id, spec.dataset.source, data.test_digest, task, "test")
-    for path in [task_dir(task) / f for f in ("ranking.parquet", "program.parquet", "energy.png",
-                                              "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
+    for path in [task_dir(task) / f for f in ("ranking.parquet", "ranking.png", "mask_levels.png", "program.parquet",
+                                              "energy.png", "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
         t.log_artifact(run_id, path, "artifacts")
+    t.log_figure(run_id, matrix, "plots/accuracy_matrix.png")
     for stage in ("rank", "train", "program", "energy"):
         t.log_artifact(run_id, task_metrics(task, stage), "metrics")
 
@@ -122,6 +122,9 @@ def evaluate(params: Params, task: str) -> None:
     energy = read_json(task_metrics(task, "energy"))
     now = accuracies_now(params, task)
     digests = {n: file_digest(task_dir(n) / "task.pt") for n in now}
+    earlier = {n: task_metrics(n, "evaluate") for n in names[: order - 1]}  # rows of the matrix so far
+    matrix = accuracy_matrix({**{n: json.loads(p.read_text())["accuracy"] for n, p in earlier.items() if p.exists()},
+                              task: now})
 
     with tracker() as t:
         backbone_id = backbone_run(t, file_digest(BACKBONE / "levels.pt"), lambda rid: log_backbone(t, params, rid))
@@ -142,12 +145,17 @@ def evaluate(params: Params, task: str) -> None:
             "mlflow.parentRunId": parent_run(t, backbone_id), "xbar.kind": "task", "xbar.task": task,
             "xbar.order": str(order), "xbar.task_digest": digests[task], "xbar.backbone_run_id": backbone_id,
             "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
-            "xbar.gate": "failed" if failures else "passed", **dvc_stage_hashes(task)})
+            "xbar.gate": "pending", **dvc_stage_hashes(task)})
         try:
-            log_task(t, run_id, params, task, now, forgetting, train, program, energy, order)
+            log_task(t, run_id, params, task, now, forgetting, train, program, energy, order, matrix)
         except BaseException:
-            t.finish(run_id, "FAILED")
+            try:  # the run stays "pending" (never counted as learned); close it if the store still answers
+                t.finish(run_id, "FAILED")
+            except UserError:
+                pass
             raise
+        # Only a completely logged run says "passed": a store failing mid-way leaves no half-registered task.
+        t.log(run_id, tags={"xbar.gate": "failed" if failures else "passed"})
         t.finish(run_id, "FAILED" if failures else "FINISHED")
 
     if failures:
@@ -158,6 +166,7 @@ def evaluate(params: Params, task: str) -> None:
     rows = io.StringIO()
     rows.write("task,accuracy\n" + "".join(f"{n},{a:.2f}\n" for n, a in now.items()))
     atomic_write_bytes(METRICS / "tasks" / task / "accuracy_row.csv", rows.getvalue().encode())
+    atomic_write_bytes(METRICS / "tasks" / task / "accuracy_matrix.png", png(matrix))
     print(f"evaluate {task}: " + ", ".join(f"{n} {a:.2f}%" for n, a in now.items()) + " -- gate passed")
 
 

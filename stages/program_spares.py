@@ -18,22 +18,14 @@ mapping or backbone is refused (one line, exit 2) before anything is written.
 
 from __future__ import annotations
 
-import polars as pl
-
 from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
-from xbar.deployment import (ChipLayout, backbone_mapping, chip_files, load_chip, program,
-                             task_image)
+from xbar.deployment import ChipLayout, backbone_mapping, chip_files, learn_on_chip, load_chip
 from xbar.energy import resolve_preset
 from xbar.errors import UserError
 from xbar.params import FIRST_AFTER, Params
 
 TENSORS = "deployment.pt"
-
-
-def _totals(reports: list) -> dict:
-    keys = ("cells_written", "level_steps", "pulses", "energy_j", "mask_bits_loaded", "mask_load_j")
-    return {k: sum(r.summary[k] for r in reports) for k in keys} | {"events": len(reports)}
 
 
 def run(params: Params, task: str) -> None:
@@ -52,35 +44,21 @@ def run(params: Params, task: str) -> None:
         if t.get("method") != params.tasks[name].method:
             raise UserError(f"{task_dir(name) / 'task.pt'}: method {t.get('method')!r}, params.yaml says "
                             f"{params.tasks[name].method!r}; re-run train_masks for {name}")
-    shared = [n for n in names[: index + 1] if params.tasks[n].method == "finetune_shared"]
-
-    def image(name: str):  # noqa: ANN202
-        # a finetune_shared task runs on the latest shared weights (that is its forgetting)
-        latest = (shared[-1], tasks[shared[-1]]) if name in shared and name != shared[-1] else None
-        return task_image(name, tasks[name], layout, levels, shared_from=latest)
-
-    used = layout.used()
-    programmed = program(chip, image(task), preset, used, "program")
-    switches = []
-    for earlier in names[:index]:  # evaluating an earlier task needs the chip set up for it
-        switches.append(program(chip, image(earlier), preset, used, "switch"))
-    if switches:
-        switches.append(program(chip, image(task), preset, used, "switch_back"))
+    done = learn_on_chip(chip, layout, tasks, levels, preset)
 
     meta, data = chip_files(chip, TENSORS)
     out = task_dir(task)
-    table = pl.concat([r.rows for r in [programmed, *switches]])
     atomic_write_bytes(out / TENSORS, data)
     write_json(out / "deployment.json", meta)
-    save_parquet(out / "program.parquet", table)
-    s = programmed.summary
-    switch = _totals(switches)
+    save_parquet(out / "program.parquet", done.rows)
+    s = done.program.summary
+    switch = done.switch
     write_json(task_metrics(task, "program"), {
         "task": task, "method": params.tasks[task].method, "preset": preset.name,
         "cells_written": s["cells_written"], "pulses": s["pulses"], "energy_j": s["energy_j"],
         "program": {k: v for k, v in s.items() if k not in ("phase", "task", "method")},
         "switch": switch,
-        "reprogram_j": s["energy_j"] + s["mask_load_j"] + switch["energy_j"] + switch["mask_load_j"],
+        "reprogram_j": done.reprogram_j,
         "endurance": chip.endurance(),
         "chip": {"pes": chip.n_pes, "spare_pes": chip.n_slots, "cells_per_pe": chip.spec.cells_per_pe,
                  "spare_pes_in_use": sum(1 for x in chip.slots if x is not None)},

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import time
 
-from stages.common import BACKBONE, load_torch, save_parquet, stage_main, task_dir, task_metrics, write_json
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+                           write_json)
 from xbar.data import load_task_data
 from xbar.methods import backbone_net, check_spec, crossbar_spec, deploy_cells
 from xbar.params import Params
+from xbar.plots import pe_ranking, png
 from xbar.ranking import rank_batch, rank_pes
 from xbar.training import seed_everything
 
@@ -25,6 +27,7 @@ def run(params: Params, task: str) -> None:
     table, loss = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
     selected = table.filter("selected")
     save_parquet(task_dir(task) / "ranking.parquet", table)
+    atomic_write_bytes(task_dir(task) / "ranking.png", png(pe_ranking(table, task)))
     write_json(task_metrics(task, "rank"), {
         "pes": table.height, "selected": selected.height, "spare_ratio": spec.spare_ratio,
         "batch_size": spec.rank_batch_size, "batch_loss": round(loss, 4),

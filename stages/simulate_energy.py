@@ -20,9 +20,8 @@ import torch
 from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.deployment import backbone_mapping
-from xbar.energy import column_use, inference_energy, layer_io, mask_bits_for, resolve_preset, typical_methods
+from xbar.energy import model_io, resolve_preset, task_inference, typical_methods
 from xbar.errors import UserError
-from xbar.models import build_model
 from xbar.params import Params
 
 
@@ -82,14 +81,10 @@ def run(params: Params, task: str) -> None:
     if test_images < 1:
         raise UserError(f"{task_metrics(task, 'train')}: no test_images count; re-run train_masks")
 
-    with torch.device("meta"):
-        model = build_model(params.model, int(t["num_classes"]), int(t["channels"]))
-    size = spec.dataset.image_size
-    io_ = layer_io(model, [lm.name for lm in mapping.layers], (int(t["channels"]), size, size))
+    io_ = model_io(params.model, mapping, int(t["num_classes"]), int(t["channels"]), spec.dataset.image_size)
     act_bits = params.quant.act_bits
-    columns = column_use(t, mapping)
-    bits = mask_bits_for(len(t.get("mask_values", ()))) if columns else 0
-    energy = inference_energy(mapping, io_, preset, act_bits, columns, bits)
+    inference = task_inference(t, mapping, io_, preset, act_bits)
+    energy, columns, bits = inference.energy, inference.columns, inference.mask_bits
 
     reprogram = float(program["reprogram_j"])
     per_image = energy.per_image_j

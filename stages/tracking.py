@@ -75,7 +75,7 @@ class Tracker:
     def __init__(self) -> None:
         from mlflow import MlflowClient
 
-        self.client = MlflowClient(tracking_uri())
+        self.client = retry(lambda: MlflowClient(tracking_uri()), "opening the store")  # it connects at once
         self.experiment_id = retry(self._experiment, "opening the experiment")
 
     def _experiment(self) -> str:
@@ -115,6 +115,9 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, folder: str | None = None) -> None:
         if Path(path).exists():
             retry(lambda: self.client.log_artifact(run_id, str(path), folder), f"logging {path}")
+
+    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:  # noqa: ANN001 (matplotlib Figure)
+        retry(lambda: self.client.log_figure(run_id, figure, artifact_file), f"logging {artifact_file}")
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         retry(lambda: self.client.set_terminated(run_id, status), "closing a run")

@@ -15,13 +15,15 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.common import BACKBONE, load_torch, save_torch, stage_main, task_dir, task_metrics, write_json
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
+                           write_json)
 from xbar.crossbar import map_model
 from xbar.data import load_task_data
 from xbar.errors import UserError
-from xbar.methods import (backbone_net, build_task_model, check_spec, crossbar_spec, export_task, load_task_model,
-                          mask_report, n_spare_pes, train_task)
+from xbar.methods import (backbone_net, build_task_model, check_spec, crossbar_spec, export_task, layer_mask_levels,
+                          load_task_model, mask_report, n_spare_pes, train_task)
 from xbar.params import Params
+from xbar.plots import mask_levels, png
 from xbar.training import accuracy, predict, seed_everything
 
 
@@ -75,6 +77,10 @@ def run(params: Params, task: str) -> None:
         raise RuntimeError(f"{task}: the model rebuilt from task.pt predicts differently from the trained one")
     train_acc, test_acc = accuracy(deployed.net, data.train, batch), accuracy(deployed.net, data.test, batch)
     masks = mask_report(exported, model.mapping)
+    per_layer = {} if not exported["column_masks"] else {
+        name: {f"{v:g}": int(c) for v, c in zip(exported["mask_values"].tolist(), counts)}
+        for name, counts in layer_mask_levels(exported, model.mapping).items()}
+    atomic_write_bytes(task_dir(task) / "mask_levels.png", png(mask_levels(per_layer, task)))
     save_torch(task_dir(task) / "task.pt", exported)
     write_json(task_metrics(task, "train"), {
         "method": spec.method, "train_accuracy": round(train_acc, 2), "test_accuracy": round(test_acc, 2),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 
@@ -10,8 +11,32 @@ import typer
 
 from xbar.errors import UserError
 
-app = typer.Typer(help="xbar: continual learning on ReRAM crossbars with 2-tier masks (XMA2).",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# A temporary Prefect server (a flow run without PREFECT_API_URL) would phone home and, offline,
+# log an error about it; a user's own setting wins.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+class OneLineTyper(typer.Typer):
+    """Click's own usage errors (a value of the wrong type, an unknown or missing option) as one
+    `error: ...` line and exit code 2 too, instead of a usage panel."""
+
+    def __call__(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN204
+        kwargs.setdefault("standalone_mode", False)
+        try:
+            code = super().__call__(*args, **kwargs)
+        except typer.Abort:  # Ctrl-C
+            print("aborted", file=sys.stderr)
+            sys.exit(130)
+        except typer.TyperException as err:  # click's errors, as vendored by typer (UsageError: exit code 2)
+            message = " ".join((err.format_message() if hasattr(err, "format_message") else str(err)).split())
+            if message:  # none: no arguments, the help was shown
+                print(f"error: {message}", file=sys.stderr)
+            sys.exit(getattr(err, "exit_code", 2))
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = OneLineTyper(help="xbar: continual learning on ReRAM crossbars with 2-tier masks (XMA2).",
+                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
 def one_line_errors(fn: Callable) -> Callable:
@@ -63,6 +88,14 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
                       fmt(r["accuracy_at_learn"]), fmt(r["forgetting"]), fmt(r["spare_pes"], "{:.0f}"),
                       fmt(r["mask_bytes"], "{:.0f}"), fmt(r["energy_j"], "{:.3g}"), r["gate"] or "-")
     Console().print(table)
+    if rep["comparison"]:  # the newest `xbar compare`
+        names = list(next(iter(rep["comparison"].values())))
+        comparison = Table(title="method comparison (MLflow): test accuracy % after the last task")
+        for col in ("method", *names):
+            comparison.add_column(col)
+        for label, accs in rep["comparison"].items():
+            comparison.add_row(label, *(fmt(accs.get(n)) for n in names))
+        Console().print(comparison)
 
 
 @app.command()
@@ -86,6 +119,10 @@ def memory(
     from xbar.crossbar import CrossbarSpec
     from xbar.memory import named_model_report
 
+    if not 0 <= shift_levels <= 3:  # the method's range (xbar.params.TaskSpec)
+        raise UserError(f"--shift-levels: {shift_levels} is outside 0..3")
+    if not 0 < spare_ratio <= 1:
+        raise UserError(f"--spare-ratio: {spare_ratio} is outside (0, 1]")
     spec = CrossbarSpec(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
     mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio)
     if as_json:
@@ -196,6 +233,48 @@ def serve(limit: int = typer.Option(1, min=1, help="Flow runs executed at once (
     from flows.new_task import serve as serve_flows
 
     serve_flows(limit)
+
+
+def _list_option(values: list[str] | None) -> list[str] | None:
+    """A list option given repeated and/or comma-separated: ["a,b", "c"] -> ["a", "b", "c"]."""
+    return None if not values else [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@app.command()
+@one_line_errors
+def compare(
+    methods: list[str] | None = typer.Option(None, "--methods", help="Methods to compare, repeated or "
+                                             "comma-separated (default: all six)."),
+    ratios: list[str] | None = typer.Option(None, "--ratios", help="XMA2's spare-PE ratios P as shares, e.g. "
+                                            "0.05,0.1,0.2,0.4 (the default)."),
+    dask: bool = typer.Option(False, "--dask", help="Fan out over a local Dask cluster instead of threads."),
+    dask_address: str | None = typer.Option(None, "--dask-address", help="Fan out over a running Dask "
+                                            "scheduler, e.g. tcp://10.0.0.5:8786."),
+    workers: int | None = typer.Option(None, min=1, help="Configurations at once (threads or local Dask "
+                                       "workers; default: CPU cores / train.threads)."),
+) -> None:
+    """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
+    per configuration; writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
+    from pathlib import Path
+
+    from flows.compare import plan_comparison
+
+    try:
+        shares = None if ratios is None else [float(r) for r in _list_option(ratios) or []]
+    except ValueError:
+        raise UserError(f"--ratios: expected shares such as 0.1, got {' '.join(ratios)!r}") from None
+    names = _list_option(methods)
+    plan_comparison(Path.cwd(), names, shares)  # refuse bad input here, before Prefect starts
+
+    from flows.compare import run_comparison
+
+    result = run_comparison(names, shares, dask, dask_address, workers)
+    tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
+    print("test accuracy (%) after the last task:")
+    print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]))
+    for label, accs in result["accuracy"].items():
+        print(f"{label:20s}" + "".join(f"{accs[t]:12.2f}" for t in [*tasks, "mean"]))
+    print(f"tables and plots in {result['folder']}/; MLflow run {result['mlflow_run_id']}")
 
 
 if __name__ == "__main__":

@@ -251,7 +251,11 @@ class _Uint8(Dataset):
         return len(self.base)
 
     def __getitem__(self, i: int):  # noqa: ANN204
-        image, label = self.base[i]
+        try:
+            image, label = self.base[i]
+        except OSError as err:  # PIL: truncated or not an image (UnidentifiedImageError is an OSError)
+            where = self.base.samples[i][0] if hasattr(self.base, "samples") else f"image {i}"
+            raise UserError(f"{where}: unreadable image ({type(err).__name__}); remove or replace it") from None
         if isinstance(image, torch.Tensor | np.ndarray):
             from torchvision.transforms.functional import to_pil_image
 
@@ -266,7 +270,11 @@ def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
     if spec.source == "imagefolder":
         if not root.is_dir():
             raise UserError(f"dataset.root: {root} is not a directory (expected one sub-directory per class)")
-        base = torchvision.datasets.ImageFolder(str(root))
+        try:
+            base = torchvision.datasets.ImageFolder(str(root))
+        except (FileNotFoundError, OSError) as err:  # no class folder, or one without an image file
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"dataset.root: {root}: not an image folder ({first})") from None
         labels = np.asarray(base.targets)
         ident = [f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}:{t}" for p, t in base.samples]
     else:
@@ -282,6 +290,9 @@ def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
         labels = next((getattr(base, a) for a in ("targets", "labels") if getattr(base, a, None) is not None), None)
         labels = np.asarray([base[i][1] for i in range(len(base))] if labels is None else labels)
         ident = [f"{spec.name}:{len(base)}", hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()]
+    if len(np.unique(labels)) < 2:
+        raise UserError(f"dataset {spec.name or spec.source} at {root}: needs at least 2 classes, "
+                        f"found {len(np.unique(labels))}")
     train_idx, test_idx = stratified_split(labels, spec.test_fraction, seed, spec.max_train)
     data = _Uint8(base, spec.image_size, spec.channels)
 

@@ -349,6 +349,56 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
     return ProgramReport(table, summary)
 
 
+SWITCH_TOTALS = ("cells_written", "level_steps", "pulses", "energy_j", "mask_bits_loaded", "mask_load_j")
+
+
+@dataclass(frozen=True)
+class TaskProgramming:
+    """Learning one task on the chip: programming it, then the switches that evaluating every earlier
+    task costs (to each in turn, and back)."""
+
+    program: ProgramReport
+    switches: list[ProgramReport]
+
+    @property
+    def switch(self) -> dict:
+        """The switches' totals."""
+        return {k: sum(r.summary[k] for r in self.switches) for k in SWITCH_TOTALS} | {"events": len(self.switches)}
+
+    @property
+    def reprogram_j(self) -> float:
+        """Cell writes and mask loads of the programming and of the switches."""
+        s, w = self.program.summary, self.switch
+        return s["energy_j"] + s["mask_load_j"] + w["energy_j"] + w["mask_load_j"]
+
+    @property
+    def rows(self) -> pl.DataFrame:
+        return pl.concat([r.rows for r in [self.program, *self.switches]])
+
+
+def learn_on_chip(chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbone_levels: dict[str, torch.Tensor],
+                  preset: EnergyPreset) -> TaskProgramming:
+    """Program the last task of `tasks` (name -> task.pt, in learning order) onto `chip`, then switch the
+    chip to every earlier task in turn and back to the new one; in place.
+
+    A finetune_shared task runs on the latest shared network (that is its forgetting), so switching
+    between shared tasks writes nothing.
+    """
+    names = list(tasks)
+    shared = [n for n in names if tasks[n].get("method") == "finetune_shared"]
+
+    def image(name: str) -> TaskImage:
+        latest = (shared[-1], tasks[shared[-1]]) if name in shared and name != shared[-1] else None
+        return task_image(name, tasks[name], layout, backbone_levels, shared_from=latest)
+
+    used, task = layout.used(), names[-1]
+    programmed = program(chip, image(task), preset, used, "program")
+    switches = [program(chip, image(earlier), preset, used, "switch") for earlier in names[:-1]]
+    if switches:
+        switches.append(program(chip, image(task), preset, used, "switch_back"))
+    return TaskProgramming(programmed, switches)
+
+
 # --- saving and loading ----------------------------------------------------------------------------
 
 

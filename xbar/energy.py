@@ -448,6 +448,33 @@ def mask_bits_for(n_values: int) -> int:
     return math.ceil(math.log2(n_values)) if n_values > 1 else 0
 
 
+def model_io(model_params, mapping: Mapping, num_classes: int, channels: int,  # noqa: ANN001 (params.ModelParams)
+             image_size: int) -> dict[str, LayerIO]:
+    """`layer_io` of the mapped layers of params' model for one channels x size x size image (meta device)."""
+    from xbar.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_params, num_classes, channels)
+    return layer_io(model, [lm.name for lm in mapping.layers], (channels, image_size, image_size))
+
+
+@dataclass(frozen=True)
+class TaskInference:
+    """One image's inference energy of a learned task, and the column masks it follows from."""
+
+    energy: InferenceEnergy
+    columns: dict[str, ColumnUse]
+    mask_bits: int  # per masked column, read from the mask buffer
+
+
+def task_inference(task: dict, mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPreset,
+                   act_bits: int) -> TaskInference:
+    """Inference energy of a task.pt: a column with mask 0 is off, frozen PEs read their mask code."""
+    columns = column_use(task, mapping)
+    bits = mask_bits_for(len(task.get("mask_values", ()))) if columns else 0
+    return TaskInference(inference_energy(mapping, io, preset, act_bits, columns, bits), columns, bits)
+
+
 # --- re-programming --------------------------------------------------------------------------
 
 

@@ -39,13 +39,14 @@ def check_shift_levels(shift_levels: int) -> None:
         raise ValueError(f"shift_levels must be an integer in 0..{MAX_SHIFT_LEVELS}, got {shift_levels!r}")
 
 
-def gumbel_sigmoid(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def gumbel_sigmoid(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Soft sample of Bernoulli(sigma(logits)): sigma((logits + g0 - g1) / T), g0, g1 ~ Gumbel(0, 1).
 
     log(pi0 / (1 - pi0)) with pi0 = sigma(m_r) is m_r itself, so the logits are the real mask.
     The difference of two Gumbel samples is a logistic sample: log(u) - log(1 - u).
+    `generator`: the noise stream (None: torch's global one).
     """
-    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device).clamp_(1e-6, 1 - 1e-6)
     return torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
 
 
@@ -64,6 +65,9 @@ class ColumnShiftMask(nn.Module):
         self.shift_levels, self.temperature = shift_levels, temperature
         self.real = nn.Parameter(torch.full((n_columns,), float(init)))
         self.register_buffer("values", mask_values(shift_levels), persistent=False)
+        # the Gumbel noise stream; train_task gives every mask of a task one seeded generator, so
+        # trainings running side by side in one process (threads) do not share torch's global one
+        self.generator: torch.Generator | None = None
 
     def _shift_index(self, normalized: torch.Tensor) -> torch.Tensor:
         """Index into `shift_values` of the nearest shift level to each normalized value."""
@@ -76,7 +80,7 @@ class ColumnShiftMask(nn.Module):
         return normalized + (rounded - normalized).detach()  # straight-through rounding
 
     def binary_part(self) -> torch.Tensor:
-        soft = gumbel_sigmoid(self.real, self.temperature)
+        soft = gumbel_sigmoid(self.real, self.temperature, self.generator)
         hard = (soft.detach() > 0.5).to(soft.dtype)
         return soft + (hard - soft.detach())  # straight-through hard threshold
 

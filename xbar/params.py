@@ -150,6 +150,16 @@ class Params(Frozen):
                                  f"{self.crossbar.spare_pe_ratio} (the spare PEs the chip is built with)")
         return self
 
+    @model_validator(mode="after")
+    def _inputs_fit(self) -> "Params":
+        """The backbone's first layer (on the crossbars) takes the source's channels: every task must too."""
+        want = self.source.dataset.channels
+        for name, spec in self.tasks.items():
+            if spec.dataset.channels != want:
+                raise ValueError(f"tasks.{name}.dataset.channels is {spec.dataset.channels}, but the backbone takes "
+                                 f"{want}-channel images (source.dataset.channels)")
+        return self
+
     @field_validator("tasks")
     @classmethod
     def _task_chain(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
@@ -191,12 +201,32 @@ def parse_params(data: Any, source: str = "params") -> Params:
         raise ParamsError(_one_line(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice (PyYAML keeps the last silently; DVC refuses the file)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 (PyYAML's signature)
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str | int | float | bool | None):
+                continue  # unhashable keys: PyYAML's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the project root or pass --params)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: not readable ({type(err).__name__})") from None
+    except yaml.constructor.ConstructorError as err:
+        mark = err.problem_mark
+        raise ParamsError(f"{path}: {err.problem}" + (f" at line {mark.line + 1}" if mark else "")) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -65,8 +65,14 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
                 loss.backward()
                 if before_step:
                     before_step()
-                for opt in optimizers:
-                    opt.step()
+                try:
+                    for opt in optimizers:
+                        opt.step()
+                except RuntimeError as err:  # e.g. lr 1e300: "value cannot be converted to type float without overflow"
+                    if "overflow" not in str(err):
+                        raise
+                    raise UserError(f"{desc}: the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} "
+                                    "(lower the learning rate); nothing was written") from None
                 if after_step:
                     after_step()
                 total, count = total + loss.item() * len(y), count + len(y)

@@ -1,0 +1,203 @@
+"""The method comparison: configurations, the table (final accuracy, forgetting, means), its MLflow names
+and plots on fake inputs (fast); then `xbar compare` for real on a tiny project, once on threads and once
+on a local Dask cluster, with identical results (slow)."""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import polars as pl
+import pytest
+
+from stages.tracking import comparison, comparison_key
+from xbar.compare import (TASK_SCHEMA, Configuration, ConfigurationResult, accuracy_table, comparison_table,
+                          configuration_params, configurations, energy_table, report_markdown)
+from xbar.errors import UserError
+from xbar.params import parse_params
+
+TASKS = ("digits", "faces")
+
+
+def test_configurations_one_per_method_and_xma2_per_ratio():
+    configs = configurations(["finetune_shared", "xma2", "piggyback"], [0.05, 0.1, 0.125])
+    assert [c.label for c in configs] == ["finetune_shared", "xma2@5", "xma2@10", "xma2@12.5", "piggyback"]
+    assert [c.spare_ratio for c in configs] == [None, 0.05, 0.1, 0.125, None]
+    assert [c.label for c in configurations(["xma", "xma"], [])] == ["xma"]  # no xma2: no ratio needed
+    for methods, ratios, words in ((["magic"], [0.1], "unknown"), (["xma2"], [0.0], "outside"),
+                                   (["xma2"], [1.5], "outside"), (["xma2"], [], "at least one"), ([], [0.1], "one")):
+        with pytest.raises(UserError, match=words):
+            configurations(methods, ratios)
+
+
+def test_configuration_params_set_every_task_and_refuse_a_ratio_beyond_the_chip():
+    from project import tiny_params
+
+    params = parse_params(tiny_params({"digits": {"method": "xma"}, "faces": {"dataset": "lfw_faces"}}))
+    run = configuration_params(params, Configuration("xma2", 0.2))
+    assert {s.method for s in run.tasks.values()} == {"xma2"} and {s.spare_ratio for s in run.tasks.values()} == {0.2}
+    assert run.tasks["faces"].dataset.source == "lfw_faces" and list(run.tasks) == list(params.tasks)
+    assert configuration_params(params, Configuration("piggyback")).tasks["digits"].spare_ratio == 0.1
+    with pytest.raises(UserError, match="spare_pe_ratio"):  # the chip holds 40% spare PEs
+        configuration_params(params, Configuration("xma2", 0.5))
+
+
+def fake_result(label: str, at_learn: list[float], matrix: list[list[float]], spare_ratio: float | None = None,
+                reprogram: float = 1e-3) -> ConfigurationResult:
+    """A configuration's result over TASKS: row k of `matrix` = accuracies of tasks 0..k after task k."""
+    method = label.split("@")[0]
+    rows = [{k: None for k in TASK_SCHEMA} | {
+        "label": label, "method": method, "spare_ratio": spare_ratio, "task": t, "order": i + 1, "dataset": t,
+        "accuracy_at_learn": at_learn[i], "mask_bytes": 100 * (i + 1), "spare_pes": 3, "cells_written": 10,
+        "inference_j": 2e-3, "reprogram_j": reprogram, "total_j": 2e-3 + reprogram} for i, t in enumerate(TASKS)]
+    cells = [{"label": label, "after": TASKS[k], "task": TASKS[i], "accuracy": a}
+             for k, row in enumerate(matrix) for i, a in enumerate(row)]
+    return ConfigurationResult(Configuration(method, spare_ratio), pl.DataFrame(rows, schema=TASK_SCHEMA),
+                               pl.DataFrame(cells))
+
+
+@pytest.fixture
+def table():
+    results = [fake_result("finetune_shared", [90.0, 80.0], [[90.0], [60.0, 80.0]], reprogram=5e-3),
+               fake_result("xma2@10", [88.0, 70.0], [[88.0], [88.0, 70.0]], 0.1),
+               fake_result("xma2@20", [89.0, 74.0], [[89.0], [89.0, 74.0]], 0.2)]
+    return comparison_table(results)
+
+
+def test_table_has_final_accuracy_forgetting_and_means(table):
+    rows, matrix = table
+    assert rows["label"].to_list() == ["finetune_shared"] * 2 + ["xma2@10"] * 2 + ["xma2@20"] * 2
+    first = rows.filter(pl.col("task") == "digits")
+    assert first["accuracy_final"].to_list() == [60.0, 88.0, 89.0]  # after the last task
+    assert first["forgetting"].to_list() == [30.0, 0.0, 0.0]
+    assert rows.filter(pl.col("task") == "faces")["forgetting"].to_list() == [0.0, 0.0, 0.0]
+    assert matrix.height == 9
+    acc = accuracy_table(rows)
+    assert acc.columns == ["label", *TASKS, "mean"]
+    assert acc["label"].to_list() == ["finetune_shared", "xma2@10", "xma2@20"]
+    assert acc["mean"].to_list() == [70.0, 79.0, 81.5]
+    assert accuracy_table(rows, "accuracy_at_learn")["mean"].to_list() == [85.0, 79.0, 81.5]
+    energy = energy_table(rows)
+    assert energy["total_j"].to_list() == pytest.approx([14e-3, 6e-3, 6e-3])
+    assert energy["mask_bytes"].to_list() == [150.0] * 3  # mean per task
+    assert energy["reprogram_over_inference"].to_list() == pytest.approx([2.5, 0.5, 0.5])
+
+
+def test_markdown_report_names_every_configuration(table):
+    text = report_markdown(table[0])
+    assert text.count("| xma2@10 ") >= 4 and "| mean " in text and "| finetune_shared " in text
+    assert "mask_digest" not in text
+
+
+def test_mlflow_names_are_valid_and_read_back(table):
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from flows.compare import comparison_metrics
+
+    metrics = comparison_metrics(table[0])
+    assert all(validate_param_and_metric_name(k) for k in metrics)
+    assert metrics["acc/xma2-p10/digits"] == 88.0 and metrics["forgetting/finetune_shared/digits"] == 30.0
+    assert metrics["acc/xma2-p20/mean"] == 81.5
+    run = SimpleNamespace(data=SimpleNamespace(metrics=metrics, tags={
+        "xbar.labels": "finetune_shared,xma2@10,xma2@20", "xbar.tasks": ",".join(TASKS)}))
+    tracker = SimpleNamespace(find=lambda *a, **k: [run])
+    assert comparison(tracker) == {"finetune_shared": {"digits": 60.0, "faces": 80.0},
+                                   "xma2@10": {"digits": 88.0, "faces": 70.0},
+                                   "xma2@20": {"digits": 89.0, "faces": 74.0}}
+    assert comparison(SimpleNamespace(find=lambda *a, **k: [])) == {}
+    assert comparison_key("xma2@12.5") == "xma2-p12.5"
+
+
+def test_plots_draw_the_sweep_and_the_stacked_energy(table):
+    from xbar.plots import accuracy_vs_ratio, energy_by_method, png
+
+    rows = table[0]
+    fig = accuracy_vs_ratio(rows)
+    digits = fig.axes[0]
+    sweep = [line for line in digits.get_lines() if line.get_label() == "xma2"][0]
+    assert list(sweep.get_xdata()) == [10.0, 20.0] and list(sweep.get_ydata()) == [88.0, 89.0]
+    shared = [line for line in digits.get_lines() if line.get_label() == "finetune_shared"][0]
+    assert list(shared.get_ydata()) == [60.0, 60.0]  # a horizontal line at its final accuracy
+    assert png(fig)[:4] == b"\x89PNG"
+    fig = energy_by_method(rows)
+    bars = fig.axes[-1].patches  # all tasks: 3 inference bars, then 3 re-programming bars on top
+    assert [round(b.get_height(), 6) for b in bars] == [4.0, 4.0, 4.0, 10.0, 2.0, 2.0]
+    assert [round(b.get_y(), 6) for b in bars[3:]] == [4.0, 4.0, 4.0]
+    assert png(fig)[:4] == b"\x89PNG"
+
+
+# --- for real: the flow on threads and on a local Dask cluster ------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
+    import json
+
+    from project import make_tiny_project
+    from stages.common import save_torch
+    from tiny_backbone import tiny_backbone
+
+    tasks = {"digits": {"dataset": {"source": "optdigits", "max_train": 400}, "epochs": 2},
+             "faces": {"dataset": "lfw_faces", "epochs": 2}}
+    project = make_tiny_project(tmp_path / "project", tasks, git=False)
+    _, quant, levels = tiny_backbone(width=4)
+    save_torch(project.root / "artifacts/backbone/quant.pt", quant)
+    save_torch(project.root / "artifacts/backbone/levels.pt", levels)
+    project.env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,xbm,xma2", "--ratios", "0.1,0.2")
+    out = project.python(*args, "--workers", "2")  # two configurations at once on threads
+    assert "xma2@20" in out.stdout
+    folder = project.root / "artifacts/comparison"
+    threads = pl.read_csv(folder / "table.csv")
+    assert {p.name for p in folder.iterdir()} >= {"table.csv", "table.md", "accuracy.csv", "matrix.csv",
+                                                   "accuracy_vs_ratio.png", "energy.png"}
+    project.python(*args, "--dask", "--workers", "1")  # one worker process: starting more costs more than it saves
+    dask = pl.read_csv(folder / "table.csv")
+    assert threads.drop("seconds").equals(dask.drop("seconds"))  # accuracies, mask digests, energy: identical
+    assert threads["label"].unique(maintain_order=True).to_list() == ["finetune_shared", "xbm", "xma2@10", "xma2@20"]
+
+    masks = threads.filter(pl.col("method") != "finetune_shared")
+    assert (masks["forgetting"] == 0).all()  # no forgetting, exactly
+    assert masks.filter(pl.col("method") == "xma2")["spare_pes"].min() > 0
+    assert masks.filter(pl.col("method") == "xbm")["mask_bytes"].min() > 0
+    shared = threads.filter((pl.col("method") == "finetune_shared") & (pl.col("task") == "digits"))
+    assert shared["forgetting"][0] != 0  # the shared network moved on to faces
+    assert (threads["reprogram_j"] > 0).all() and (threads["total_j"] > threads["inference_j"]).all()
+    # more spare PEs re-program more cells
+    xma2 = threads.filter(pl.col("method") == "xma2").group_by("label").agg(pl.col("cells_written").sum())
+    assert dict(xma2.iter_rows())["xma2@20"] > dict(xma2.iter_rows())["xma2@10"]
+
+    report = json.loads(project.python("-m", "xbar.cli", "report", "--json").stdout)
+    final = {(r["label"], r["task"]): r["accuracy_final"] for r in dask.iter_rows(named=True)}
+    assert report["comparison"] == {label: {t: final[(label, t)] for t in tasks}
+                                    for label in ["finetune_shared", "xbm", "xma2@10", "xma2@20"]}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("xbar").experiment_id],
+                              "tags.`xbar.kind` = 'comparison'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "comparison")}
+    assert {"comparison/table.csv", "comparison/table.md", "comparison/energy.png"} <= names
+
+
+def test_cli_refuses_bad_comparison_input_before_the_flow_starts(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import flows.compare
+    from project import tiny_params
+    from xbar.cli import app
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params({"digits": {}})))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flows.compare, "run_comparison", lambda *a, **k: pytest.fail("the flow started"))
+    for args, words in ((["--methods", "magic"], "unknown"), (["--ratios", "0.5"], "spare_pe_ratio"),
+                        (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing")):
+        out = CliRunner().invoke(app, ["compare", *args])
+        assert out.exit_code == 2, out.output
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
+    assert not (tmp_path / "artifacts").exists()

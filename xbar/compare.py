@@ -1,0 +1,253 @@
+"""The method comparison (the paper's Tables 2-3 and Figure 5) as library calls, in memory.
+
+A **configuration** is one method -- and for XMA2 one spare-PE ratio P -- that
+learns every task of params.yaml in order, as the DVC stages would with every
+task's `method` (and `spare_ratio`) set to it: rank the PEs (xma2), train,
+export task.pt, program the chip and switch it to every earlier task to
+evaluate it (program_spares), and evaluate every task learned so far on the
+models rebuilt from their task.pt (evaluate). Nothing is written to disk.
+
+Per task it records the accuracy when learned, the accuracy of every task after
+each new one (the accuracy matrix), mask memory (`methods.mask_report`),
+re-programming energy (`deployment.learn_on_chip`) and inference energy over
+the task's test set (`energy.task_inference`). `comparison_table` joins the
+configurations into one table with the accuracy after the last task and the
+forgetting; `accuracy_table` and `energy_table` are its per-method summaries.
+
+Each configuration seeds itself and draws its training noise from its own
+generators (`train_task`), so its results do not depend on which other
+configurations run beside it in the same process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import polars as pl
+import torch
+
+from xbar.data import TaskData, load_task_data
+from xbar.deployment import ChipLayout, backbone_mapping, chip_spare_pes, learn_on_chip, new_chip
+from xbar.energy import model_io, resolve_preset, task_inference
+from xbar.errors import UserError
+from xbar.methods import (backbone_net, build_task_model, check_spec, chip_view, crossbar_spec, deploy_cells,
+                          export_task, load_task_model, mask_report, train_task)
+from xbar.params import METHODS, Params, TaskSpec, parse_params
+from xbar.ranking import rank_batch, rank_pes
+from xbar.training import accuracy, seed_everything
+
+RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for XMA2
+SPARE_METHOD = "xma2"  # the only method with spare PEs: one configuration per ratio
+
+# one row per (configuration, task); accuracy_final and forgetting are added by comparison_table
+TASK_SCHEMA = {
+    "label": pl.String, "method": pl.String, "spare_ratio": pl.Float64, "task": pl.String, "order": pl.Int64,
+    "dataset": pl.String, "accuracy_at_learn": pl.Float64, "spare_pes": pl.Int64, "mask_bytes": pl.Int64,
+    "mask_bytes_unpacked": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
+    "reprogram_j": pl.Float64, "inference_j": pl.Float64, "total_j": pl.Float64, "test_images": pl.Int64,
+    "mask_digest": pl.String, "seconds": pl.Float64,
+}
+MATRIX_SCHEMA = {"label": pl.String, "after": pl.String, "task": pl.String, "accuracy": pl.Float64}
+
+
+def percent(ratio: float) -> str:
+    """0.1 -> "10" (the P of a label)."""
+    return f"{ratio * 100:g}"
+
+
+@dataclass(frozen=True)
+class Configuration:
+    method: str
+    spare_ratio: float | None = None  # xma2 only: the share P of PEs replaced by spare PEs
+
+    @property
+    def label(self) -> str:
+        """"xma2@10" for XMA2 with P = 10%, the plain method name otherwise."""
+        return self.method if self.spare_ratio is None else f"{self.method}@{percent(self.spare_ratio)}"
+
+
+def configurations(methods: Iterable[str] = METHODS, ratios: Iterable[float] = RATIOS) -> list[Configuration]:
+    """One configuration per method, XMA2 once per spare-PE ratio (in the given order, duplicates dropped)."""
+    methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"methods: {unknown[0]!r} is unknown (one of {', '.join(METHODS)})")
+    if not methods:
+        raise UserError("methods: name at least one method")
+    bad = [r for r in ratios if not 0 < r <= 1]
+    if bad:
+        raise UserError(f"ratios: {bad[0]:g} is outside (0, 1] (a share of the PEs, e.g. 0.1 for 10%)")
+    if SPARE_METHOD in methods and not ratios:
+        raise UserError(f"ratios: {SPARE_METHOD} needs at least one spare-PE ratio")
+    out = []
+    for m in methods:
+        out += [Configuration(m, r) for r in ratios] if m == SPARE_METHOD else [Configuration(m)]
+    return out
+
+
+def configuration_params(params: Params, config: Configuration) -> Params:
+    """`params` with every task learned by the configuration's method (and spare ratio), validated as
+    params.yaml is (an XMA2 ratio above crossbar.spare_pe_ratio is refused)."""
+    raw = params.model_dump()
+    for spec in raw["tasks"].values():
+        spec["method"] = config.method
+        if config.spare_ratio is not None:
+            spec["spare_ratio"] = config.spare_ratio
+    return parse_params(raw, f"configuration {config.label}")
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The deployed backbone: quant.pt and levels.pt contents."""
+
+    quant: dict
+    levels: dict
+
+
+@dataclass(frozen=True)
+class ConfigurationResult:
+    config: Configuration
+    tasks: pl.DataFrame  # TASK_SCHEMA, one row per task in learning order
+    matrix: pl.DataFrame  # MATRIX_SCHEMA: accuracy of `task` after `after` was learned
+
+
+def spare_pes_for(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> torch.Tensor:
+    """XMA2's tier 1: the top-P% PEs ranked on one seeded mini-batch of the task (what rank_pes selects)."""
+    net = backbone_net(params, backbone.quant)
+    deploy_cells(net, backbone.levels, crossbar_spec(params))
+    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
+    table, _ = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
+    return torch.tensor(table.filter("selected")["pe"].to_list(), dtype=torch.int64)
+
+
+def mask_digest(task: dict) -> str:
+    """sha256 (16 hex) of what a task.pt puts on the chip: levels, spare PEs, column and element masks."""
+    h = hashlib.sha256()
+    for group in ("levels", "column_masks", "element_masks"):
+        for name in sorted(task[group]):
+            h.update(f"{group}/{name}".encode())
+            h.update(task[group][name].contiguous().numpy().tobytes())
+    h.update(task["spare_pes"].to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def run_configuration(params: Params, config: Configuration, backbone: Backbone,
+                      data: Mapping[str, TaskData] | None = None) -> ConfigurationResult:
+    """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None."""
+    run = configuration_params(params, config)
+    seed, threads = run.seed, run.train.threads
+    cells = {name: entry["levels"] for name, entry in backbone.levels.items()}
+    mapping = backbone_mapping(run.model, run.crossbar, backbone.levels)
+    layout = ChipLayout(mapping)
+    chip = new_chip(layout, cells, chip_spare_pes(run.crossbar.spare_pe_ratio, mapping.n_pes))
+    preset = resolve_preset(run.energy.preset, run.energy.overrides)
+    loaded: dict[str, TaskData] = {}
+    learned: dict[str, dict] = {}  # task -> task.pt contents, in learning order
+    rows, matrix = [], []
+    for order, (name, spec) in enumerate(run.tasks.items(), start=1):
+        seed_everything(seed, threads)
+        loaded[name] = task_data = data[name] if data is not None else load_task_data(spec.dataset, seed)
+        check_spec(spec, len(task_data.train))
+        began = time.perf_counter()
+        spare = spare_pes_for(run, spec, backbone, task_data) if spec.method == SPARE_METHOD else None
+        previous = list(learned.values())[-1] if learned else None
+        start = previous if spec.method == "finetune_shared" else None
+        model = build_task_model(run, spec, backbone.quant, backbone.levels, task_data.num_classes,
+                                 spare_pes=spare, start=start)
+        train_task(model, task_data.train, spec, run.train, seed, f"{config.label} {name}")
+        learned[name] = task = export_task(model, task_data.num_classes, task_data.channels, task_data.digest)
+        seconds = time.perf_counter() - began
+
+        # the chip: program this task, then switch to every earlier task (its evaluation) and back
+        programming = learn_on_chip(chip, layout, learned, cells, preset)
+        for earlier in learned:
+            model_now = load_task_model(chip_view(learned, earlier), backbone.levels, run)
+            acc = accuracy(model_now.net, loaded[earlier].test, run.train.eval_batch_size)
+            matrix.append({"label": config.label, "after": name, "task": earlier, "accuracy": acc})
+
+        io = model_io(run.model, mapping, task["num_classes"], task["channels"], spec.dataset.image_size)
+        per_image = task_inference(task, mapping, io, preset, run.quant.act_bits).energy.per_image_j
+        inference_j = per_image * len(task_data.test)
+        masks, s, switch = mask_report(task, mapping), programming.program.summary, programming.switch
+        rows.append({
+            "label": config.label, "method": config.method, "spare_ratio": config.spare_ratio, "task": name,
+            "order": order, "dataset": spec.dataset.source, "accuracy_at_learn": matrix[-1]["accuracy"],
+            "spare_pes": int(task["spare_pes"].numel()), "mask_bytes": masks["mask_bytes_packed"],
+            "mask_bytes_unpacked": masks["mask_bytes_unpacked"], "cells_written": s["cells_written"],
+            "program_j": s["energy_j"] + s["mask_load_j"], "switch_j": switch["energy_j"] + switch["mask_load_j"],
+            "reprogram_j": programming.reprogram_j, "inference_j": inference_j,
+            "total_j": inference_j + programming.reprogram_j, "test_images": len(task_data.test),
+            "mask_digest": mask_digest(task), "seconds": seconds,
+        })
+    return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA),
+                               pl.DataFrame(matrix, schema=MATRIX_SCHEMA))
+
+
+# --- tables ------------------------------------------------------------------------------------------
+
+
+def comparison_table(results: Sequence[ConfigurationResult]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(one row per configuration and task, the accuracy matrix), in configuration order.
+
+    Adds `accuracy_final` (after the configuration's last task) and `forgetting` (at learn - final):
+    zero for every mask method by construction, positive for finetune_shared.
+    """
+    if not results:
+        raise ValueError("no configuration results")
+    tasks = pl.concat([r.tasks for r in results])
+    matrix = pl.concat([r.matrix for r in results])
+    last = tasks.group_by("label").agg(pl.col("task").sort_by("order").last().alias("after"))
+    final = (matrix.join(last, on=["label", "after"])
+             .select("label", "task", pl.col("accuracy").alias("accuracy_final")))
+    table = (tasks.join(final, on=["label", "task"], how="left", maintain_order="left")
+             .with_columns(forgetting=pl.col("accuracy_at_learn") - pl.col("accuracy_final")))
+    first = ["label", "method", "spare_ratio", "task", "order", "dataset", "accuracy_at_learn", "accuracy_final",
+             "forgetting"]
+    return table.select(*first, pl.exclude(first)), matrix
+
+
+def accuracy_table(table: pl.DataFrame, column: str = "accuracy_final") -> pl.DataFrame:
+    """One row per configuration label, one column per task (in learning order), then their mean."""
+    tasks = table.sort("order")["task"].unique(maintain_order=True).to_list()
+    wide = table.pivot(on="task", index="label", values=column, sort_columns=False)
+    return wide.select("label", *tasks).with_columns(mean=pl.mean_horizontal(*tasks))
+
+
+def energy_table(table: pl.DataFrame) -> pl.DataFrame:
+    """Per configuration: mean mask memory per task, spare PEs, and energy summed over its tasks."""
+    return table.group_by("label", maintain_order=True).agg(
+        pl.col("method").first(), pl.col("spare_ratio").first(),
+        pl.col("mask_bytes").mean(), pl.col("spare_pes").mean(), pl.col("cells_written").sum(),
+        pl.col("inference_j").sum(), pl.col("reprogram_j").sum(), pl.col("total_j").sum(),
+    ).with_columns(reprogram_over_inference=pl.col("reprogram_j") / pl.col("inference_j"))
+
+
+def markdown(df: pl.DataFrame, digits: int = 4) -> str:
+    """A polars table as a GitHub markdown table, floats to `digits` significant digits (accuracies and
+    joules side by side: a fixed number of decimals would print a small energy as 0)."""
+    floats = pl.col(pl.Float32, pl.Float64).map_elements(lambda v: f"{v:.{digits}g}", return_dtype=pl.String)
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_column_data_types=True, tbl_hide_dataframe_shape=True,
+                   tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=200, tbl_width_chars=10_000):
+        return str(df.with_columns(floats))
+
+
+def report_markdown(table: pl.DataFrame) -> str:
+    """table.md: accuracy per task and mean (Table 3), forgetting, mask memory and energy (Table 2,
+    Figure 5), then every row."""
+    energy = energy_table(table).with_columns(pl.col(c) * 1e3 for c in ("inference_j", "reprogram_j", "total_j"))
+    energy = energy.rename({"inference_j": "inference_mj", "reprogram_j": "reprogram_mj", "total_j": "total_mj"})
+
+    def points(column: str) -> str:  # percentages to 2 decimals, as the paper's tables
+        return markdown(accuracy_table(table, column).with_columns(pl.col(pl.Float64).round(2)), digits=6)
+
+    return "\n\n".join([
+        "# Method comparison", "## Test accuracy (%) after the last task", points("accuracy_final"),
+        "## Test accuracy (%) when learned", points("accuracy_at_learn"),
+        "## Forgetting (points: when learned - after the last task)", points("forgetting"),
+        "## Mask memory (bytes per task, packed) and energy (summed over the tasks; inference over each "
+        "task's test set)", markdown(energy.drop("method", "spare_ratio")),
+        "## Every configuration and task (energy in joules)", markdown(table.drop("mask_digest")),
+    ]) + "\n"
