@@ -32,7 +32,7 @@ from typing import TypeVar
 from xbar.errors import UserError
 
 EXPERIMENT = "xbar"
-SECONDS = 0.0  # wall time this process spent inside `tracker()` (benchmarks count it as orchestration)
+SECONDS = 0.0  # wall time this process spent in MLflow calls, import included (benchmarks: orchestration)
 PARENT_ENV = "XBAR_PARENT_RUN_ID"
 T = TypeVar("T")
 
@@ -54,28 +54,40 @@ def git_commit() -> str:
 
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, first_wait: float = 0.5) -> T:
-    """Retry I/O on a locked or unreachable store with backoff; then one clear error."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import OperationalError
+    """Retry I/O on a locked or unreachable store with backoff; then one clear error.
 
-    for attempt in range(attempts):
-        try:
-            return fn()
-        except (MlflowException, OperationalError, OSError) as err:
-            if attempt == attempts - 1:
-                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None
-            time.sleep(first_wait * 2**attempt)
-    raise AssertionError("unreachable")
+    Every MLflow call goes through here, so the time spent in MLflow is added up here (SECONDS).
+    """
+    global SECONDS
+    start = time.perf_counter()
+    try:
+        from mlflow.exceptions import MlflowException
+        from sqlalchemy.exc import OperationalError
+
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except (MlflowException, OperationalError, OSError) as err:
+                if attempt == attempts - 1:
+                    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                    raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None
+                time.sleep(first_wait * 2**attempt)
+        raise AssertionError("unreachable")
+    finally:
+        SECONDS += time.perf_counter() - start
+
+
+def _client():  # noqa: ANN202 (MlflowClient, imported here: mlflow is slow to import)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri())
 
 
 class Tracker:
     """The few MLflow operations xbar needs, each retried on a locked store."""
 
     def __init__(self) -> None:
-        from mlflow import MlflowClient
-
-        self.client = retry(lambda: MlflowClient(tracking_uri()), "opening the store")  # it connects at once
+        self.client = retry(_client, "opening the store")  # it connects at once
         self.experiment_id = retry(self._experiment, "opening the experiment")
 
     def _experiment(self) -> str:
@@ -126,12 +138,7 @@ class Tracker:
 @contextmanager
 def tracker() -> Iterator[Tracker]:
     """`with tracker() as t:` -- MLflow opened once, with clear errors and retries."""
-    global SECONDS
-    start = time.perf_counter()
-    try:
-        yield Tracker()
-    finally:
-        SECONDS += time.perf_counter() - start
+    yield Tracker()
 
 
 def backbone_run(t: Tracker, levels_digest: str, log: Callable[[str], None]) -> str:
