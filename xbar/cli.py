@@ -11,9 +11,11 @@ import typer
 
 from xbar.errors import UserError
 
-# A temporary Prefect server (a flow run without PREFECT_API_URL) would phone home and, offline,
-# log an error about it; a user's own setting wins.
+# A flow run without PREFECT_API_URL starts a temporary Prefect server. Offline it would log an
+# error about phoning home. On 2 cores its first start (database migrations) takes 16-26 s, over
+# Prefect's 20 s default wait, so a first `xbar add-task` could fail. A user's own setting wins.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 class OneLineTyper(typer.Typer):
