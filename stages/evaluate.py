@@ -17,12 +17,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from matplotlib.figure import Figure
 
 from stages.common import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
 from stages.tracking import (Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
                              tracker)
-from xbar.data import load_task_data
+from xbar.data import TaskData, load_task_data
 from xbar.errors import UserError
 from xbar.methods import chip_view, load_task_model
 from xbar.params import Params
@@ -42,8 +41,8 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def accuracies_now(params: Params, upto: str) -> dict[str, float]:
-    """Accuracy of every task up to `upto` on the chip as it stands after `upto`."""
+def accuracies_now(params: Params, upto: str) -> tuple[dict[str, float], TaskData]:
+    """Accuracy of every task up to `upto` on the chip as it stands after `upto`, and `upto`'s data."""
     names = list(params.tasks)[: list(params.tasks).index(upto) + 1]
     levels = load_torch(BACKBONE / "levels.pt")
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
@@ -56,7 +55,7 @@ def accuracies_now(params: Params, upto: str) -> dict[str, float]:
             raise UserError(f"task {name}: its test data changed since it was learned "
                             f"(digest {data.digest} != {task['dataset_digest']}); restore the dataset")
         result[name] = accuracy(model.net, data.test, params.train.eval_batch_size)
-    return result
+    return result, data
 
 
 def dvc_stage_hashes(task: str) -> dict[str, str]:
@@ -64,7 +63,8 @@ def dvc_stage_hashes(task: str) -> dict[str, str]:
     lock = Path("dvc.lock")
     if not lock.exists():
         return {}
-    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    # libyaml's loader: dvc.lock grows by ~300 lines a task, too slow for the pure-Python one
+    stages = (yaml.load(lock.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages", {})
     tags = {}
     for name in ("pretrain", "quantize", "map_crossbars", f"rank_pes@{task}", f"train_masks@{task}",
                  f"program_spares@{task}", f"simulate_energy@{task}"):
@@ -88,7 +88,7 @@ def log_backbone(t: Tracker, params: Params, run_id: str) -> None:
 
 
 def log_task(t: Tracker, run_id: str, params: Params, task: str, now: dict[str, float], forgetting: dict[str, float],
-             train: dict, program: dict, energy: dict, order: int, matrix: Figure) -> None:
+             train: dict, program: dict, energy: dict, order: int, matrix_png: bytes, data: TaskData) -> None:
     """The task's child run: params, metrics, the acc/<task> row at step `order`, datasets, artifacts."""
     spec = params.tasks[task]
     t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
@@ -101,13 +101,12 @@ def log_task(t: Tracker, run_id: str, params: Params, task: str, now: dict[str, 
                    "energy_j": energy["total_j"], "inference_j": energy["inference_j"],
                    "reprogram_j": energy["reprogram_j"], "cells_written": program["cells_written"]})
     t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=order)
-    data = load_task_data(spec.dataset, params.seed)
     t.log_dataset(run_id, spec.dataset.source, data.train_digest, task, "train")
     t.log_dataset(run_id, spec.dataset.source, data.test_digest, task, "test")
     for path in [task_dir(task) / f for f in ("ranking.parquet", "ranking.png", "mask_levels.png", "program.parquet",
                                               "energy.png", "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
         t.log_artifact(run_id, path, "artifacts")
-    t.log_figure(run_id, matrix, "plots/accuracy_matrix.png")
+    t.log_bytes(run_id, matrix_png, "plots/accuracy_matrix.png")
     for stage in ("rank", "train", "program", "energy"):
         t.log_artifact(run_id, task_metrics(task, stage), "metrics")
 
@@ -120,11 +119,11 @@ def evaluate(params: Params, task: str) -> None:
     train = read_json(task_metrics(task, "train"))
     program = read_json(task_metrics(task, "program"))
     energy = read_json(task_metrics(task, "energy"))
-    now = accuracies_now(params, task)
+    now, data = accuracies_now(params, task)
     digests = {n: file_digest(task_dir(n) / "task.pt") for n in now}
     earlier = {n: task_metrics(n, "evaluate") for n in names[: order - 1]}  # rows of the matrix so far
-    matrix = accuracy_matrix({**{n: json.loads(p.read_text())["accuracy"] for n, p in earlier.items() if p.exists()},
-                              task: now})
+    matrix_rows = {**{n: json.loads(p.read_text())["accuracy"] for n, p in earlier.items() if p.exists()}, task: now}
+    matrix_png = png(accuracy_matrix(matrix_rows))  # rendered once: MLflow artifact and DVC plot
 
     with tracker() as t:
         backbone_id = backbone_run(t, file_digest(BACKBONE / "levels.pt"), lambda rid: log_backbone(t, params, rid))
@@ -147,7 +146,7 @@ def evaluate(params: Params, task: str) -> None:
             "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
             "xbar.gate": "pending", **dvc_stage_hashes(task)})
         try:
-            log_task(t, run_id, params, task, now, forgetting, train, program, energy, order, matrix)
+            log_task(t, run_id, params, task, now, forgetting, train, program, energy, order, matrix_png, data)
         except BaseException:
             try:  # the run stays "pending" (never counted as learned); close it if the store still answers
                 t.finish(run_id, "FAILED")
@@ -166,7 +165,7 @@ def evaluate(params: Params, task: str) -> None:
     rows = io.StringIO()
     rows.write("task,accuracy\n" + "".join(f"{n},{a:.2f}\n" for n, a in now.items()))
     atomic_write_bytes(METRICS / "tasks" / task / "accuracy_row.csv", rows.getvalue().encode())
-    atomic_write_bytes(METRICS / "tasks" / task / "accuracy_matrix.png", png(matrix))
+    atomic_write_bytes(METRICS / "tasks" / task / "accuracy_matrix.png", matrix_png)
     print(f"evaluate {task}: " + ", ".join(f"{n} {a:.2f}%" for n, a in now.items()) + " -- gate passed")
 
 

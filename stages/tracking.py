@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -128,8 +129,12 @@ class Tracker:
         if Path(path).exists():
             retry(lambda: self.client.log_artifact(run_id, str(path), folder), f"logging {path}")
 
-    def log_figure(self, run_id: str, figure, artifact_file: str) -> None:  # noqa: ANN001 (matplotlib Figure)
-        retry(lambda: self.client.log_figure(run_id, figure, artifact_file), f"logging {artifact_file}")
+    def log_bytes(self, run_id: str, data: bytes, artifact_file: str) -> None:
+        """`data` as artifact `artifact_file` ("plots/x.png"): a plot rendered once serves MLflow and DVC."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(artifact_file).name
+            path.write_bytes(data)
+            self.log_artifact(run_id, path, Path(artifact_file).parent.as_posix() if "/" in artifact_file else None)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         retry(lambda: self.client.set_terminated(run_id, status), "closing a run")
