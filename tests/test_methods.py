@@ -149,6 +149,18 @@ def test_stages_reject_bad_input(tmp_path: Path, monkeypatch, capsys, bad):
     assert not (tmp_path / "artifacts").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_a_stage_process_exits_at_once_with_its_output_flushed(tmp_path: Path):
+    """A stage run as a script skips the interpreter's teardown (os._exit): what it printed (block-buffered
+    into a pipe) must still arrive, and the exit code is 0."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params({"t": {"dataset": "lfw_faces"}}), sort_keys=False))
+    (tmp_path / "stage_x.py").write_text("import sys\nfrom stages.common import stage_main\n\n"
+                                         "def run(params):\n    print('done', end='')\n    sys.stderr.write('note')\n\n"
+                                         "stage_main(run)\nprint('never reached')\n")
+    done = subprocess.run([sys.executable, "stage_x.py"], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done", "note")
+
+
 def test_train_masks_command_line_exit_code(tmp_path: Path):
     raw = tiny_params({"t": {"dataset": "lfw_faces", "rank_batch_size": 10_000}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
