@@ -21,6 +21,8 @@ XMA2 at P = 10%), which `xbar report --json` reads back.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +31,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.continual import pipeline_run
+from flows.continual import prefect_tags
 from stages.common import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
-from stages.tracking import comparison_key, tracker
+from stages.tracking import comparison_key, git_commit, tracker
 from xbar.compare import (RATIOS, Backbone, Configuration, ConfigurationResult, accuracy_table, comparison_table,
                           configuration_params, configurations, energy_table, report_markdown, run_configuration)
 from xbar.errors import UserError
@@ -110,6 +112,19 @@ def comparison_metrics(table: pl.DataFrame) -> dict[str, float]:
     return out
 
 
+@contextmanager
+def closed_run(name: str, tags: dict[str, str]) -> Iterator[str]:
+    """An MLflow run logged from this process; ends FINISHED, or FAILED on any exception."""
+    with tracker() as t:
+        run_id = t.create(name, tags)
+        status = "FAILED"
+        try:
+            yield run_id
+            status = "FINISHED"
+        finally:
+            t.finish(run_id, status)
+
+
 # run_comparison picks the runner; this default (threads, train.threads' default of 2 each) serves a plain call
 @flow(name="compare", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
 def compare(methods: list[str] | None = None, ratios: list[float] | None = None) -> dict[str, Any]:
@@ -124,10 +139,9 @@ def compare(methods: list[str] | None = None, ratios: list[float] | None = None)
     params, configs = plan_comparison(root, methods, ratios)
     backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
     labels = [c.label for c in configs]
-    # a pipeline_run whose kind tag is overridden: the same always-closed MLflow run, kind "comparison"
-    tags = {"xbar.kind": "comparison", "xbar.flow": "compare", "xbar.labels": ",".join(labels),
-            "xbar.tasks": ",".join(params.tasks)}
-    with pipeline_run("comparison", tags) as run_id:
+    tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare", "xbar.git_commit": git_commit(),
+            "xbar.labels": ",".join(labels), "xbar.tasks": ",".join(params.tasks), **prefect_tags()}
+    with closed_run("comparison", tags) as run_id:
         logger.info(f"MLflow run {run_id}: {len(configs)} configurations x {len(params.tasks)} tasks")
         futures = [learn_configuration.submit(params, c, backbone) for c in configs]
         table, matrix = comparison_table([f.result() for f in futures])

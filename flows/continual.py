@@ -10,8 +10,11 @@ The whole run holds the workspace lock and one MLflow parent run.
 
 from __future__ import annotations
 
+import json
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -19,40 +22,72 @@ from prefect.runtime import flow_run
 
 from flows.dvc import dvc_repro, pipeline_order, repro_command
 from flows.lock import DEFAULT_TIMEOUT_S, workspace_lock
-from stages.tracking import git_commit, tracker
+from stages.common import task_metrics
+from stages.tracking import git_commit, pipeline_parent, tracker
 from xbar.params import load_params
 
 
+@dataclass
+class PipelineRun:
+    """A flow's MLflow parent run as the stages see it: XBAR_PIPELINE_RUN (stages/tracking.py)."""
+
+    spec: dict
+    run_id: str | None = None  # known once the run is closed
+
+    @property
+    def env(self) -> str:
+        return json.dumps(self.spec)
+
+
 @contextmanager
-def pipeline_run(name: str, tags: dict[str, str]) -> Iterator[str]:
-    """An MLflow parent run (xbar.kind=pipeline, xbar.trigger=prefect) that is always closed.
+def pipeline_run(root: Path, name: str, tags: dict[str, str], closed_by: str | None = None) -> Iterator[PipelineRun]:
+    """The flow's MLflow parent run (xbar.kind=pipeline, xbar.trigger=prefect), always closed.
 
-    Yields its id for XBAR_PARENT_RUN_ID; ends FINISHED when the block completes,
-    FAILED on any exception (including a cancellation).
+    The first `evaluate` creates it (so this process never imports MLflow when all goes well).
+    It ends FAILED on any exception (including a cancellation), else FINISHED: by the
+    `evaluate` of task `closed_by` (the flow's last stage) if that stage did, else here.
     """
-    with tracker() as t:
-        run_id = t.create(name, {"xbar.kind": "pipeline", "xbar.trigger": "prefect",
-                                 "xbar.git_commit": git_commit(), **_prefect_tags(), **tags})
-        status = "FAILED"
-        try:
-            yield run_id
-            status = "FINISHED"
-        finally:
-            t.finish(run_id, status)
+    key = uuid.uuid4().hex
+    run = PipelineRun({"name": name, "closed_by": closed_by, "tags": {
+        "xbar.kind": "pipeline", "xbar.trigger": "prefect", "xbar.pipeline_key": key, "xbar.git_commit": git_commit(),
+        **prefect_tags(), **tags}})
+    status = "FAILED"
+    try:
+        yield run
+        status = "FINISHED"
+    finally:
+        closed = _closed_by_gate(root, closed_by, key) if status == "FINISHED" else None
+        if closed:
+            run.run_id = closed
+        else:
+            with tracker() as t:
+                run.run_id = pipeline_parent(t, run.spec)
+                t.finish(run.run_id, status)
 
 
-def _prefect_tags() -> dict[str, str]:
+def _closed_by_gate(root: Path, task: str | None, key: str) -> str | None:
+    """The parent run's id if `task`'s evaluate stage of this flow (its key) closed it, else None."""
+    if not task:
+        return None
+    try:
+        record = json.loads((root / task_metrics(task, "evaluate")).read_text())
+    except (OSError, ValueError):
+        return None
+    return record.get("mlflow_parent_run_id") if record.get("pipeline_key") == key else None
+
+
+def prefect_tags() -> dict[str, str]:
     """Link the MLflow run back to the Prefect flow run (empty outside a flow run)."""
     run_id = flow_run.get_id()
     return {"prefect.flow_run_id": run_id, "prefect.flow_run_name": flow_run.get_name() or ""} if run_id else {}
 
 
-def run_stages(root: Path, parent_run_id: str, timeout_s: float | None = None) -> list[str]:
+def run_stages(root: Path, pipeline: PipelineRun, timeout_s: float | None = None) -> list[str]:
     """Run every stage in pipeline order (caller holds the lock); return the stage names."""
     params = load_params(root / "params.yaml")
     stages = pipeline_order(root / "dvc.yaml", list(params.tasks))
     for stage in stages:
-        dvc_repro(stage, repro_command(stage, single_item=True), str(root), parent_run_id, timeout_s)
+        dvc_repro(stage, repro_command(stage, single_item=True), str(root), pipeline.env, timeout_s)
     return stages
 
 
@@ -67,9 +102,10 @@ def continual(stage_timeout_s: float | None = None, lock_timeout_s: float = DEFA
     logger = get_run_logger()
     load_params(root / "params.yaml")  # a broken params.yaml fails here, before the lock and MLflow
     with workspace_lock(root, lock_timeout_s, holder="continual flow", on_wait=logger.info):
-        with pipeline_run("continual", {"xbar.flow": "continual"}) as parent:
-            logger.info(f"MLflow parent run {parent}")
-            return run_stages(root, parent, stage_timeout_s)
+        with pipeline_run(root, "continual", {"xbar.flow": "continual"}) as pipeline:
+            stages = run_stages(root, pipeline, stage_timeout_s)
+    logger.info(f"MLflow parent run {pipeline.run_id}")
+    return stages
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stages.tracking import PARENT_ENV, tracking_uri
+from stages.tracking import PIPELINE_ENV, tracking_uri
 from xbar.errors import UserError
 
 TASKS_FOREACH = "${tasks}"  # dvc.yaml's per-task stages iterate over params.yaml's tasks
@@ -75,22 +75,22 @@ def pipeline_order(dvc_yaml: Path, tasks: list[str]) -> list[str]:
     return before + [f"{stage}@{t}" for t in tasks for stage in per_task] + after
 
 
-def stage_env(parent_run_id: str | None) -> dict[str, str]:
+def stage_env(pipeline_run: str | None) -> dict[str, str]:
     """The environment of a `dvc repro` child.
 
     DVC runs each stage's `python -m stages...` through the shell's PATH: put this
     interpreter's directory first so the stages use the same environment even when
     the venv is not activated. The MLflow store is pinned to the flow's, and the
-    parent run id makes the tasks' runs children of this flow's run.
+    flow's parent run (XBAR_PIPELINE_RUN) makes the tasks' runs children of it.
     """
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = tracking_uri()
     env["PYTHONUNBUFFERED"] = "1"  # stage output reaches the flow's log as it happens
-    if parent_run_id:
-        env[PARENT_ENV] = parent_run_id
+    if pipeline_run:
+        env[PIPELINE_ENV] = pipeline_run
     else:
-        env.pop(PARENT_ENV, None)
+        env.pop(PIPELINE_ENV, None)
     return env
 
 
@@ -191,8 +191,8 @@ def retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's r
 
 @task(name="dvc-repro", task_run_name="dvc repro {label}", retries=2, retry_delay_seconds=[15, 60],
       retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def dvc_repro(label: str, cmd: list[str], root: str, parent_run_id: str | None = None,
+def dvc_repro(label: str, cmd: list[str], root: str, pipeline_run: str | None = None,
               timeout_s: float | None = None) -> None:
     """One `dvc repro` as a Prefect task run (`label` names it in the UI)."""
     logger = get_run_logger()
-    run_dvc(cmd, Path(root), stage_env(parent_run_id), logger.info, timeout_s)
+    run_dvc(cmd, Path(root), stage_env(pipeline_run), logger.info, timeout_s)

@@ -7,9 +7,9 @@ its parameters as a form) and run by `xbar add-task`. One run:
    params.yaml before touching anything;
 2. takes the workspace lock (a concurrent trigger waits here, then re-validates:
    its `after` is whatever task was learned last);
-3. opens an MLflow parent run, appends the task to params.yaml, and runs
-   `dvc repro evaluate@<name>` (DVC brings its upstream up to date; evaluate is
-   the no-forgetting gate);
+3. names its MLflow parent run (the gate stage creates and closes it), appends
+   the task to params.yaml, and runs `dvc repro evaluate@<name>` (DVC brings its
+   upstream up to date; evaluate is the no-forgetting gate);
 4. on any failure restores params.yaml and dvc.lock, closes the parent run
    FAILED and fails with the stage's one-line error.
 """
@@ -58,15 +58,15 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
                          shift_levels=shift_levels)
     plan_new_task(root / "params.yaml", task)  # refuse early, before waiting for the lock
     with workspace_lock(root, DEFAULT_TIMEOUT_S, holder=f"new-task {name}", on_wait=logger.info):
-        with pipeline_run(f"add-{name}", {"xbar.flow": "new-task", "xbar.new_task": name}) as parent:
-            logger.info(f"MLflow parent run {parent}")
+        with pipeline_run(root, f"add-{name}", {"xbar.flow": "new-task", "xbar.new_task": name},
+                          closed_by=name) as pipeline:
             with params_added(root, task) as plan:
                 logger.info(f"params.yaml: task {name!r} added after {plan.after!r}"
                             + ("" if plan.kept_comments else " (file re-written: comments were lost)"))
-                dvc_repro(gate_target(name), repro_command(gate_target(name)), str(root), parent)
-    logger.info(f"task {name!r} learned; the no-forgetting gate passed")
+                dvc_repro(gate_target(name), repro_command(gate_target(name)), str(root), pipeline.env)
+    logger.info(f"task {name!r} learned; the no-forgetting gate passed; MLflow parent run {pipeline.run_id}")
     log_stage_figures("new_task_flow", name, time.perf_counter() - began)  # for benchmarks/figures.py
-    return {"task": name, "after": plan.after, "mlflow_parent_run_id": parent}
+    return {"task": name, "after": plan.after, "mlflow_parent_run_id": pipeline.run_id}
 
 
 def serve(limit: int = 1) -> None:

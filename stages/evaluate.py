@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
 import yaml
 
 from stages.common import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
-from stages.tracking import (Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
+from stages.tracking import (PIPELINE_ENV, Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
                              tracker)
 from xbar.data import TaskData, load_task_data
 from xbar.errors import UserError
@@ -140,8 +141,9 @@ def evaluate(params: Params, task: str) -> None:
                                 f"{at_learn[n]:.2f}% when learned")
         forgetting = {n: at_learn[n] - now[n] for n in now}
 
+        parent_id = parent_run(t, backbone_id)
         run_id = t.create(task, {
-            "mlflow.parentRunId": parent_run(t, backbone_id), "xbar.kind": "task", "xbar.task": task,
+            "mlflow.parentRunId": parent_id, "xbar.kind": "task", "xbar.task": task,
             "xbar.order": str(order), "xbar.task_digest": digests[task], "xbar.backbone_run_id": backbone_id,
             "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
             "xbar.gate": "pending", **dvc_stage_hashes(task)})
@@ -156,12 +158,16 @@ def evaluate(params: Params, task: str) -> None:
         # Only a completely logged run says "passed": a store failing mid-way leaves no half-registered task.
         t.log(run_id, tags={"xbar.gate": "failed" if failures else "passed"})
         t.finish(run_id, "FAILED" if failures else "FINISHED")
+        pipeline = json.loads(os.environ.get(PIPELINE_ENV) or "{}")
+        if not failures and pipeline.get("closed_by") == task:  # the flow's last stage: it spares the flow
+            t.finish(parent_id)                                  # opening MLflow just to close its run
 
     if failures:
         raise GateFailed("no-forgetting gate failed: " + "; ".join(failures))
     write_json(task_metrics(task, "evaluate"), {
         "accuracy_at_learn": now[task], "accuracy": now, "forgetting": forgetting, "order": order,
-        "gate": "passed", "mlflow_run_id": run_id})
+        "gate": "passed", "mlflow_run_id": run_id,
+        "mlflow_parent_run_id": parent_id, "pipeline_key": pipeline.get("tags", {}).get("xbar.pipeline_key")})
     rows = io.StringIO()
     rows.write("task,accuracy\n" + "".join(f"{n},{a:.2f}\n" for n, a in now.items()))
     atomic_write_bytes(METRICS / "tasks" / task / "accuracy_row.csv", rows.getvalue().encode())

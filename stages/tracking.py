@@ -4,8 +4,10 @@ Runs, all in one experiment (`xbar`):
 
 * one **backbone** run per quantized backbone (tag `xbar.kind=backbone`, keyed by
   the digest of `levels.pt`): source-data input with its digest, fp32/4-bit accuracy;
-* one **pipeline** parent run per flow run (its id in `XBAR_PARENT_RUN_ID`) or,
-  for a plain `dvc repro`, one per backbone;
+* one **pipeline** parent run per flow run or, for a plain `dvc repro`, one per backbone.
+  A flow does not open MLflow itself (importing it costs seconds): it passes the run's name
+  and tags, with a unique `xbar.pipeline_key`, in `XBAR_PIPELINE_RUN`; the first `evaluate`
+  creates the run, later ones find it by its key, and the flow closes it (flows/continual.py);
 * one **task** child run per task and parent: params, `accuracy_at_learn`,
   `acc/<task>` of every task learned so far at step k (the forgetting matrix),
   forgetting, spare PEs, mask bytes, energy, the dataset input, the git commit
@@ -21,6 +23,7 @@ plain file store) and is overridden by `MLFLOW_TRACKING_URI`.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
@@ -34,7 +37,7 @@ from xbar.errors import UserError
 
 EXPERIMENT = "xbar"
 SECONDS = 0.0  # wall time this process spent in MLflow calls, import included (benchmarks: orchestration)
-PARENT_ENV = "XBAR_PARENT_RUN_ID"
+PIPELINE_ENV = "XBAR_PIPELINE_RUN"  # JSON {"name", "tags", "closed_by"}: the flow's parent run, see pipeline_parent
 T = TypeVar("T")
 
 
@@ -166,10 +169,16 @@ def backbone_run(t: Tracker, levels_digest: str, log: Callable[[str], None]) -> 
     return run_id
 
 
+def pipeline_parent(t: Tracker, spec: dict) -> str:
+    """A flow's parent run (`spec` as in XBAR_PIPELINE_RUN): found by its key, or created now."""
+    runs = t.find(f"tags.`xbar.pipeline_key` = '{spec['tags']['xbar.pipeline_key']}'")
+    return runs[0].info.run_id if runs else t.create(spec["name"], spec["tags"])
+
+
 def parent_run(t: Tracker, backbone_run_id: str) -> str:
-    """The flow's parent run (XBAR_PARENT_RUN_ID) or, for `dvc repro`, one per backbone."""
-    if os.environ.get(PARENT_ENV):
-        return os.environ[PARENT_ENV]
+    """The flow's parent run (XBAR_PIPELINE_RUN) or, for `dvc repro`, one per backbone."""
+    if os.environ.get(PIPELINE_ENV):
+        return pipeline_parent(t, json.loads(os.environ[PIPELINE_ENV]))
     runs = t.find(f"tags.`xbar.kind` = 'pipeline' AND tags.`xbar.backbone_run_id` = '{backbone_run_id}' "
                   "AND tags.`xbar.trigger` = 'dvc'")
     if runs:

@@ -82,7 +82,7 @@ def project_env(root: Path) -> dict[str, str]:
         "GIT_COMMITTER_NAME": "xbar tests", "GIT_COMMITTER_EMAIL": "tests@xbar.invalid",
         "PYTHONUNBUFFERED": "1",
     })
-    env.pop("XBAR_PARENT_RUN_ID", None)
+    env.pop("XBAR_PIPELINE_RUN", None)
     return env
 
 

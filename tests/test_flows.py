@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -15,7 +16,7 @@ import pytest
 import yaml
 
 from flows.add_task import NewTask, append_task_text, params_added, plan_new_task
-from flows.dvc import (PARENT_ENV, StageFailed, error_line, pipeline_order, repro_command, retry_transient, run_dvc,
+from flows.dvc import (PIPELINE_ENV, StageFailed, error_line, pipeline_order, repro_command, retry_transient, run_dvc,
                        stage_env)
 from flows.lock import LockTimeout, lock_path, workspace_lock
 from flows.new_task import gate_target
@@ -261,13 +262,13 @@ def test_pipeline_order_runs_trailing_plain_stages_last(tmp_path: Path):
     assert pipeline_order(tmp_path / "dvc.yaml", ["t1", "t2"]) == ["pre", "per@t1", "per@t2", "report"]
 
 
-def test_stage_env_uses_this_venv_and_the_parent_run(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv(PARENT_ENV, "stale")
-    env = stage_env("abc123")
-    assert env[PARENT_ENV] == "abc123"
+def test_stage_env_uses_this_venv_and_the_pipeline_run(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv(PIPELINE_ENV, "stale")
+    env = stage_env("{\"name\": \"x\"}")
+    assert env[PIPELINE_ENV] == "{\"name\": \"x\"}"
     assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     assert env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")
-    assert PARENT_ENV not in stage_env(None)
+    assert PIPELINE_ENV not in stage_env(None)
 
 
 def test_error_line_names_the_stage_and_its_own_error():
@@ -342,3 +343,70 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state not in ("Z", "X")
+
+
+# --- the flows' MLflow parent run -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A real MLflow SQLite store; returns a function listing the pipeline runs as (key, status)."""
+    from stages.tracking import tracker
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def pipeline_runs() -> list[tuple[str, str]]:
+        with tracker() as t:
+            return [(r.data.tags["xbar.pipeline_key"], r.info.status) for r in t.find("tags.`xbar.kind` = 'pipeline'")]
+
+    return pipeline_runs
+
+
+def _gate_stage(root: Path, spec: dict, task: str) -> str:
+    """What evaluate does with XBAR_PIPELINE_RUN: create (or find) the parent, close it, record it."""
+    from stages.tracking import pipeline_parent, tracker
+
+    with tracker() as t:
+        parent = pipeline_parent(t, spec)
+        assert pipeline_parent(t, spec) == parent  # a later stage finds the same run by its key
+        if spec["closed_by"] == task:
+            t.finish(parent)
+    record = root / "metrics" / "tasks" / task / "evaluate.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"mlflow_parent_run_id": parent, "pipeline_key": spec["tags"]["xbar.pipeline_key"]}))
+    return parent
+
+
+def test_a_new_task_flow_that_succeeds_never_opens_mlflow_itself(project: Path, store, monkeypatch):
+    from flows import continual
+
+    def no_mlflow():  # noqa: ANN202
+        raise AssertionError("the flow opened MLflow")
+
+    with continual.pipeline_run(project, "add-fresh", {"xbar.flow": "new-task"}, closed_by="fresh") as run:
+        spec = json.loads(run.env)
+        monkeypatch.setattr(continual, "tracker", no_mlflow)
+        parent = _gate_stage(project, spec, "fresh")
+    assert run.run_id == parent
+    assert store() == [(spec["tags"]["xbar.pipeline_key"], "FINISHED")]
+
+
+def test_a_failed_flow_closes_its_parent_run_failed_even_before_any_stage_made_it(project: Path, store):
+    from flows.continual import pipeline_run
+
+    with pytest.raises(StageFailed), pipeline_run(project, "add-fresh", {}, closed_by="fresh") as run:
+        raise StageFailed("stage train_masks@fresh failed (exit 2): lr", 255)
+    assert store() == [(json.loads(run.env)["tags"]["xbar.pipeline_key"], "FAILED")] and run.run_id
+
+
+def test_a_continual_flow_closes_the_run_its_stages_made(project: Path, store):
+    from flows.continual import pipeline_run
+
+    with pipeline_run(project, "continual", {}) as run:
+        spec = json.loads(run.env)
+        parent = _gate_stage(project, spec, "first")
+        _gate_stage(project, spec, "second")
+    assert run.run_id == parent and store() == [(spec["tags"]["xbar.pipeline_key"], "FINISHED")]
+    with pipeline_run(project, "continual", {}) as empty:  # nothing to learn: the flow makes the run itself
+        pass
+    assert len(store()) == 2 and empty.run_id not in (None, parent)
