@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from xbar.data import _NumpyOnly, content_digest, load_task_data, stratified_split
+from xbar.data import TEXTURE_IMAGES, TEXTURE_SIDE, TEXTURE_TILE, _NumpyOnly, _textures, content_digest, load_task_data, stratified_split
 from xbar.errors import UserError
 from xbar.params import DatasetSpec
 
-SOURCES = ["mnist5k", "optdigits", "lfw_faces", "animal_mnist", "fashion_mnist"]
+SOURCES = ["mnist5k", "optdigits", "lfw_faces", "textures", "animal_mnist", "fashion_mnist"]
 
 
 def _images(ds) -> torch.Tensor:
@@ -44,6 +44,21 @@ def test_splits_and_digests_are_deterministic(source):
     assert torch.equal(_images(data.test), _images(again.test))
     other = load_task_data(spec, seed=1)
     assert other.test_digest != data.test_digest
+
+
+def test_texture_tiles_tile_each_photo_without_overlap():
+    """The tiles of one photo put back side by side are its central crop: no pixel is in two tiles,
+    so no pixel can be in both splits."""
+    import skimage.data
+
+    tiles, labels = _textures(DatasetSpec(source="textures"))
+    k = TEXTURE_SIDE // TEXTURE_TILE
+    assert np.bincount(labels).tolist() == [k * k] * len(TEXTURE_IMAGES)
+    brick = skimage.data.brick()
+    top, left = (brick.shape[0] - TEXTURE_SIDE) // 2, (brick.shape[1] - TEXTURE_SIDE) // 2
+    mosaic = tiles[labels == TEXTURE_IMAGES.index("brick")].reshape(k, k, TEXTURE_TILE, TEXTURE_TILE)
+    mosaic = mosaic.swapaxes(1, 2).reshape(TEXTURE_SIDE, TEXTURE_SIDE)
+    assert np.array_equal(mosaic, brick[top: top + TEXTURE_SIDE, left: left + TEXTURE_SIDE])
 
 
 def test_stratified_split_keeps_class_shares():

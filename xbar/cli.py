@@ -193,7 +193,7 @@ def energy(
 @one_line_errors
 def add_task(
     name: str = typer.Argument(..., help="The new task's name: a lower-case identifier not used yet."),
-    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, "
+    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, textures, "
                                 "fashion_mnist, animal_mnist."),
     spare_ratio: float | None = typer.Option(None, help="Share of PEs replaced by spare PEs, in (0, 1] (default 0.1)."),
     shift_levels: int | None = typer.Option(None, help="Column-mask shift levels 0..3 (default 3)."),

@@ -154,6 +154,36 @@ def _lfw_faces(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     return _to_uint8(x, 1.0), np.r_[np.ones(100), np.zeros(len(x) - 100)].astype(np.int64)
 
 
+# scikit-image's bundled photos whose central 504x504 pixels are all texture or scene (every one is at least 512x512)
+TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "camera", "astronaut", "immunohistochemistry", "hubble_deep_field", "retina")
+TEXTURE_TILE, TEXTURE_SIDE = 28, 504  # 18 x 18 non-overlapping tiles per photo
+
+
+def _textures(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Which of 9 photos a 28x28 grey tile comes from: 324 non-overlapping tiles of each photo's centre.
+
+    Textures (brick, grass, gravel, lunar surface, stained tissue, a star field, a retina) and two
+    scenes, at native resolution: frame-filling texture, the opposite of Fashion-MNIST's centred
+    objects on black (the far task, WikiArt's role in the paper). Tiles share no pixel, so a
+    tile-level split puts no pixel in both splits.
+    """
+    try:
+        import skimage.data
+        from skimage.color import rgb2gray
+    except ImportError:
+        raise _missing("scikit-image", "pip install scikit-image") from None
+    tiles, labels = [], []
+    k = TEXTURE_SIDE // TEXTURE_TILE
+    for label, name in enumerate(TEXTURE_IMAGES):
+        image = np.asarray(getattr(skimage.data, name)())
+        grey = _to_uint8(rgb2gray(image[..., :3]), 1.0) if image.ndim == 3 else image.astype(np.uint8)
+        top, left = ((np.array(grey.shape) - TEXTURE_SIDE) // 2).tolist()
+        centre = grey[top: top + TEXTURE_SIDE, left: left + TEXTURE_SIDE]
+        tiles.append(centre.reshape(k, TEXTURE_TILE, k, TEXTURE_TILE).swapaxes(1, 2).reshape(-1, TEXTURE_TILE, TEXTURE_TILE))
+        labels.append(np.full(k * k, label, dtype=np.int64))
+    return np.concatenate(tiles), np.concatenate(labels)
+
+
 def _fashion_mnist(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
     """70k images from the idx files of a root, Debian's dataset-fashion-mnist, or a torchvision download."""
     roots = [Path(spec.root)] if spec.root else [FASHION_SYSTEM_DIR, Path("data/fashion-mnist")]
@@ -228,6 +258,7 @@ _BUILTIN = {
     "mnist5k": _mnist5k,
     "optdigits": _optdigits,
     "lfw_faces": _lfw_faces,
+    "textures": _textures,
     "fashion_mnist": _fashion_mnist,
     "animal_mnist": _animal_mnist,
 }

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from xbar.errors import UserError
 
 # Built-in offline sources (xbar.data); real-scale sources are "torchvision" and "imagefolder".
-BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "fashion_mnist", "animal_mnist")
+BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist")
 DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
 METHODS = ("finetune_shared", "finetune_separate", "piggyback", "xbm", "xma", "xma2")
 MODELS = ("small_resnet", "resnet18", "resnet50")
