@@ -1,6 +1,6 @@
 """Test accuracy of every method on every task of params.yaml, side by side, averaged over seeds (nothing is written).
 
-    python -m benchmarks.method_accuracy [--methods xma2 xma piggyback] [--tasks mnist faces] [--seeds 0 1] [--ratios 0.1]
+    python -m benchmarks.method_accuracy [--methods xma2 xma piggyback] [--tasks mnist textures] [--seeds 0 1] [--ratios 0.1]
 
 Needs artifacts/backbone/quant.pt and levels.pt (dvc repro quantize). The
 in-process comparison of `xbar compare` (xbar.compare.run_configuration), one

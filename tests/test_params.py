@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from xbar.params import ParamsError, check_task_name, load_params, parse_params
+from xbar.params import BUILTIN_DATASETS, ParamsError, check_task_name, load_params, parse_params
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -17,6 +17,15 @@ def test_shipped_params_are_valid_and_frozen():
     assert list(params.tasks) == list(GOOD["tasks"])  # order = learning order
     with pytest.raises(Exception):
         params.seed = 3  # frozen
+
+
+def test_shipped_benchmark_is_offline_with_varied_sources():
+    """The default benchmark: at least 4 new tasks from at least 3 built-in (package-shipped) sources,
+    none of them the source task's dataset."""
+    params = load_params(ROOT / "params.yaml")
+    sources = [spec.dataset.source for spec in params.tasks.values()]
+    assert len(sources) >= 4 and len(set(sources)) >= 3
+    assert set(sources) <= set(BUILTIN_DATASETS) and params.source.dataset.source not in sources
 
 
 def test_dataset_shorthand_and_defaults():
