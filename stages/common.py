@@ -17,11 +17,8 @@ from typing import Any
 
 import torch
 
-from xbar.data import TaskData, load_task_data
 from xbar.errors import UserError
-from xbar.methods import check_spec
-from xbar.params import Params, TaskSpec, load_params
-from xbar.training import seed_everything
+from xbar.params import Params, load_params
 
 ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
@@ -116,16 +113,6 @@ def load_torch(path: Path) -> Any:
     if missing:  # a readable torch file, but not what the stage that writes this name writes
         raise UserError(f"{path}: not an xbar {path.name} (no {missing[0]!r}); delete it and run dvc repro")
     return obj
-
-
-def task_inputs(params: Params, task: str) -> tuple[TaskSpec, TaskData, dict, dict]:
-    """What a per-task stage starts from: the task's spec, its data (seeded, checked against the spec)
-    and the deployed backbone (quant.pt and levels.pt contents). Seeds torch first."""
-    spec = params.tasks[task]
-    seed_everything(params.seed, params.train.threads)
-    data = load_task_data(spec.dataset, params.seed)
-    check_spec(spec, len(data.train))
-    return spec, data, load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
 
 
 def save_parquet(path: Path, df) -> None:  # noqa: ANN001 (polars DataFrame)

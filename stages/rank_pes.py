@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import time
 
-from stages.common import atomic_write_bytes, save_parquet, stage_main, task_dir, task_inputs, task_metrics, write_json
-from xbar.methods import backbone_net, crossbar_spec, deploy_cells
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+                           write_json)
+from xbar.data import load_task_data
+from xbar.methods import backbone_net, check_spec, crossbar_spec, deploy_cells
 from xbar.params import Params
 from xbar.plots import pe_ranking, png
 from xbar.ranking import rank_batch, rank_pes
+from xbar.training import seed_everything
 
 
 def run(params: Params, task: str) -> None:
-    spec, data, quant, levels = task_inputs(params, task)
+    spec = params.tasks[task]
+    seed_everything(params.seed, params.train.threads)
+    data = load_task_data(spec.dataset, params.seed)
+    check_spec(spec, len(data.train))
+    quant, levels = load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
     start = time.perf_counter()
     net = backbone_net(params, quant)
     deploy_cells(net, levels, crossbar_spec(params))

@@ -57,6 +57,12 @@ def git_commit() -> str:
         return "unknown"
 
 
+# MLflow error codes of a request the store understood and refused (a bad value, a missing run):
+# deterministic, so never retried nor reported as an unavailable store. (Not RESOURCE_ALREADY_EXISTS:
+# MLflow's SQL store also answers a concurrent writer's race with it, which a retry resolves.)
+REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD_REQUEST", "INVALID_STATE"})
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, first_wait: float = 0.5) -> T:
     """Retry I/O on a locked or unreachable store with backoff; then one clear error.
 
@@ -72,6 +78,8 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, first_wait: float =
             try:
                 return fn()
             except (MlflowException, OperationalError, OSError) as err:
+                if isinstance(err, MlflowException) and err.error_code in REFUSALS:
+                    raise  # the store answered "no": waiting cannot change that, and it is not an outage
                 if attempt == attempts - 1:
                     first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
                     raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None

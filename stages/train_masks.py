@@ -15,15 +15,16 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.common import (atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_inputs, task_metrics,
+from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.crossbar import map_model
+from xbar.data import load_task_data
 from xbar.errors import UserError
-from xbar.methods import (backbone_net, build_task_model, crossbar_spec, export_task, layer_mask_levels,
+from xbar.methods import (backbone_net, build_task_model, check_spec, crossbar_spec, export_task, layer_mask_levels,
                           load_task_model, mask_report, n_spare_pes, train_task)
 from xbar.params import Params
 from xbar.plots import mask_levels, png
-from xbar.training import accuracy, predict
+from xbar.training import accuracy, predict, seed_everything
 
 
 def spare_pes_from(path: Path, n_pes: int, spare_ratio: float) -> torch.Tensor:
@@ -52,7 +53,11 @@ def previous_shared(params: Params, task: str) -> dict | None:
 
 
 def run(params: Params, task: str) -> None:
-    spec, data, quant, levels = task_inputs(params, task)
+    spec = params.tasks[task]
+    seed_everything(params.seed, params.train.threads)
+    data = load_task_data(spec.dataset, params.seed)
+    check_spec(spec, len(data.train))
+    quant, levels = load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
     start = previous_shared(params, task) if spec.method == "finetune_shared" else None
     spare = None
     if spec.method == "xma2":

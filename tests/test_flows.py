@@ -69,7 +69,7 @@ def test_cli_refuses_bad_input_at_once_and_leaves_params_unchanged(project: Path
 def test_flow_level_refusals_are_user_errors(project: Path):
     before = (project / "params.yaml").read_bytes()
     with pytest.raises(UserError, match="already exists"):
-        plan_new_task(project / "params.yaml", NewTask.parse(name="faces", dataset="lfw_faces"))
+        plan_new_task(project / "params.yaml", NewTask.parse(name="textures", dataset="textures"))
     with pytest.raises(UserError, match="reserved"):  # the form's regex alone would let it through
         plan_new_task(project / "params.yaml", NewTask(name="backbone", dataset="optdigits"))
     (project / "params.yaml").write_text(before.decode().replace("seed: 0", "seed: minus one"))

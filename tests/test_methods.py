@@ -169,3 +169,19 @@ def test_train_masks_command_line_exit_code(tmp_path: Path):
     assert done.returncode == 2 and "rank_batch_size" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_fit_refuses_a_parameter_blown_up_by_the_last_step():
+    """A finite loss followed by a step that makes a weight infinite: one-line UserError, not a task.pt of infs."""
+    from torch.utils.data import TensorDataset
+
+    from xbar.training import fit
+
+    seed_everything(0, 1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = TensorDataset(torch.randint(0, 255, (8, 1, 2, 2), dtype=torch.uint8), torch.tensor([0, 1] * 4))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    fit(net, data, [opt], 1, 8, 0, "ok")  # a sane step passes
+    blow_up = lambda: net[1].weight.grad.fill_(float("inf"))  # noqa: E731
+    with pytest.raises(UserError, match="NaN or infinite after the last step"):
+        fit(net, data, [opt], 1, 8, 0, "t", before_step=blow_up)

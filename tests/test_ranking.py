@@ -72,3 +72,23 @@ def test_rank_batch_is_seeded_and_bounded():
     assert not torch.equal(a[0], rank_batch(data, 16, 4)[0])
     with pytest.raises(UserError, match="larger than the task's training set"):
         rank_batch(data, 41, 0)
+
+
+def test_ranking_takes_one_forward_and_one_backward_pass(backbone, monkeypatch):
+    """The paper's budget: one mini-batch, at most two forward/backward passes (we take one of each)."""
+    params, quant, levels = backbone
+    net = backbone_net(params, quant)
+    deploy_cells(net, levels, crossbar_spec(params))
+    first = next(m for m in net.modules() if isinstance(m, CrossbarLayer))
+    forwards, backwards, batches = [], [], []
+
+    def count(module, args, out) -> None:  # noqa: ANN001 (a forward hook returns None: keeps the output)
+        forwards.append(1)
+        batches.append(args[0].shape[0])
+
+    first.register_forward_hook(count)
+    real_backward = torch.autograd.backward
+    monkeypatch.setattr(torch.autograd, "backward", lambda *a, **k: (backwards.append(1), real_backward(*a, **k))[1])
+    x, y = rank_batch(random_task(), 32, 0)
+    rank_pes(net, x, y, 3, 0.1)
+    assert len(forwards) == 1 and len(backwards) == 1 and batches == [32]

@@ -233,6 +233,16 @@ BAD_INPUT = [
     # datasets the backbone cannot take
     row("dataset-rgb-on-grey-backbone", Bad(RANK, ("tasks.t1.dataset.channels",),
                                             set_param(*T1, "dataset", value={"source": "optdigits", "channels": 3}))),
+    row("dataset-image-size-not-the-backbones", Bad(RANK, ("tasks.t1.dataset.image_size", "28x28"),
+                                                    set_param(*T1, "dataset", value={"source": "optdigits",
+                                                                                     "image_size": 32}))),
+    row("torchvision-dataset-not-under-root", Bad(RANK, ("dataset CIFAR10", "cannot open under data/cifar"),
+                                                  set_param(*T1, "dataset", value={"source": "torchvision",
+                                                                                   "name": "CIFAR10",
+                                                                                   "root": "data/cifar"}))),
+    row("model-weights-not-a-state-dict", Bad(PRETRAIN, ("model.weights", "w.pt"), both(
+        write_text("w.pt", "not a checkpoint"),
+        set_param("model", value={"name": "resnet18", "weights": "w.pt"})))),
     row("imagefolder-single-class", Bad(RANK, ("data/one", "at least 2 classes"), both(
         image_folder("data/one", classes=1),
         set_param(*T1, "dataset", value={"source": "imagefolder", "root": "data/one"})))),
@@ -458,6 +468,16 @@ def test_mlflow_retry_backs_off_on_io_errors_then_gives_one_line(monkeypatch: py
         tracking.retry(bug, "reading")
     assert waits == []
 
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    def refused() -> None:  # the store answered: a bad value is not an outage
+        raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+
+    with pytest.raises(MlflowException, match="not allowed"):
+        tracking.retry(refused, "logging")
+    assert waits == []
+
 
 def test_prefect_retries_only_what_waiting_can_fix():
     """The one Prefect task that retries is `dvc repro`, and only on transient failures
@@ -562,7 +582,7 @@ def _has_open(pid: int, name: str) -> bool:
 
 # --- 5. security: a scan of the source tree -------------------------------------------------------------------------
 
-SCANNED = ("xbar", "stages", "flows")
+SCANNED = ("xbar", "stages", "flows", "benchmarks")
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "_UniqueKeyLoader"}
 
 

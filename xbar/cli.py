@@ -41,6 +41,14 @@ app = OneLineTyper(help="xbar: continual learning on ReRAM crossbars with 2-tier
                    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+def console():  # noqa: ANN201 (a rich Console; rich is imported only by the commands that print tables)
+    """A rich console. Piped output (no terminal) gets 200 columns instead of rich's default 80, which
+    cut the task table's names and figures to "mni…"."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
 def one_line_errors(fn: Callable) -> Callable:
     """A user mistake prints one line on stderr and exits with code 2: no traceback."""
 
@@ -66,7 +74,6 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
     """Tasks learned so far: accuracy now / at learn, forgetting, energy, mask memory (read from MLflow)."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from stages.tracking import report as build_report
@@ -89,7 +96,7 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
         table.add_row(str(r["order"]), r["name"], r["dataset"], r["method"], fmt(r["accuracy_now"]),
                       fmt(r["accuracy_at_learn"]), fmt(r["forgetting"]), fmt(r["spare_pes"], "{:.0f}"),
                       fmt(r["mask_bytes"], "{:.0f}"), fmt(r["energy_j"], "{:.3g}"), r["gate"] or "-")
-    Console().print(table)
+    console().print(table)
     if rep["comparison"]:  # the newest `xbar compare`
         names = list(next(iter(rep["comparison"].values())))
         comparison = Table(title="method comparison (MLflow): test accuracy % after the last task")
@@ -97,7 +104,7 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
             comparison.add_column(col)
         for label, accs in rep["comparison"].items():
             comparison.add_row(label, *(fmt(accs.get(n)) for n in names))
-        Console().print(comparison)
+        console().print(comparison)
 
 
 @app.command()
@@ -115,7 +122,6 @@ def memory(
     """Per-task mask memory of Piggyback, XBM, XMA and XMA2 for a model mapped onto crossbars (no weights needed)."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from xbar.crossbar import CrossbarSpec
@@ -132,8 +138,8 @@ def memory(
                           "utilization": round(mapping.utilization, 6)} | rep.as_dict(), indent=2))
         return
     size = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} KB"  # noqa: E731 (decimal, as the paper)
-    console = Console()
-    console.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
+    out = console()
+    out.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
                   f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
                   f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
     table = Table(title=f"mask memory per task ({shift_levels} shift levels, spare ratio {spare_ratio:g})")
@@ -151,7 +157,7 @@ def memory(
     ]
     for method, what, b in rows_out:
         table.add_row(method, what, f"{b:,}", size(b), f"{b / max(1, rep.piggyback_bytes):.1%}")
-    console.print(table)
+    out.print(table)
 
 
 @app.command()
@@ -167,7 +173,6 @@ def energy(
     inference x N + re-programming, from documented typical cell changes (docs/energy.md)."""
     import json
 
-    from rich.console import Console
     from rich.table import Table
 
     from xbar.energy import named_energy
@@ -185,7 +190,7 @@ def energy(
     for name, m in result["methods"].items():
         table.add_row(name, f"{m['inference_j']:.3g}", f"{m['reprogram_j']:.3g}", f"{m['total_j']:.3g}",
                       f"{m['cells_written']:,}", f"{m['total_j'] / x2:.2f}x")
-    Console().print(table)
+    console().print(table)
     print(f"scenario: {a['scenario']}")
 
 

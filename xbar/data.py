@@ -294,6 +294,20 @@ class _Uint8(Dataset):
         return self.transform(image), int(label)
 
 
+def _open_torchvision(cls: type, root: Path, name: str) -> Dataset:
+    """`cls(root)`, or `cls(root, train=True)` for classes that need it; a failure is one line."""
+    for kwargs in ({}, {"train": True}):
+        try:
+            return cls(str(root), **kwargs)
+        except TypeError:  # the class needs (other) arguments
+            continue
+        except Exception as err:  # not downloaded, corrupt, ...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UserError(f"dataset {name}: cannot open under {root} ({first})") from None
+    raise UserError(f"dataset {name}: torchvision.datasets.{name} needs arguments besides root and train; "
+                    "export it to an image folder and use source: imagefolder")
+
+
 def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
     import torchvision
 
@@ -312,12 +326,7 @@ def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
         cls = getattr(torchvision.datasets, spec.name or "", None)
         if not isinstance(cls, type):
             raise UserError(f"dataset.name: {spec.name!r} is not a torchvision.datasets class")
-        try:
-            base = cls(str(root))
-        except TypeError:
-            base = cls(str(root), train=True)
-        except Exception as err:
-            raise UserError(f"dataset {spec.name}: cannot open under {root} ({err})") from None
+        base = _open_torchvision(cls, root, spec.name)
         labels = next((getattr(base, a) for a in ("targets", "labels") if getattr(base, a, None) is not None), None)
         labels = np.asarray([base[i][1] for i in range(len(base))] if labels is None else labels)
         ident = [f"{spec.name}:{len(base)}", hashlib.sha256(labels.astype(np.int64).tobytes()).hexdigest()]

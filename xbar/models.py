@@ -66,9 +66,13 @@ class TorchvisionResNet(nn.Module):
         if weights:
             try:
                 state = torch.load(weights, map_location="cpu", weights_only=True)
-            except (OSError, RuntimeError) as err:
+            except Exception as err:  # missing, truncated, not a torch file, or pickled code (refused)
                 raise UserError(f"model.weights: cannot read {weights!r} as a torch state_dict ({type(err).__name__})") from None
-            net.load_state_dict(state)
+            try:
+                net.load_state_dict(state)
+            except (RuntimeError, TypeError, AttributeError) as err:  # another architecture, or not a dict
+                why = " ".join(str(err).split())[:160] or type(err).__name__  # one line: the keys that differ
+                raise UserError(f"model.weights: {weights!r} does not fit torchvision's {arch} ({why})") from None
         if in_channels != 3:  # average the RGB filters: a grey image is all three channels at once
             old = net.conv1
             net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)

@@ -152,12 +152,17 @@ class Params(Frozen):
 
     @model_validator(mode="after")
     def _inputs_fit(self) -> "Params":
-        """The backbone's first layer (on the crossbars) takes the source's channels: every task must too."""
-        want = self.source.dataset.channels
+        """The backbone's first layer (on the crossbars) takes the source's channels, and its 4-bit
+        activation clips and the energy model's feature-map sizes are those of the source's image size:
+        every task must match both (a task's images of any stored size are resized to it)."""
+        want = self.source.dataset
         for name, spec in self.tasks.items():
-            if spec.dataset.channels != want:
+            if spec.dataset.channels != want.channels:
                 raise ValueError(f"tasks.{name}.dataset.channels is {spec.dataset.channels}, but the backbone takes "
-                                 f"{want}-channel images (source.dataset.channels)")
+                                 f"{want.channels}-channel images (source.dataset.channels)")
+            if spec.dataset.image_size != want.image_size:
+                raise ValueError(f"tasks.{name}.dataset.image_size is {spec.dataset.image_size}, but the backbone "
+                                 f"takes {want.image_size}x{want.image_size} images (source.dataset.image_size)")
         return self
 
     @field_validator("tasks")

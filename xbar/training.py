@@ -78,6 +78,10 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
                 total, count = total + loss.item() * len(y), count + len(y)
                 bar.update(job, advance=1, loss=total / count)
             mean = total / count
+    # the last step can still blow a parameter up after a finite loss: never export such a task
+    if any(not bool(torch.isfinite(p).all()) for opt in optimizers for g in opt.param_groups for p in g["params"]):
+        raise UserError(f"{desc}: a trained parameter is NaN or infinite after the last step "
+                        "(lower the learning rate); nothing was written")
     return mean
 
 
