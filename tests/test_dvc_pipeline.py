@@ -67,8 +67,11 @@ def test_mlflow_lineage_from_data_digest_to_task_run(pipeline):
     assert [d.dataset.digest for d in backbone.inputs.dataset_inputs] == [pretrain["data_digest"]]
     parent = client.get_run(task_run.data.tags["mlflow.parentRunId"])
     assert parent.data.tags["xbar.kind"] == "pipeline"
-    task_inputs = {d.dataset.digest for d in task_run.inputs.dataset_inputs}
-    assert len(task_inputs) == 2  # train and test splits
+    splits = {tag.value: d.dataset.digest for d in task_run.inputs.dataset_inputs for tag in d.tags
+              if tag.key == "mlflow.data.context"}
+    train = json.loads((project.root / "metrics/tasks/first/train.json").read_text())
+    # the two logged split digests are the ones the task was trained on (TaskData.digest combines them)
+    assert hashlib.sha256(f"{splits['train']}:{splits['test']}".encode()).hexdigest()[:16] == train["data_digest"]
     metrics = task_run.data.metrics
     assert metrics["accuracy_at_learn"] == metrics["acc/first"]
     assert task_run.data.tags["xbar.git_commit"] != "unknown"
@@ -89,6 +92,27 @@ def test_added_task_runs_only_its_stages_and_keeps_earlier_bytes(pipeline):
     row = json.loads((project.root / "metrics/tasks/second/evaluate.json").read_text())["accuracy"]
     first = json.loads((project.root / "metrics/tasks/first/evaluate.json").read_text())
     assert row["first"] == first["accuracy_at_learn"]  # no forgetting, exactly
+
+
+def test_report_json_and_the_forgetting_matrix_in_mlflow(pipeline):
+    """After two tasks: `xbar report --json` from MLflow alone, and task 1's accuracy logged by task 2's run
+    at step 2 (row 2 of the forgetting matrix)."""
+    project, _ = pipeline
+    report = json.loads(project.python("-m", "xbar.cli", "report", "--json").stdout)
+    first, second = report["tasks"]
+    keys = {"name", "order", "dataset", "method", "accuracy_at_learn", "accuracy_now", "forgetting", "spare_pes",
+            "mask_bytes", "energy_j"}
+    assert keys <= set(first) and (first["name"], first["order"], second["name"], second["order"]) == (
+        "first", 1, "second", 2)
+    assert (first["method"], second["method"], second["dataset"]) == ("xma2", "xma", "lfw_faces")
+    assert first["accuracy_now"] == first["accuracy_at_learn"] and first["forgetting"] == 0
+    assert first["spare_pes"] > 0 and second["spare_pes"] == 0 and first["mask_bytes"] > 0 and first["energy_j"] > 0
+    assert report["accuracy_matrix"][-1][0] == first["accuracy_at_learn"]
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("xbar")
+    run = client.search_runs([exp.experiment_id], "tags.`xbar.task` = 'second'")[0]
+    history = client.get_metric_history(run.info.run_id, "acc/first")
+    assert [(m.step, m.value) for m in history] == [(2, first["accuracy_at_learn"])]
 
 
 def test_gate_fails_when_an_earlier_task_changes(pipeline):
