@@ -32,6 +32,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.continual import prefect_tags
+from flows.lock import workspace_lock
 from stages.common import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
 from stages.tracking import comparison_key, git_commit, tracker
 from xbar.compare import (RATIOS, Backbone, Configuration, ConfigurationResult, accuracy_table, comparison_table,
@@ -136,8 +137,11 @@ def compare(methods: list[str] | None = None, ratios: list[float] | None = None)
     """
     root = Path.cwd()
     logger = get_run_logger()
-    params, configs = plan_comparison(root, methods, ratios)
-    backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
+    # params.yaml and the two backbone files are read as one consistent set: under the workspace lock, so no
+    # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
+    with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
+        params, configs = plan_comparison(root, methods, ratios)
+        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
     labels = [c.label for c in configs]
     tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare", "xbar.git_commit": git_commit(),
             "xbar.labels": ",".join(labels), "xbar.tasks": ",".join(params.tasks), **prefect_tags()}
