@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from xbar.data import TEXTURE_IMAGES, TEXTURE_SIDE, TEXTURE_TILE, _NumpyOnly, _textures, content_digest, load_task_data, stratified_split
+from xbar.data import (TEXTURE_IMAGES, TEXTURE_SIDE, TEXTURE_TILE, _NumpyOnly, _textures, content_digest,
+                       load_task_data, stratified_split)
 from xbar.errors import UserError
 from xbar.params import DatasetSpec
 

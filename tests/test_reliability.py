@@ -11,7 +11,7 @@
 4. MLflow faults: retries with backoff on I/O errors (a locked store is waited for), one clear
    line when the store stays unavailable, and never a half-registered backbone or task run;
    Prefect retries only `dvc repro` and only on transient failures.
-5. Security: a scan of xbar/, stages/, flows/ for unsafe loading, shells and 0.0.0.0.
+5. Security: a scan of xbar/, stages/, flows/, benchmarks/ for unsafe loading, shells and 0.0.0.0.
 
 The add-task refusals of test_flows.py's BAD table (bad or reserved names, unknown
 dataset / method, out-of-range options) are not repeated here.

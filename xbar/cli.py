@@ -140,8 +140,8 @@ def memory(
     size = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} KB"  # noqa: E731 (decimal, as the paper)
     out = console()
     out.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
-                  f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
-                  f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
+              f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
+              f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
     table = Table(title=f"mask memory per task ({shift_levels} shift levels, spare ratio {spare_ratio:g})")
     for col in ("method", "what a task stores", "bytes", "size", "vs Piggyback"):
         table.add_column(col, justify="right" if col in ("bytes", "size", "vs Piggyback") else "left")
@@ -198,8 +198,8 @@ def energy(
 @one_line_errors
 def add_task(
     name: str = typer.Argument(..., help="The new task's name: a lower-case identifier not used yet."),
-    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, textures, "
-                                "fashion_mnist, animal_mnist."),
+    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, "
+                                "textures, fashion_mnist, animal_mnist."),
     spare_ratio: float | None = typer.Option(None, help="Share of PEs replaced by spare PEs, in (0, 1] (default 0.1)."),
     shift_levels: int | None = typer.Option(None, help="Column-mask shift levels 0..3 (default 3)."),
     epochs: int | None = typer.Option(None, help="Training epochs (default 3)."),

@@ -155,7 +155,8 @@ def _lfw_faces(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
 
 
 # scikit-image's bundled photos whose central 504x504 pixels are all texture or scene (every one is at least 512x512)
-TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "camera", "astronaut", "immunohistochemistry", "hubble_deep_field", "retina")
+TEXTURE_IMAGES = ("brick", "grass", "gravel", "moon", "camera", "astronaut", "immunohistochemistry",
+                  "hubble_deep_field", "retina")
 TEXTURE_TILE, TEXTURE_SIDE = 28, 504  # 18 x 18 non-overlapping tiles per photo
 
 
@@ -179,7 +180,8 @@ def _textures(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
         grey = _to_uint8(rgb2gray(image[..., :3]), 1.0) if image.ndim == 3 else image.astype(np.uint8)
         top, left = ((np.array(grey.shape) - TEXTURE_SIDE) // 2).tolist()
         centre = grey[top: top + TEXTURE_SIDE, left: left + TEXTURE_SIDE]
-        tiles.append(centre.reshape(k, TEXTURE_TILE, k, TEXTURE_TILE).swapaxes(1, 2).reshape(-1, TEXTURE_TILE, TEXTURE_TILE))
+        tiles.append(centre.reshape(k, TEXTURE_TILE, k, TEXTURE_TILE).swapaxes(1, 2)
+                     .reshape(-1, TEXTURE_TILE, TEXTURE_TILE))  # row-major: tile (i, j) = rows i*28.., cols j*28..
         labels.append(np.full(k * k, label, dtype=np.int64))
     return np.concatenate(tiles), np.concatenate(labels)
 

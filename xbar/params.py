@@ -152,9 +152,9 @@ class Params(Frozen):
 
     @model_validator(mode="after")
     def _inputs_fit(self) -> "Params":
-        """The backbone's first layer (on the crossbars) takes the source's channels, and its 4-bit
-        activation clips and the energy model's feature-map sizes are those of the source's image size:
-        every task must match both (a task's images of any stored size are resized to it)."""
+        """The chip serves one input format, the source's: its channels (the first layer's crossbar rows)
+        and its image size (what the activation clips were calibrated on and the energy model's feature
+        maps assume). Every task must match both; its stored images of any size are resized to it."""
         want = self.source.dataset
         for name, spec in self.tasks.items():
             if spec.dataset.channels != want.channels:
