@@ -296,6 +296,12 @@ class _Uint8(Dataset):
         return self.transform(image), int(label)
 
 
+def _first_line(err: Exception) -> str:
+    """An exception's message cut to its first line (or its type's name): fits a one-line error."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def _open_torchvision(cls: type, root: Path, name: str) -> Dataset:
     """`cls(root)`, or `cls(root, train=True)` for classes that need it; a failure is one line."""
     for kwargs in ({}, {"train": True}):
@@ -304,8 +310,7 @@ def _open_torchvision(cls: type, root: Path, name: str) -> Dataset:
         except TypeError:  # the class needs (other) arguments
             continue
         except Exception as err:  # not downloaded, corrupt, ...
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"dataset {name}: cannot open under {root} ({first})") from None
+            raise UserError(f"dataset {name}: cannot open under {root} ({_first_line(err)})") from None
     raise UserError(f"dataset {name}: torchvision.datasets.{name} needs arguments besides root and train; "
                     "export it to an image folder and use source: imagefolder")
 
@@ -320,8 +325,7 @@ def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
         try:
             base = torchvision.datasets.ImageFolder(str(root))
         except (FileNotFoundError, OSError) as err:  # no class folder, or one without an image file
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise UserError(f"dataset.root: {root}: not an image folder ({first})") from None
+            raise UserError(f"dataset.root: {root}: not an image folder ({_first_line(err)})") from None
         labels = np.asarray(base.targets)
         ident = [f"{Path(p).relative_to(root)}:{Path(p).stat().st_size}:{t}" for p, t in base.samples]
     else:
