@@ -26,7 +26,7 @@ from scipy import linalg
 from torch import nn
 from torch.utils.data import Dataset
 
-from stages.common import BACKBONE, load_torch
+from workflow.io import BACKBONE, load_torch
 from xbar.data import load_task_data
 from xbar.methods import backbone_net, crossbar_spec, deploy_cells, ridge_head
 from xbar.params import load_params

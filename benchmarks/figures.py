@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.step_ratio import step_times
-from stages.common import BACKBONE, STAGE_LOG_ENV, load_torch
+from workflow.io import BACKBONE, STAGE_LOG_ENV, load_torch
 from xbar.data import load_task_data
 from xbar.methods import backbone_net, build_task_model, crossbar_spec, deploy_cells, train_task
 from xbar.params import Params, load_params
@@ -125,7 +125,7 @@ def add_tasks(params: Params, k_max: int) -> None:
         scratch_workspace(root)
         env = {**os.environ, "PREFECT_HOME": str(root / ".prefect"),
                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-        subprocess.run([sys.executable, "-c", "from stages.tracking import Tracker; Tracker()"], cwd=root, env=env,
+        subprocess.run([sys.executable, "-c", "from workflow.tracking import Tracker; Tracker()"], cwd=root, env=env,
                        check=True)  # the MLflow store exists already in a used workspace
         server, env["PREFECT_API_URL"] = prefect_server(root, env)
         try:

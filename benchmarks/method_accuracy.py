@@ -15,7 +15,7 @@ import argparse
 
 import polars as pl
 
-from stages.common import BACKBONE, load_torch
+from workflow.io import BACKBONE, load_torch
 from xbar.compare import Backbone, accuracy_table, comparison_table, configurations, markdown, run_configuration
 from xbar.params import FIRST_AFTER, METHODS, Params, load_params, parse_params
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from stages.common import BACKBONE, load_torch
+from workflow.io import BACKBONE, load_torch
 from xbar.crossbar import map_model
 from xbar.methods import (TaskModel, backbone_net, build_task_model, crossbar_spec, deploy_cells, optimizers,
                           quantized_net, train_mode)

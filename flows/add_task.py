@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.common import atomic_write_bytes
+from workflow.io import atomic_write_bytes
 from xbar.errors import UserError
 from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, METHODS, TASK_NAME, Params, ParamsError, check_task_name,
                          load_params, parse_params)

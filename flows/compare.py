@@ -33,8 +33,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.continual import prefect_tags
 from flows.lock import workspace_lock
-from stages.common import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
-from stages.tracking import comparison_key, git_commit, tracker
+from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
+from workflow.tracking import comparison_key, git_commit, tracker
 from xbar.compare import (RATIOS, Backbone, Configuration, ConfigurationResult, accuracy_table, comparison_table,
                           configuration_params, configurations, energy_table, report_markdown, run_configuration)
 from xbar.errors import UserError

@@ -22,14 +22,14 @@ from prefect.runtime import flow_run
 
 from flows.dvc import dvc_repro, pipeline_order, repro_command
 from flows.lock import DEFAULT_TIMEOUT_S, workspace_lock
-from stages.common import task_metrics
-from stages.tracking import git_commit, pipeline_parent, tracker
+from workflow.io import task_metrics
+from workflow.tracking import git_commit, pipeline_parent, tracker
 from xbar.params import load_params
 
 
 @dataclass
 class PipelineRun:
-    """A flow's MLflow parent run as the stages see it: XBAR_PIPELINE_RUN (stages/tracking.py)."""
+    """A flow's MLflow parent run as the stages see it: XBAR_PIPELINE_RUN (workflow/tracking.py)."""
 
     spec: dict
     run_id: str | None = None  # known once the run is closed

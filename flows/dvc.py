@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from stages.tracking import PIPELINE_ENV, tracking_uri
+from workflow.tracking import PIPELINE_ENV, tracking_uri
 from xbar.errors import UserError
 
 TASKS_FOREACH = "${tasks}"  # dvc.yaml's per-task stages iterate over params.yaml's tasks

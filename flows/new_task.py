@@ -27,7 +27,7 @@ from flows.add_task import Dataset, Epochs, Method, NewTask, ShiftLevels, SpareR
 from flows.continual import pipeline_run
 from flows.dvc import dvc_repro, repro_command
 from flows.lock import DEFAULT_TIMEOUT_S, workspace_lock
-from stages.common import log_stage_figures
+from workflow.io import log_stage_figures
 from xbar.errors import UserError
 
 DEPLOYMENT = "add-task"  # `new-task/add-task` in the UI and for run_deployment

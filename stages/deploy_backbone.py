@@ -8,7 +8,7 @@ xma2 task may ask for at most that share (params validation).
 
 from __future__ import annotations
 
-from stages.common import BACKBONE, load_torch, stage_main, task_dir, write_json
+from workflow.io import BACKBONE, load_torch, stage_main, task_dir, write_json
 from xbar.deployment import ChipLayout, backbone_mapping, chip_files, chip_spare_pes, new_chip
 from xbar.params import FIRST_AFTER, Params
 

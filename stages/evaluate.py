@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from stages.common import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
-from stages.tracking import (PIPELINE_ENV, Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
+from workflow.io import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
+from workflow.tracking import (PIPELINE_ENV, Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
                              tracker)
 from xbar.data import TaskData, load_task_data
 from xbar.errors import UserError

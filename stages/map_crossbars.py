@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from stages.common import BACKBONE, MAPPING, METRICS, load_torch, save_parquet, stage_main, write_json
+from workflow.io import BACKBONE, MAPPING, METRICS, load_torch, save_parquet, stage_main, write_json
 from xbar.crossbar import CrossbarSpec, map_model
 from xbar.errors import UserError
 from xbar.models import build_model

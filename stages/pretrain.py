@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from stages.common import BACKBONE, METRICS, save_torch, stage_main, write_json
+from workflow.io import BACKBONE, METRICS, save_torch, stage_main, write_json
 from xbar.data import load_task_data
 from xbar.models import build_model
 from xbar.params import Params

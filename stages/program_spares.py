@@ -18,7 +18,7 @@ mapping or backbone is refused (one line, exit 2) before anything is written.
 
 from __future__ import annotations
 
-from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.deployment import ChipLayout, backbone_mapping, chip_files, learn_on_chip, load_chip
 from xbar.energy import resolve_preset

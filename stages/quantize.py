@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from stages.common import BACKBONE, METRICS, load_torch, save_torch, stage_main, write_json
+from workflow.io import BACKBONE, METRICS, load_torch, save_torch, stage_main, write_json
 from xbar.crossbar import mapped_layers
 from xbar.data import load_task_data
 from xbar.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.data import load_task_data
 from xbar.methods import backbone_net, check_spec, crossbar_spec, deploy_cells

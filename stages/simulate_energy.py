@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
+from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.deployment import backbone_mapping
 from xbar.energy import model_io, resolve_preset, task_inference, typical_methods

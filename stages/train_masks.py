@@ -15,7 +15,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from stages.common import (BACKBONE, atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
+from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.crossbar import map_model
 from xbar.data import load_task_data

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import polars as pl
 import pytest
 
-from stages.tracking import comparison, comparison_key
+from workflow.tracking import comparison, comparison_key
 from xbar.compare import (TASK_SCHEMA, Configuration, ConfigurationResult, accuracy_table, comparison_table,
                           configuration_params, configurations, energy_table, report_markdown)
 from xbar.errors import UserError
@@ -135,7 +135,7 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     import json
 
     from project import make_tiny_project
-    from stages.common import save_torch
+    from workflow.io import save_torch
     from tiny_backbone import tiny_backbone
 
     tasks = {"digits": {"dataset": {"source": "optdigits", "max_train": 400}, "epochs": 2},

@@ -180,7 +180,7 @@ def test_map_crossbars_stage(tmp_path, monkeypatch):
 
     import polars as pl
 
-    from stages.common import save_torch
+    from workflow.io import save_torch
     from stages.map_crossbars import map_crossbars
     from xbar.models import build_model
     from xbar.params import parse_params

@@ -229,7 +229,7 @@ TASKS = {"first": {"method": "xma2", "dataset": "optdigits"},
 
 def write_project(root: Path) -> dict:
     """A tiny project: params.yaml, levels.pt of a width-4 small ResNet, three task.pt and train.json."""
-    from stages.common import save_torch
+    from workflow.io import save_torch
     from xbar.deployment import backbone_mapping
     from xbar.params import parse_params
 
@@ -281,7 +281,7 @@ def stage(root: Path, module: str, *args: str) -> Ran:
     import importlib
     import io
 
-    from stages.common import stage_main
+    from workflow.io import stage_main
 
     run = importlib.import_module(module).run
     err, cwd, argv = io.StringIO(), os.getcwd(), sys.argv

@@ -351,7 +351,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """A real MLflow SQLite store; returns a function listing the pipeline runs as (key, status)."""
-    from stages.tracking import tracker
+    from workflow.tracking import tracker
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
 
@@ -364,7 +364,7 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _gate_stage(root: Path, spec: dict, task: str) -> str:
     """What evaluate does with XBAR_PIPELINE_RUN: create (or find) the parent, close it, record it."""
-    from stages.tracking import pipeline_parent, tracker
+    from workflow.tracking import pipeline_parent, tracker
 
     with tracker() as t:
         parent = pipeline_parent(t, spec)

@@ -134,7 +134,7 @@ def test_spec_checks_and_spare_count():
 def test_stages_reject_bad_input(tmp_path: Path, monkeypatch, capsys, bad):
     """One line on stderr, exit code 2, nothing written (stage_main in-process: no interpreter start-up)."""
     from stages import rank_pes, train_masks
-    from stages.common import stage_main
+    from workflow.io import stage_main
 
     raw = tiny_params({"t": {"dataset": "lfw_faces", **bad}})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -153,7 +153,7 @@ def test_a_stage_process_exits_at_once_with_its_output_flushed(tmp_path: Path):
     """A stage run as a script skips the interpreter's teardown (os._exit): what it printed (block-buffered
     into a pipe) must still arrive, and the exit code is 0."""
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params({"t": {"dataset": "lfw_faces"}}), sort_keys=False))
-    (tmp_path / "stage_x.py").write_text("import sys\nfrom stages.common import stage_main\n\n"
+    (tmp_path / "stage_x.py").write_text("import sys\nfrom workflow.io import stage_main\n\n"
                                          "def run(params):\n    print('done', end='')\n    sys.stderr.write('note')\n\n"
                                          "stage_main(run)\nprint('never reached')\n")
     done = subprocess.run([sys.executable, "stage_x.py"], cwd=tmp_path, capture_output=True, text=True,

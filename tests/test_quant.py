@@ -134,7 +134,7 @@ def test_quantize_stage_writes_the_contract(tmp_path, monkeypatch):
     from torch.utils.data import TensorDataset
 
     import stages.quantize as stage
-    from stages.common import save_torch
+    from workflow.io import save_torch
     from xbar.data import TaskData
     from xbar.models import build_model
     from xbar.params import parse_params

@@ -11,7 +11,7 @@
 4. MLflow faults: retries with backoff on I/O errors (a locked store is waited for), one clear
    line when the store stays unavailable, and never a half-registered backbone or task run;
    Prefect retries only `dvc repro` and only on transient failures.
-5. Security: a scan of xbar/, stages/, flows/, benchmarks/ for unsafe loading, shells and 0.0.0.0.
+5. Security: a scan of xbar/, workflow/, stages/, flows/, benchmarks/ for unsafe loading, shells and 0.0.0.0.
 
 The add-task refusals of test_flows.py's BAD table (bad or reserved names, unknown
 dataset / method, out-of-range options) are not repeated here.
@@ -329,7 +329,7 @@ def _temps(folder: Path) -> list[Path]:
 
 def _kill_while_writing(project: TinyProject, target: str, log: Path, timeout_s: float = 400) -> None:
     """`dvc repro` with the write of `target` stopped half-way (XBAR_TEST_PAUSE_WRITE); kill -9 its process group."""
-    from stages.common import PAUSE_WRITE_ENV
+    from workflow.io import PAUSE_WRITE_ENV
 
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project.root, stdout=out,
@@ -434,7 +434,7 @@ def test_two_add_task_commands_at_once_are_serialized_and_both_learned(tmp_path:
 def test_mlflow_retry_backs_off_on_io_errors_then_gives_one_line(monkeypatch: pytest.MonkeyPatch):
     from sqlalchemy.exc import OperationalError
 
-    from stages import tracking
+    from workflow import tracking
     from xbar.errors import UserError
 
     waits: list[float] = []
@@ -516,7 +516,7 @@ def test_mlflow_locked_or_failing_mid_way_leaves_no_half_registered_task(built: 
         return client.search_runs([exp], f"tags.`xbar.kind` = '{kind}'")
 
     def learned() -> list[tuple[str, str]]:
-        from stages.tracking import Tracker, report
+        from workflow.tracking import Tracker, report
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_TRACKING_URI", uri)
@@ -582,7 +582,7 @@ def _has_open(pid: int, name: str) -> bool:
 
 # --- 5. security: a scan of the source tree -------------------------------------------------------------------------
 
-SCANNED = ("xbar", "stages", "flows", "benchmarks")
+SCANNED = ("xbar", "workflow", "stages", "flows", "benchmarks")
 SAFE_YAML_LOADERS = {"SafeLoader", "CSafeLoader", "_UniqueKeyLoader"}
 
 

@@ -76,8 +76,8 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
 
     from rich.table import Table
 
-    from stages.tracking import report as build_report
-    from stages.tracking import tracker
+    from workflow.tracking import report as build_report
+    from workflow.tracking import tracker
 
     with tracker() as t:
         rep = build_report(t)

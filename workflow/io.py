@@ -167,7 +167,7 @@ def log_stage_figures(stage: str, task: str | None, seconds: float | None = None
 
     import psutil
 
-    tracking = sys.modules.get("stages.tracking")
+    tracking = sys.modules.get("workflow.tracking")
     line = {"stage": stage, "task": task,
             "seconds": round(time.time() - psutil.Process().create_time() if seconds is None else seconds, 3),
             "mlflow_seconds": round(tracking.SECONDS if tracking else 0.0, 3),
