@@ -1,6 +1,6 @@
 """A tiny, self-contained copy of the project for integration tests (import: `from project import ...`).
 
-`make_tiny_project(dest, tasks)` copies the code (xbar, stages, flows, dvc.yaml)
+`make_tiny_project(dest, tasks)` copies the code (xbar, workflow, stages, flows, dvc.yaml)
 into `dest`, writes a tiny params.yaml (model width 4, 1 block, optdigits source,
 1 epoch everywhere), and makes it a git + DVC repository with one commit, so
 `dvc repro`, the stages and the flows run there exactly as in the real project
@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("xbar", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+CODE = ("xbar", "workflow", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 TINY_SOURCE = {"source": "optdigits"}
 
 
