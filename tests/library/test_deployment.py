@@ -17,7 +17,6 @@ from xbar.deployment import (BACKBONE, ChipLayout, TaskImage, chip_files, load_c
 from xbar.energy import PRESETS
 from xbar.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER = PRESETS["paper"]
 
 
