@@ -11,22 +11,21 @@ import pytest
 from typer.testing import CliRunner
 
 from xbar.cli import app
-from xbar.crossbar import CrossbarSpec, map_layers
+from xbar.crossbar import CrossbarSpec, map_layers, spare_pe_count
 from xbar.errors import UserError
-from xbar.memory import build_named_model, column_shift_bits, memory_report, named_model_report, spare_pe_count
+from xbar.memory import build_named_model, column_mask_bytes, memory_report, named_model_report
 
 SPEC = CrossbarSpec()  # 72x72, 2-bit cells, 4-bit weights
 
 
-def test_shift_mask_bits_by_hand():
-    # 512 columns; N shift levels -> N + 2 values
-    assert column_shift_bits(512, 0, packed=False) == column_shift_bits(512, 0, packed=True) == 512  # binary
-    assert column_shift_bits(512, 1, packed=False) == 1024  # 3 values: 2 bits
-    assert column_shift_bits(512, 1, packed=True) == 812  # 512 * log2(3) = 811.5
-    assert column_shift_bits(512, 3, packed=False) == 1536  # 5 values: 3 bits
-    assert column_shift_bits(512, 3, packed=True) == 1189  # 512 * log2(5) = 1188.9
-    with pytest.raises(UserError):
-        column_shift_bits(10, -1, packed=True)
+def test_column_mask_bytes_by_hand():
+    # 512 columns of K values
+    assert column_mask_bytes(512, 2, packed=False) == column_mask_bytes(512, 2, packed=True) == 512 // 8  # binary
+    assert column_mask_bytes(512, 3, packed=False) == 1024 // 8  # 3 values: 2 bits
+    assert column_mask_bytes(512, 3, packed=True) == math.ceil(812 / 8)  # 512 * log2(3) = 811.5
+    assert column_mask_bytes(512, 5, packed=False) == 1536 // 8  # 5 values: 3 bits
+    assert column_mask_bytes(512, 5, packed=True) == math.ceil(1189 / 8)  # 512 * log2(5) = 1188.9
+    assert column_mask_bytes(512, 1, packed=True) == column_mask_bytes(512, 1, packed=False) == 0  # no mask
 
 
 def test_report_of_one_layer_by_hand():
@@ -51,11 +50,10 @@ def test_report_of_one_layer_by_hand():
 def test_spare_estimate_is_an_upper_bound():
     # 3x3 20->50: crossbars hold 72x36, 72x14, 72x36, 72x14, 36x36, 36x14 weights
     m = map_layers([("conv", "conv", (50, 20, 3, 3), 1)], SPEC)
-    assert spare_pe_count(6, 0.1) == 1 and spare_pe_count(6, 0.5) == 3 and spare_pe_count(6, 0.0) == 0
+    assert spare_pe_count(0.1, 6) == 1 and spare_pe_count(0.5, 6) == 3 and spare_pe_count(0.0, 6) == 0
+    assert spare_pe_count(0.1, 130) == 13 and spare_pe_count(1e-6, 130) == 1  # float rounding; any share > 0
     r = memory_report(m, spare_ratio=0.5)  # the 3 fullest: 72x36, 72x36, 36x36
     assert r.spare_pes == 3 and r.spare_pe_weights == 72 * 36 * 2 + 36 * 36
-    with pytest.raises(UserError):
-        memory_report(m, spare_ratio=1.5)
 
 
 def test_paper_resnet50_mask_memory():

@@ -29,9 +29,13 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from xbar.chip.deployment import learn_on_chip, new_chip
+from xbar.chip.layout import ChipLayout, backbone_mapping
+from xbar.crossbar import spare_pe_count as chip_spare_pes  # the one spare-PE count (ratio, PEs)
 from xbar.data import TaskData, load_task_data
-from xbar.deployment import ChipLayout, backbone_mapping, chip_spare_pes, learn_on_chip, new_chip
-from xbar.energy import model_io, resolve_preset, task_inference
+from xbar.energy.inference import task_inference
+from xbar.energy.layer_io import model_io
+from xbar.energy.presets import resolve_preset
 from xbar.errors import UserError
 from xbar.methods import (backbone_net, build_task_model, check_spec, chip_view, crossbar_spec, deploy_cells,
                           export_task, load_task_model, mask_report, train_task)
