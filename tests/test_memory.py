@@ -19,12 +19,13 @@ SPEC = CrossbarSpec()  # 72x72, 2-bit cells, 4-bit weights
 
 
 def test_column_mask_bytes_by_hand():
-    # 512 columns of K values
-    assert column_mask_bytes(512, 2, packed=False) == column_mask_bytes(512, 2, packed=True) == 512 // 8  # binary
+    # 512 columns of K values; packed: 3 codes together, ceil(512 / 3) = 171 groups
+    assert column_mask_bytes(512, 2, packed=False) == 512 // 8  # binary: 1 bit each
+    assert column_mask_bytes(512, 2, packed=True) == math.ceil(171 * 3 / 8)  # 2**3 = 8 codes: 3 bits per group
     assert column_mask_bytes(512, 3, packed=False) == 1024 // 8  # 3 values: 2 bits
-    assert column_mask_bytes(512, 3, packed=True) == math.ceil(812 / 8)  # 512 * log2(3) = 811.5
+    assert column_mask_bytes(512, 3, packed=True) == math.ceil(171 * 5 / 8)  # 3**3 = 27 <= 2**5
     assert column_mask_bytes(512, 5, packed=False) == 1536 // 8  # 5 values: 3 bits
-    assert column_mask_bytes(512, 5, packed=True) == math.ceil(1189 / 8)  # 512 * log2(5) = 1188.9
+    assert column_mask_bytes(512, 5, packed=True) == math.ceil(171 * 7 / 8)  # the paper's 3 in 7 bits: 125 <= 128
     assert column_mask_bytes(512, 1, packed=True) == column_mask_bytes(512, 1, packed=False) == 0  # no mask
 
 
@@ -36,10 +37,10 @@ def test_report_of_one_layer_by_hand():
     assert r.piggyback_bytes == 64 * 64 * 9 // 8 == 4608
     assert r.column_binary_bytes == 512 // 8
     assert r.column_shift_bytes == 512 * 3 // 8
-    assert r.column_shift_packed_bytes == math.ceil(1189 / 8)
+    assert r.column_shift_packed_bytes == math.ceil(171 * 7 / 8)  # 3 columns per 7 bits
     assert r.spare_pes == 1 and r.spare_pe_weights == 2592
     assert r.xma2_spare_weight_bytes == 2592 * 4 // 8
-    assert r.xma2_column_shift_bytes == math.ceil(math.ceil(476 * math.log2(5)) / 8)  # frozen: 512 - 36 columns
+    assert r.xma2_column_shift_bytes == math.ceil(math.ceil(476 / 3) * 7 / 8)  # frozen: 512 - 36 columns
     assert r.xma2_pe_mask_bytes == 2  # 16 PEs, one bit each
     assert (r.head_bytes, r.bn_bytes) == (650 * 4, 128 * 4)
     assert r.xma2_bytes == 2 + r.xma2_column_shift_bytes + 1296 + 2600 + 512

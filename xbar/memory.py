@@ -6,8 +6,9 @@ What a task stores beyond the frozen backbone cells (bits; bytes = ceil(bits / 8
 * Column binary mask (XBM): one bit per column: `columns` bits.
 * Column shift mask (XMA) with N shift levels: N + 2 values per column
   (0, 1/2**N .. 1/2, 1). Unpacked, each column takes ceil(log2(N + 2)) bits;
-  packed (several columns' values coded together as one base-(N+2) number, e.g.
-  3 values of 5 levels in 7 bits), log2(N + 2) bits per column. N = 0 is XBM.
+  packed (three columns' values coded together as one base-(N+2) number:
+  3 values of 5 levels in 7 bits), ceil(3 log2(N + 2)) bits per three columns
+  (`column_mask_bytes`, also a trained task's mask bytes). N = 0 is XBM.
 * XMA2: the tier-1 PE mask (one bit per PE), the packed column shift mask of
   the frozen PEs only, the spare PEs' weights at weight_bits each, and the
   task's head and BN parameters at `param_bits` (fp32, digital).
@@ -39,6 +40,9 @@ def shift_values(shift_levels: int) -> int:
     return shift_levels + 2
 
 
+PACK = 3  # mask codes packed together: 3 codes of 5 values in 7 bits (5**3 = 125 <= 2**7)
+
+
 def mask_bits_for(n_values: int) -> int:
     """Bits one column's mask code takes (unpacked, as the mask buffer reads it): ceil(log2 K); 0 without
     a mask (K <= 1)."""
@@ -48,11 +52,12 @@ def mask_bits_for(n_values: int) -> int:
 def column_mask_bytes(columns: int, n_values: int, packed: bool) -> int:
     """Bytes of one task's column mask over `columns` columns of K = `n_values` values each.
 
-    Unpacked: ceil(log2 K) bits per column. Packed: all the columns' codes together as one base-K
-    number, ceil(columns log2 K) bits (5 values: 2.32 bits per column).
+    Unpacked: ceil(log2 K) bits per column. Packed: every PACK = 3 columns' codes together as one base-K
+    number in ceil(3 log2 K) bits (5 values: 3 codes in 7 bits, 2.33 bits per column; 3 values: 3 in 5;
+    2 values: 3 in 3, i.e. one bit each), a packing a mask buffer can decode per group of columns.
     """
     if packed:
-        bits = math.ceil(columns * math.log2(n_values)) if n_values > 1 else 0
+        bits = math.ceil(columns / PACK) * (math.ceil(PACK * math.log2(n_values)) if n_values > 1 else 0)
     else:
         bits = columns * mask_bits_for(n_values)
     return to_bytes(bits)
@@ -90,7 +95,7 @@ class MemoryReport:
     piggyback_bytes: int
     column_binary_bytes: int
     column_shift_bytes: int  # unpacked: ceil(log2(N + 2)) bits per column
-    column_shift_packed_bytes: int  # packed: log2(N + 2) bits per column
+    column_shift_packed_bytes: int  # packed: 3 columns in ceil(3 log2(N + 2)) bits (column_mask_bytes)
     xma2_pe_mask_bytes: int
     xma2_column_shift_bytes: int  # packed, frozen PEs only
     xma2_spare_weight_bytes: int
