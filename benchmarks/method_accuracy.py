@@ -16,8 +16,10 @@ import argparse
 import polars as pl
 
 from workflow.io import BACKBONE, load_torch
-from xbar.compare import Backbone, accuracy_table, comparison_table, configurations, markdown, run_configuration
-from xbar.params import FIRST_AFTER, METHODS, Params, load_params, parse_params
+from xbar.compare import accuracy_table, comparison_table, configurations, markdown, run_configuration
+from xbar.methods import names
+from xbar.params import FIRST_AFTER, Params, load_params, parse_params
+from xbar.step import Backbone
 
 
 def with_tasks(params: Params, tasks: list[str], seed: int) -> Params:
@@ -36,8 +38,8 @@ def with_tasks(params: Params, tasks: list[str], seed: int) -> Params:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1], help="xma2's spare-PE ratios")
+    parser.add_argument("--methods", nargs="+", default=list(names()), choices=names())
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.1], help="spare-PE ratios (methods with spare PEs)")
     parser.add_argument("--tasks", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: params.seed")
     args = parser.parse_args()

@@ -19,8 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workflow.io import atomic_write_bytes
 from xbar.errors import UserError
-from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, METHODS, TASK_NAME, Params, ParamsError, ShiftLevels,
-                         SpareRatio, check_task_name, load_params, parse_params)
+from xbar.methods import names as method_names
+from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, Params, ParamsError, ShiftLevels, SpareRatio,
+                         check_task_name, load_params, parse_params)
 
 # The form's fields (Prefect renders these types as inputs with choices, bounds and help).
 # The bounds repeat xbar.params.TaskSpec's so the UI refuses bad values before a run
@@ -30,7 +31,7 @@ TaskName = Annotated[str, Field(pattern=TASK_NAME.pattern, description=(
     "A new task's name: a lower-case letter, then up to 31 lower-case letters, digits or '_'."))]
 Dataset = Annotated[Literal[BUILTIN_DATASETS], Field(  # type: ignore[valid-type]
     description="A built-in offline dataset (torchvision / ImageFolder sources: edit params.yaml)")]
-Method = Annotated[Literal[METHODS], Field(  # type: ignore[valid-type]
+Method = Annotated[Literal[method_names()], Field(  # type: ignore[valid-type]
     description="How the task is learned on the frozen backbone")]
 Epochs = Annotated[int, Field(gt=0, description="Training epochs of the task")]
 

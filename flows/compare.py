@@ -35,11 +35,12 @@ from flows.continual import prefect_tags
 from flows.lock import workspace_lock
 from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
 from workflow.tracking import comparison_key, git_commit, tracker
-from xbar.compare import (RATIOS, Backbone, Configuration, ConfigurationResult, accuracy_table, comparison_table,
+from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, comparison_table,
                           configuration_params, configurations, energy_table, report_markdown, run_configuration)
 from xbar.errors import UserError
-from xbar.params import METHODS, Params, load_params
+from xbar.params import Params, load_params
 from xbar.plots import accuracy_vs_ratio, energy_by_method, png
+from xbar.step import Backbone
 
 COMPARISON = ARTIFACTS / "comparison"
 
@@ -66,7 +67,7 @@ def plan_comparison(root: Path, methods: list[str] | None = None,
                     ratios: list[float] | None = None) -> tuple[Params, list[Configuration]]:
     """params.yaml and the configurations, every one validated, and the backbone present; else UserError."""
     params = load_params(root / "params.yaml")
-    configs = configurations(methods or METHODS, RATIOS if ratios is None else ratios)
+    configs = configurations(methods or None, RATIOS if ratios is None else ratios)
     for config in configs:
         configuration_params(params, config)  # e.g. an XMA2 ratio above crossbar.spare_pe_ratio
     for name in ("quant.pt", "levels.pt"):

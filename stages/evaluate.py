@@ -22,14 +22,13 @@ import yaml
 from workflow.io import BACKBONE, METRICS, atomic_write_bytes, load_torch, stage_main, task_dir, task_metrics, write_json
 from workflow.tracking import (PIPELINE_ENV, Tracker, accuracy_at_learn, backbone_run, file_digest, git_commit, parent_run,
                              tracker)
+from xbar import step
 from xbar.data import TaskData, load_task_data
 from xbar.errors import UserError
-from xbar.methods import chip_view, load_task_model
+from xbar.methods import get
 from xbar.params import Params
 from xbar.plots import accuracy_matrix, png
-from xbar.training import accuracy, seed_everything
-
-GATED = ("finetune_separate", "piggyback", "xbm", "xma", "xma2")
+from xbar.training import seed_everything
 
 
 class GateFailed(Exception):
@@ -47,16 +46,8 @@ def accuracies_now(params: Params, upto: str) -> tuple[dict[str, float], TaskDat
     names = list(params.tasks)[: list(params.tasks).index(upto) + 1]
     levels = load_torch(BACKBONE / "levels.pt")
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
-    result = {}
-    for name in names:
-        task = chip_view(tasks, name)  # finetune_shared: one network on the chip, the latest shared weights
-        model = load_task_model(task, levels, params)
-        data = load_task_data(params.tasks[name].dataset, params.seed)
-        if data.digest != task["dataset_digest"]:
-            raise UserError(f"task {name}: its test data changed since it was learned "
-                            f"(digest {data.digest} != {task['dataset_digest']}); restore the dataset")
-        result[name] = accuracy(model.net, data.test, params.train.eval_batch_size)
-    return result, data
+    data = {name: load_task_data(params.tasks[name].dataset, params.seed) for name in names}
+    return step.evaluate(params, tasks, levels, data), data[upto]
 
 
 def dvc_stage_hashes(task: str) -> dict[str, str]:
@@ -136,7 +127,7 @@ def evaluate(params: Params, task: str) -> None:
         for n in names[: order - 1]:
             if at_learn[n] is None:  # MLflow lost the record: fall back to the task's own DVC metrics
                 at_learn[n] = read_json(task_metrics(n, "evaluate"))["accuracy_at_learn"]
-            if params.tasks[n].method in GATED and now[n] != at_learn[n]:
+            if get(params.tasks[n].method).gated and now[n] != at_learn[n]:
                 failures.append(f"task {n}: accuracy {now[n]:.2f}% after adding {task}, "
                                 f"{at_learn[n]:.2f}% when learned")
         forgetting = {n: at_learn[n] - now[n] for n in now}

@@ -6,11 +6,11 @@ import time
 
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
+from xbar import step
 from xbar.data import load_task_data
-from xbar.methods import backbone_net, check_spec, crossbar_spec, deploy_cells
+from xbar.methods import check_spec
 from xbar.params import Params
 from xbar.plots import pe_ranking, png
-from xbar.ranking import rank_batch, rank_pes
 from xbar.training import seed_everything
 
 
@@ -18,13 +18,10 @@ def run(params: Params, task: str) -> None:
     spec = params.tasks[task]
     seed_everything(params.seed, params.train.threads)
     data = load_task_data(spec.dataset, params.seed)
-    check_spec(spec, len(data.train))
-    quant, levels = load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt")
+    check_spec(spec, len(data.train))  # before reading the backbone: a user's mistake comes first
+    backbone = step.Backbone(load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt"))
     start = time.perf_counter()
-    net = backbone_net(params, quant)
-    deploy_cells(net, levels, crossbar_spec(params))
-    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
-    table, loss = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
+    table, loss = step.rank(params, spec, backbone, data)
     selected = table.filter("selected")
     save_parquet(task_dir(task) / "ranking.parquet", table)
     atomic_write_bytes(task_dir(task) / "ranking.png", png(pe_ranking(table, task)))

@@ -19,8 +19,8 @@ import torch
 
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
+from xbar import step
 from xbar.chip.layout import backbone_mapping
-from xbar.energy.inference import task_inference
 from xbar.energy.layer_io import model_io
 from xbar.energy.presets import resolve_preset
 from xbar.energy.typical import typical_methods
@@ -84,9 +84,9 @@ def run(params: Params, task: str) -> None:
     if test_images < 1:
         raise UserError(f"{task_metrics(task, 'train')}: no test_images count; re-run train_masks")
 
+    inference = step.inference(params, mapping, t, spec.dataset.image_size, preset)
     io_ = model_io(params.model, mapping, int(t["num_classes"]), int(t["channels"]), spec.dataset.image_size)
     act_bits = params.quant.act_bits
-    inference = task_inference(t, mapping, io_, preset, act_bits)
     energy, columns, bits = inference.energy, inference.columns, inference.mask_bits
 
     reprogram = float(program["reprogram_j"])

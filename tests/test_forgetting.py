@@ -15,8 +15,8 @@ import torch
 from project import tiny_params
 from xbar.crossbar import map_model
 from xbar.data import load_task_data
-from xbar.methods import (build_task_model, crossbar_spec, deploy_cells, export_task, load_task_model,
-                          quantized_net, shared_view, train_task)
+from xbar.methods import (build_task_model, chip_view, crossbar_spec, deploy_cells, export_task, get,
+                          load_task_model, names, quantized_net, train_task)
 from xbar.params import parse_params
 from xbar.quant import export_levels
 from xbar.ranking import rank_batch, rank_pes
@@ -24,7 +24,7 @@ from xbar.training import as_input, predict, seed_everything
 
 pytestmark = pytest.mark.slow  # trains 12 small tasks: minutes on 2 cores
 
-METHODS = ("xma2", "xma", "xbm", "piggyback", "finetune_separate")
+METHODS = [m for m in names() if get(m).gated]  # every method the no-forgetting gate holds to
 
 
 def level_bytes(levels: dict) -> bytes:
@@ -83,7 +83,7 @@ def test_finetune_shared_forgets(setup):
     first = learn(params, quant, levels, data, "first", "finetune_shared")
     preds_at_learn, labels = predict(load_task_model(first, levels, params).net, data["first"].test)
     second = learn(params, quant, levels, data, "second", "finetune_shared", start=first)
-    preds_now, _ = predict(load_task_model(shared_view(first, second), levels, params).net, data["first"].test)
+    preds_now, _ = predict(load_task_model(chip_view({"first": first, "second": second}, "first"), levels, params).net, data["first"].test)
     at_learn = (preds_at_learn == labels).float().mean().item()
     now = (preds_now == labels).float().mean().item()
     assert not torch.equal(preds_now, preds_at_learn)

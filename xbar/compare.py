@@ -29,22 +29,19 @@ from dataclasses import dataclass
 import polars as pl
 import torch
 
+from xbar import step
 from xbar.chip.deployment import learn_on_chip, new_chip
-from xbar.chip.layout import ChipLayout, backbone_mapping
+from xbar.chip.layout import ChipLayout
 from xbar.crossbar import spare_pe_count as chip_spare_pes  # the one spare-PE count (ratio, PEs)
 from xbar.data import TaskData, load_task_data
-from xbar.energy.inference import task_inference
-from xbar.energy.layer_io import model_io
 from xbar.energy.presets import resolve_preset
 from xbar.errors import UserError
-from xbar.methods import (backbone_net, build_task_model, check_spec, chip_view, crossbar_spec, deploy_cells,
-                          export_task, load_task_model, mask_report, train_task)
-from xbar.params import METHODS, Params, TaskSpec, parse_params
-from xbar.ranking import rank_batch, rank_pes
-from xbar.training import accuracy, seed_everything
+from xbar.methods import get, mask_report, names
+from xbar.params import Params, parse_params
+from xbar.step import Backbone
+from xbar.training import seed_everything
 
-RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for XMA2
-SPARE_METHOD = "xma2"  # the only method with spare PEs: one configuration per ratio
+RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for a method with spare PEs
 
 # one row per (configuration, task); accuracy_final and forgetting are added by comparison_table
 TASK_SCHEMA = {
@@ -65,7 +62,7 @@ def percent(ratio: float) -> str:
 @dataclass(frozen=True)
 class Configuration:
     method: str
-    spare_ratio: float | None = None  # xma2 only: the share P of PEs replaced by spare PEs
+    spare_ratio: float | None = None  # a method with spare PEs only: the share P of PEs replaced by spare PEs
 
     @property
     def label(self) -> str:
@@ -73,22 +70,25 @@ class Configuration:
         return self.method if self.spare_ratio is None else f"{self.method}@{percent(self.spare_ratio)}"
 
 
-def configurations(methods: Iterable[str] = METHODS, ratios: Iterable[float] = RATIOS) -> list[Configuration]:
-    """One configuration per method, XMA2 once per spare-PE ratio (in the given order, duplicates dropped)."""
-    methods, ratios = list(dict.fromkeys(methods)), list(dict.fromkeys(float(r) for r in ratios))
-    unknown = [m for m in methods if m not in METHODS]
+def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float] = RATIOS) -> list[Configuration]:
+    """One configuration per method (default: every registered one), a method with spare PEs once per
+    spare-PE ratio (in the given order, duplicates dropped)."""
+    methods = list(dict.fromkeys(names() if methods is None else methods))
+    ratios = list(dict.fromkeys(float(r) for r in ratios))
+    unknown = [m for m in methods if m not in names()]
     if unknown:
-        raise UserError(f"methods: {unknown[0]!r} is unknown (one of {', '.join(METHODS)})")
+        raise UserError(f"methods: {unknown[0]!r} is unknown (one of {', '.join(names())})")
     if not methods:
         raise UserError("methods: name at least one method")
     bad = [r for r in ratios if not 0 < r <= 1]
     if bad:
         raise UserError(f"ratios: {bad[0]:g} is outside (0, 1] (a share of the PEs, e.g. 0.1 for 10%)")
-    if SPARE_METHOD in methods and not ratios:
-        raise UserError(f"ratios: {SPARE_METHOD} needs at least one spare-PE ratio")
+    spare = [m for m in methods if get(m).spare_pes]
+    if spare and not ratios:
+        raise UserError(f"ratios: {spare[0]} needs at least one spare-PE ratio")
     out = []
     for m in methods:
-        out += [Configuration(m, r) for r in ratios] if m == SPARE_METHOD else [Configuration(m)]
+        out += [Configuration(m, r) for r in ratios] if get(m).spare_pes else [Configuration(m)]
     return out
 
 
@@ -104,27 +104,10 @@ def configuration_params(params: Params, config: Configuration) -> Params:
 
 
 @dataclass(frozen=True)
-class Backbone:
-    """The deployed backbone: quant.pt and levels.pt contents."""
-
-    quant: dict
-    levels: dict
-
-
-@dataclass(frozen=True)
 class ConfigurationResult:
     config: Configuration
     tasks: pl.DataFrame  # TASK_SCHEMA, one row per task in learning order
     matrix: pl.DataFrame  # MATRIX_SCHEMA: accuracy of `task` after `after` was learned
-
-
-def spare_pes_for(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> torch.Tensor:
-    """XMA2's tier 1: the top-P% PEs ranked on one seeded mini-batch of the task (what rank_pes selects)."""
-    net = backbone_net(params, backbone.quant)
-    deploy_cells(net, backbone.levels, crossbar_spec(params))
-    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
-    table, _ = rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
-    return torch.tensor(table.filter("selected")["pe"].to_list(), dtype=torch.int64)
 
 
 def mask_digest(task: dict) -> str:
@@ -142,43 +125,34 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
                       data: Mapping[str, TaskData] | None = None) -> ConfigurationResult:
     """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None."""
     run = configuration_params(params, config)
-    seed, threads = run.seed, run.train.threads
-    cells = {name: entry["levels"] for name, entry in backbone.levels.items()}
-    mapping = backbone_mapping(run.model, run.crossbar, backbone.levels)
+    mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
-    chip = new_chip(layout, cells, chip_spare_pes(run.crossbar.spare_pe_ratio, mapping.n_pes))
+    chip = new_chip(layout, backbone.cells, chip_spare_pes(run.crossbar.spare_pe_ratio, mapping.n_pes))
     preset = resolve_preset(run.energy.preset, run.energy.overrides)
     loaded: dict[str, TaskData] = {}
     learned: dict[str, dict] = {}  # task -> task.pt contents, in learning order
     rows, matrix = [], []
     for order, (name, spec) in enumerate(run.tasks.items(), start=1):
-        seed_everything(seed, threads)
-        loaded[name] = task_data = data[name] if data is not None else load_task_data(spec.dataset, seed)
-        check_spec(spec, len(task_data.train))
+        seed_everything(run.seed, run.train.threads)
+        loaded[name] = task_data = data[name] if data is not None else load_task_data(spec.dataset, run.seed)
         began = time.perf_counter()
-        spare = spare_pes_for(run, spec, backbone, task_data) if spec.method == SPARE_METHOD else None
+        spare = step.selected_pes(step.rank(run, spec, backbone, task_data)[0]) if get(spec.method).spare_pes else None
         previous = list(learned.values())[-1] if learned else None
-        start = previous if spec.method == "finetune_shared" else None
-        model = build_task_model(run, spec, backbone.quant, backbone.levels, task_data.num_classes,
-                                 spare_pes=spare, start=start)
-        train_task(model, task_data.train, spec, run.train, seed, f"{config.label} {name}")
-        learned[name] = task = export_task(model, task_data.num_classes, task_data.channels, task_data.digest)
+        result = step.learn(run, spec, backbone, task_data, f"{config.label} {name}", spare, previous)
+        learned[name] = task = result.task
         seconds = time.perf_counter() - began
 
         # the chip: program this task, then switch to every earlier task (its evaluation) and back
-        programming = learn_on_chip(chip, layout, learned, cells, preset)
-        for earlier in learned:
-            model_now = load_task_model(chip_view(learned, earlier), backbone.levels, run)
-            acc = accuracy(model_now.net, loaded[earlier].test, run.train.eval_batch_size)
-            matrix.append({"label": config.label, "after": name, "task": earlier, "accuracy": acc})
+        programming = learn_on_chip(chip, layout, learned, backbone.cells, preset)
+        now = step.evaluate(run, learned, backbone.levels, loaded)
+        matrix += [{"label": config.label, "after": name, "task": t, "accuracy": a} for t, a in now.items()]
 
-        io = model_io(run.model, mapping, task["num_classes"], task["channels"], spec.dataset.image_size)
-        per_image = task_inference(task, mapping, io, preset, run.quant.act_bits).energy.per_image_j
-        inference_j = per_image * len(task_data.test)
+        inference_j = step.inference(run, mapping, task, spec.dataset.image_size, preset).energy.per_image_j \
+            * len(task_data.test)
         masks, s, switch = mask_report(task, mapping), programming.program.summary, programming.switch
         rows.append({
             "label": config.label, "method": config.method, "spare_ratio": config.spare_ratio, "task": name,
-            "order": order, "dataset": spec.dataset.source, "accuracy_at_learn": matrix[-1]["accuracy"],
+            "order": order, "dataset": spec.dataset.source, "accuracy_at_learn": now[name],
             "spare_pes": int(task["spare_pes"].numel()), "mask_bytes": masks["mask_bytes_packed"],
             "mask_bytes_unpacked": masks["mask_bytes_unpacked"], "cells_written": s["cells_written"],
             "program_j": s["energy_j"] + s["mask_load_j"], "switch_j": switch["energy_j"] + switch["mask_load_j"],

@@ -19,7 +19,6 @@ from xbar.errors import UserError
 # Built-in offline sources (xbar.data); real-scale sources are "torchvision" and "imagefolder".
 BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist")
 DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
-METHODS = ("finetune_shared", "finetune_separate", "piggyback", "xbm", "xma", "xma2")
 MODELS = ("small_resnet", "resnet18", "resnet50")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 FIRST_AFTER = "backbone"  # the `after` of the first task; reserved, not a task name
@@ -126,11 +125,20 @@ class TaskSpec(Frozen):
     # to chain each task's stages after the previous task's deployment state.
     after: str | None = None
     dataset: DatasetSpec
-    method: Literal[METHODS] = "xma2"  # type: ignore[valid-type]
+    method: str = "xma2"  # a registered method (xbar.methods)
     epochs: PositiveInt = 3
     spare_ratio: SpareRatio = 0.1  # share of PEs re-programmed as spare PEs
     shift_levels: ShiftLevels = 3  # 0 = binary column mask (XBM)
     rank_batch_size: PositiveInt = 64  # the ONE mini-batch that ranks the PEs
+
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, method: str) -> str:
+        from xbar.methods import names  # the registry imports params: resolved at validation time
+
+        if method not in names():
+            raise ValueError(f"unknown method {method!r} (one of {', '.join(names())})")
+        return method
 
 
 class EnergyParams(Frozen):
@@ -139,6 +147,8 @@ class EnergyParams(Frozen):
 
 
 class Params(Frozen):
+    # modules imported before validation, each registering its own methods (xbar.methods.registry)
+    plugins: tuple[str, ...] = ()
     seed: Annotated[int, Field(ge=0)] = 0
     crossbar: CrossbarParams = CrossbarParams()
     quant: QuantParams = QuantParams()
@@ -150,8 +160,10 @@ class Params(Frozen):
 
     @model_validator(mode="after")
     def _spares_fit(self) -> "Params":
+        from xbar.methods import get
+
         for name, spec in self.tasks.items():
-            if spec.method == "xma2" and spec.spare_ratio > self.crossbar.spare_pe_ratio:
+            if get(spec.method).spare_pes and spec.spare_ratio > self.crossbar.spare_pe_ratio:
                 raise ValueError(f"tasks.{name}.spare_ratio {spec.spare_ratio} exceeds crossbar.spare_pe_ratio "
                                  f"{self.crossbar.spare_pe_ratio} (the spare PEs the chip is built with)")
         return self
@@ -219,6 +231,11 @@ def check_value(kind: Any, value: Any, name: str) -> Any:
 
 
 def parse_params(data: Any, source: str = "params") -> Params:
+    if isinstance(data, dict) and data.get("plugins"):
+        from xbar.methods.registry import load_plugins
+
+        plugins = data["plugins"]
+        load_plugins(plugins if isinstance(plugins, list | tuple) else [plugins])
     try:
         return Params.model_validate(data)
     except ValidationError as err:

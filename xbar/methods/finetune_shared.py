@@ -1,0 +1,45 @@
+"""Fine-tuning one shared network task after task: each task starts from the previous shared task's
+network. A learned task runs on the latest shared weights with its own head, so it forgets (catastrophic
+forgetting is this baseline's point: the gate records it, it does not fail on it)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from xbar.methods.registry import Method, register
+
+if TYPE_CHECKING:
+    from xbar.methods.layers import TaskModel
+    from xbar.params import TaskSpec, TrainParams
+
+
+class FinetuneShared(Method):
+    name = "finetune_shared"
+    trains = "every weight (4-bit QAT), activation clips, BN, head; from the previous shared task"
+    trains_all = True
+    continues_previous = True
+    gated = False
+
+    def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
+        for layer in model.layers().values():
+            layer.train_weights()
+
+    def chip_view(self, tasks: dict[str, dict], name: str) -> dict:
+        latest = [t for t in tasks.values() if t["method"] == self.name][-1]
+        return shared_view(tasks[name], latest)
+
+
+def shared_view(earlier: dict, latest: dict) -> dict:
+    """What a finetune_shared task computes after later shared tasks: the latest network, its own head.
+
+    (This is where catastrophic forgetting shows: the shared weights moved on.)
+    """
+    view = dict(earlier)
+    view["levels"], view["scales"] = latest["levels"], latest["scales"]
+    state = {k: v for k, v in latest["model_state"].items() if not k.startswith("head.")}
+    state.update({k: v for k, v in earlier["model_state"].items() if k.startswith("head.")})
+    view["model_state"] = state
+    return view
+
+
+register(FinetuneShared())

@@ -1,0 +1,201 @@
+"""A task's life as data: build its trainable model, export task.pt, rebuild the deployed model.
+
+`export_task` writes the task.pt contract of docs/artifacts.md and
+`load_task_model` rebuilds the deployed model from it; the trained model's
+eval forward computes exactly what the rebuilt one does, so predictions match
+bit for bit. What differs between methods comes from the registry
+(`attach`, `export_masks`, `keeps_backbone`, `chip_view`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from xbar.crossbar import Mapping
+from xbar.errors import UserError
+from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar_spec, deploy_cells, new_head, quantized_net
+from xbar.methods.recipe import set_trainable
+from xbar.methods.registry import get, names
+from xbar.params import Params, TaskSpec
+
+
+def check_spec(spec: TaskSpec, n_train: int) -> None:
+    """What params.yaml cannot check: the task against its training set (one line)."""
+    if spec.rank_batch_size > n_train:
+        raise UserError(f"rank_batch_size: {spec.rank_batch_size} is larger than the task's training set "
+                        f"({n_train} images)")
+
+
+def n_spare_pes(spare_ratio: float, n_pes: int) -> int:
+    """Top-P% of the PEs: ceil(P * n_pes) (at least one for any P > 0)."""
+    return min(n_pes, math.ceil(spare_ratio * n_pes - 1e-9))
+
+
+def build_task_model(params: Params, spec: TaskSpec, quant: dict, levels: dict, num_classes: int,
+                     spare_pes: torch.Tensor | None = None, start: dict | None = None) -> TaskModel:
+    """The trainable task model of `spec.method` on the backbone.
+
+    `levels` is levels.pt; `spare_pes` the ranked PEs (a method with spare PEs);
+    `start` a previous task.pt to continue from (a method that `continues_previous`).
+    """
+    method = get(spec.method)
+    net = backbone_net(params, quant)
+    body = None
+    if start is not None:
+        if not method.continues_previous:
+            raise ValueError(f"{method.name} does not continue from a previous task")
+        # the previous task's network (levels, BN, clips) -- its head is replaced below
+        levels = {k: {"levels": start["levels"][k], "scale": start["scales"][k]} for k in start["levels"]}
+        body = {k: v for k, v in start["model_state"].items() if not k.startswith("head.")}
+    new_head(net, num_classes)
+    mapping = deploy_cells(net, levels, crossbar_spec(params))
+    if body is not None:
+        net.load_state_dict(body, strict=False)
+    model = TaskModel(net, method.name, mapping)
+    if method.spare_pes:
+        if spare_pes is None:
+            raise ValueError(f"{method.name} needs the ranked spare PEs")
+        model.spare_pes = torch.as_tensor(spare_pes, dtype=torch.int64).sort().values
+    method.attach(model, spec, params.train)
+    set_trainable(model)
+    return model
+
+
+# --- export / rebuild ------------------------------------------------------------------
+
+
+def _exported_keys(model: TaskModel) -> set[str]:
+    """state_dict keys held by task.pt's levels / masks, not by model_state."""
+    keys = set()
+    for name, layer in model.layers().items():
+        for key, obj in (("latent", layer.latent), ("column_mask.real", layer.column_mask),
+                         ("element_mask.real", layer.element_mask)):
+            if obj is not None:
+                keys.add(f"{name}.{key}")
+    return keys
+
+
+@torch.no_grad()
+def export_task(model: TaskModel, num_classes: int, channels: int, dataset_digest: str = "") -> dict:
+    """task.pt's contents (docs/artifacts.md)."""
+    was_training = model.net.training
+    model.net.eval()
+    layers = model.layers()
+    task = {
+        "method": model.method,
+        "levels": {n: l.task_levels().to(torch.int8).contiguous() for n, l in layers.items()},
+        "scales": {n: l.scale.detach().clone() for n, l in layers.items()},
+        "spare_pes": model.spare_pes.clone(),
+        "column_masks": {},
+        "mask_values": torch.zeros(0),
+        "element_masks": {},
+        "num_classes": int(num_classes),
+        "channels": int(channels),
+        "dataset_digest": dataset_digest,
+    }
+    get(model.method).export_masks(model, task)
+    skip = _exported_keys(model)
+    task["model_state"] = {k: v.detach().clone() for k, v in model.net.state_dict().items() if k not in skip}
+    model.net.train(was_training)
+    return task
+
+
+def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
+    """Rebuild a learned task's deployed model from task.pt + levels.pt (eval mode).
+
+    Raises UserError if a mask method's cells differ from the backbone's outside
+    its spare PEs: that would break the no-forgetting invariant.
+    """
+    method = task.get("method")
+    if method not in names():
+        raise UserError(f"task.pt: unknown method {method!r} (one of {', '.join(names())})")
+    keeps_backbone = get(method).keeps_backbone
+    net = quantized_net(params, task["num_classes"], task["channels"])
+    new_head(net, task["num_classes"])
+    cells = {k: {"levels": task["levels"][k], "scale": task["scales"][k]} for k in task["levels"]}
+    mapping = deploy_cells(net, cells, crossbar_spec(params))
+    spare_pes = task["spare_pes"].to(torch.int64)
+    model = TaskModel(net, method, mapping, spare_pes)
+    for name, layer in model.layers().items():
+        if keeps_backbone:
+            _check_backbone_cells(name, layer, levels, spare_pes)
+        if name in task["column_masks"]:
+            layer._column_index()
+            layer.fixed_columns = task["mask_values"].float()[task["column_masks"][name].long()]
+            if spare_pes.numel():
+                pe = layer.lm.index_tensors()[1]
+                spare = torch.isin(pe, spare_pes)
+                layer.spare_columns = torch.zeros(layer.lm.n_columns, dtype=torch.bool)
+                layer.spare_columns[layer.column[spare]] = True
+        if name in task["element_masks"]:
+            layer.fixed_elements = task["element_masks"][name].float()
+    if task["column_masks"]:
+        model.shift_levels = len(task["mask_values"]) - 2
+    try:
+        net.load_state_dict(task["model_state"])
+    except RuntimeError as err:
+        raise UserError(f"task.pt: model_state does not fit the model in params.yaml ({str(err).splitlines()[0]})") from None
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.eval()
+    return model
+
+
+def _check_backbone_cells(name: str, layer: CrossbarLayer, levels: dict, spare_pes: torch.Tensor) -> None:
+    if name not in levels:
+        raise UserError(f"levels.pt: no levels for layer {name}")
+    backbone = levels[name]["levels"].float()
+    same = layer.cells == backbone
+    if spare_pes.numel():
+        same |= torch.isin(layer.lm.index_tensors()[1], spare_pes)
+    if not bool(same.all()) or not torch.equal(layer.scale, levels[name]["scale"].float().reshape(())):
+        raise UserError(f"task.pt: layer {name} changes backbone cells outside its spare PEs "
+                        "(the no-forgetting invariant is broken; re-run train_masks)")
+
+
+def chip_view(tasks: dict[str, dict], name: str) -> dict:
+    """Task `name` as the chip runs it once every task of `tasks` (name -> task.pt, in learning order)
+    is learned: its own task.pt, unless its method says otherwise (finetune_shared: the latest shared network)."""
+    return get(tasks[name]["method"]).chip_view(tasks, name)
+
+
+# --- reporting ---
+
+
+def layer_mask_levels(task: dict, mapping: Mapping) -> dict[str, torch.Tensor]:
+    """Per mapped layer, how many columns of frozen PEs hold each mask level code (column masks only)."""
+    out = {}
+    for lm in mapping.layers:
+        codes = task["column_masks"][lm.name].long()
+        if task["spare_pes"].numel():  # a spare PE's columns carry no mask
+            column, pe = lm.index_tensors()
+            frozen = torch.ones(lm.n_columns, dtype=torch.bool)
+            frozen[column[torch.isin(pe, task["spare_pes"])]] = False
+            codes = codes[frozen]
+        out[lm.name] = torch.bincount(codes, minlength=len(task["mask_values"]))
+    return out
+
+
+def mask_report(task: dict, mapping: Mapping) -> dict:
+    """Mask level histogram and mask memory (bytes) of a task.pt.
+
+    Column masks count the columns of frozen PEs only (a spare PE's columns
+    carry no mask): K = len(mask_values) values per column, unpacked =
+    ceil(log2 K) bits each, packed = 3 codes in ceil(3 log2 K) bits (5 values:
+    3 in 7 bits). Piggyback: 1 bit per weight.
+    """
+    if task["column_masks"]:
+        values = task["mask_values"].tolist()
+        counts = sum(layer_mask_levels(task, mapping).values())
+        masked, k = int(counts.sum()), len(values)
+        return {"mask_histogram": {f"{v:g}": int(c) for v, c in zip(values, counts)}, "masked_units": masked,
+                "mask_bytes_unpacked": math.ceil(masked * math.ceil(math.log2(k)) / 8),
+                "mask_bytes_packed": math.ceil(math.ceil(masked / 3) * math.ceil(3 * math.log2(k)) / 8)}
+    if task["element_masks"]:
+        ones = sum(int(m.sum()) for m in task["element_masks"].values())
+        total = sum(m.numel() for m in task["element_masks"].values())
+        return {"mask_histogram": {"0": total - ones, "1": ones}, "masked_units": total,
+                "mask_bytes_unpacked": math.ceil(total / 8), "mask_bytes_packed": math.ceil(total / 8)}
+    return {"mask_histogram": {}, "masked_units": 0, "mask_bytes_unpacked": 0, "mask_bytes_packed": 0}

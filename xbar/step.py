@@ -1,0 +1,139 @@
+"""The per-task step, in memory: rank -> learn -> program -> evaluate -> energy.
+
+Written once: the DVC stages call these functions between reading their inputs
+and writing their outputs, and the comparison (`xbar.compare`) loops over the
+same functions with nothing on disk. The checks live here, so both paths get
+them: a learned task is rebuilt from its exported task.pt and must predict
+exactly as the trained model did; a task is evaluated only on the data it was
+learned with (dataset digest).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping as MappingABC
+from dataclasses import dataclass
+from functools import cached_property
+
+import polars as pl
+import torch
+
+from xbar.chip.layout import backbone_mapping
+from xbar.crossbar import Mapping
+from xbar.data import TaskData
+from xbar.energy.inference import TaskInference, task_inference
+from xbar.energy.layer_io import model_io
+from xbar.energy.presets import EnergyPreset
+from xbar.errors import UserError
+from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
+                          deploy_cells, export_task, get, load_task_model, train_task)
+from xbar.params import Params, TaskSpec
+from xbar.ranking import rank_batch, rank_pes
+from xbar.training import accuracy, predict
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """The deployed backbone: quant.pt and levels.pt contents."""
+
+    quant: dict
+    levels: dict
+
+    @cached_property
+    def cells(self) -> dict[str, torch.Tensor]:
+        """Weight levels by mapped layer (what the backbone PEs hold)."""
+        return {name: entry["levels"] for name, entry in self.levels.items()}
+
+    def mapping(self, params: Params) -> Mapping:
+        return backbone_mapping(params.model, params.crossbar, self.levels)
+
+
+# --- rank -------------------------------------------------------------------------------------------
+
+
+def rank(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> tuple[pl.DataFrame, float]:
+    """Tier 1: every backbone PE scored on one seeded mini-batch of the task; the top-P% `selected`.
+    Returns (one row per PE, the batch's loss)."""
+    check_spec(spec, len(data.train))
+    net = backbone_net(params, backbone.quant)
+    deploy_cells(net, backbone.levels, crossbar_spec(params))
+    images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
+    return rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
+
+
+def selected_pes(ranking: pl.DataFrame) -> torch.Tensor:
+    """The PEs a ranking selects as spare PEs, ascending."""
+    return torch.tensor(ranking.filter(pl.col("selected"))["pe"].sort().to_list(), dtype=torch.int64)
+
+
+# --- learn ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Learned:
+    """A learned task: its task.pt contents, the trained model, and how training went."""
+
+    task: dict
+    model: TaskModel
+    final_loss: float
+    seconds: float  # build + train + export
+    test_accuracy: float  # of the model rebuilt from `task`
+    train_accuracy: float | None  # the same on the training split, when asked for
+    continued: bool  # started from the previous task's network
+
+
+def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, desc: str,
+          spare_pes: torch.Tensor | None = None, previous: dict | None = None,
+          train_accuracy: bool = False) -> Learned:
+    """Train the task with its method and export it; `spare_pes` from `rank` (a method with spare PEs),
+    `previous` the task.pt learned just before (a method that continues from it uses it when it is its own).
+
+    Raises RuntimeError if the model rebuilt from the exported task.pt predicts differently from the
+    trained one: a bug, never a task to write.
+    """
+    check_spec(spec, len(data.train))
+    method = get(spec.method)
+    start = previous if method.continues_previous and previous and previous.get("method") == method.name else None
+    began = time.perf_counter()
+    model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
+                             spare_pes=spare_pes, start=start)
+    loss = train_task(model, data.train, spec, params.train, params.seed, desc)
+    task = export_task(model, data.num_classes, data.channels, data.digest)
+    seconds = time.perf_counter() - began
+
+    deployed = load_task_model(task, backbone.levels, params)
+    batch = params.train.eval_batch_size
+    trained_preds, labels = predict(model.net, data.test, batch)
+    deployed_preds, _ = predict(deployed.net, data.test, batch)
+    if not torch.equal(trained_preds, deployed_preds):
+        raise RuntimeError(f"{desc}: the model rebuilt from task.pt predicts differently from the trained one")
+    test_acc = float((deployed_preds == labels).float().mean() * 100)
+    train_acc = accuracy(deployed.net, data.train, batch) if train_accuracy else None
+    return Learned(task, model, loss, seconds, test_acc, train_acc, start is not None)
+
+
+# --- evaluate ---------------------------------------------------------------------------------------
+
+
+def evaluate(params: Params, tasks: dict[str, dict], levels: dict, data: MappingABC[str, TaskData]) -> dict[str, float]:
+    """Test accuracy of every task of `tasks` (name -> task.pt, in learning order) as the chip runs it
+    once all of them are learned, each on the model rebuilt from its task.pt over the backbone's cells
+    (`levels`: levels.pt)."""
+    result = {}
+    for name in tasks:
+        task = chip_view(tasks, name)
+        if data[name].digest != task["dataset_digest"]:
+            raise UserError(f"task {name}: its test data changed since it was learned "
+                            f"(digest {data[name].digest} != {task['dataset_digest']}); restore the dataset")
+        model = load_task_model(task, levels, params)
+        result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size)
+    return result
+
+
+# --- energy -----------------------------------------------------------------------------------------
+
+
+def inference(params: Params, mapping: Mapping, task: dict, image_size: int, preset: EnergyPreset) -> TaskInference:
+    """One image's inference energy of a learned task on the chip."""
+    io = model_io(params.model, mapping, int(task["num_classes"]), int(task["channels"]), image_size)
+    return task_inference(task, mapping, io, preset, params.quant.act_bits)
