@@ -16,7 +16,8 @@ Needs the default pipeline's artifacts (`make run`). Prints:
    no earlier task is retrained.
 
 A stage's own time is its process's wall time, interpreter and imports included, minus the
-time it spent in MLflow (each stage, and the flow, report theirs through $XBAR_STAGE_LOG).
+time it spent in MLflow: benchmarks/stage_probe/ (on the stages' PYTHONPATH) measures both, and
+the peak memory, from outside the stages. The flow's wall time is the one Prefect records.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.step_ratio import step_times
-from workflow.io import BACKBONE, STAGE_LOG_ENV, load_torch
+from workflow.io import BACKBONE, load_torch
 from xbar.data import load_task_data
 from xbar.methods import backbone_net, build_task_model, crossbar_spec, deploy_cells, train_task
 from xbar.params import Params, load_params
@@ -45,6 +46,8 @@ from xbar.ranking import rank_batch, rank_pes
 from xbar.training import seed_everything
 
 WORKSPACE_STATE = ("artifacts", "metrics", "dvc.lock", ".dvc/cache")  # what `make run` left, besides git's files
+PROBE = Path(__file__).resolve().parent / "stage_probe"  # its sitecustomize.py logs each stage process's figures
+PROBE_LOG_ENV = "XBAR_BENCH_LOG"  # the file it appends them to
 
 
 def ranking_vs_epoch(params: Params) -> tuple[float, float]:
@@ -119,6 +122,24 @@ def add_task(root: Path, name: str, params: Params, env: dict[str, str]) -> floa
     return seconds
 
 
+def probed(env: dict[str, str], log: Path) -> dict[str, str]:
+    """`env` with the stage probe first on PYTHONPATH, logging to `log`."""
+    path = os.pathsep.join(filter(None, [str(PROBE), env.get("PYTHONPATH")]))
+    return {**env, "PYTHONPATH": path, PROBE_LOG_ENV: str(log)}
+
+
+def flow_seconds(api_url: str, task: str) -> float:
+    """The wall time Prefect recorded for the flow run that added `task` (flow run name `add <task>`)."""
+    query = {"flow_runs": {"name": {"any_": [f"add {task}"]}}, "sort": "START_TIME_DESC", "limit": 1}
+    request = urllib.request.Request(f"{api_url}/flow_runs/filter", data=json.dumps(query).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        runs = json.load(answer)
+    if not runs or runs[0]["total_run_time"] <= 0:
+        sys.exit(f"error: the Prefect server has no finished flow run `add {task}`")
+    return float(runs[0]["total_run_time"])
+
+
 def add_tasks(params: Params, k_max: int) -> None:
     with tempfile.TemporaryDirectory(prefix="xbar-bench-") as tmp:
         root = Path(tmp)
@@ -133,10 +154,9 @@ def add_tasks(params: Params, k_max: int) -> None:
                   "params.yaml, Prefect server already up:")
             for k in range(1, k_max + 1):
                 log = root / f"stages-{k}.jsonl"
-                wall = add_task(root, f"bench{k}", params, {**env, STAGE_LOG_ENV: str(log)})
-                lines = [json.loads(line) for line in log.read_text().splitlines()]
-                flow = next(s["seconds"] for s in lines if s["stage"] == "new_task_flow")
-                stages = [s for s in lines if s["stage"] != "new_task_flow"]
+                wall = add_task(root, f"bench{k}", params, probed(env, log))
+                flow = flow_seconds(env["PREFECT_API_URL"], f"bench{k}")
+                stages = [json.loads(line) for line in log.read_text().splitlines()]
                 mlflow = sum(s["mlflow_seconds"] for s in stages)
                 own = sum(s["seconds"] for s in stages) - mlflow
                 peak = max(s["peak_rss_mb"] for s in stages if s["stage"] == "train_masks")

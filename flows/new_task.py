@@ -16,7 +16,6 @@ its parameters as a form) and run by `xbar add-task`. One run:
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from flows.add_task import Dataset, Epochs, Method, NewTask, ShiftLevels, SpareR
 from flows.continual import pipeline_run
 from flows.dvc import dvc_repro, repro_command
 from flows.lock import DEFAULT_TIMEOUT_S, workspace_lock
-from workflow.io import log_stage_figures
 from xbar.errors import UserError
 
 DEPLOYMENT = "add-task"  # `new-task/add-task` in the UI and for run_deployment
@@ -51,7 +49,6 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
         spare_ratio: Share of PEs re-programmed as spare PEs, in (0, 1].
         shift_levels: Column-mask shift levels, 0..3 (0 = binary column mask).
     """
-    began = time.perf_counter()
     root = Path.cwd()  # served and CLI runs both start in the project root
     logger = get_run_logger()
     task = NewTask.parse(name=name, dataset=dataset, method=method, epochs=epochs, spare_ratio=spare_ratio,
@@ -65,7 +62,6 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
                             + ("" if plan.kept_comments else " (file re-written: comments were lost)"))
                 dvc_repro(gate_target(name), repro_command(gate_target(name)), str(root), pipeline.env)
     logger.info(f"task {name!r} learned; the no-forgetting gate passed; MLflow parent run {pipeline.run_id}")
-    log_stage_figures("new_task_flow", name, time.perf_counter() - began)  # for benchmarks/figures.py
     return {"task": name, "after": plan.after, "mlflow_parent_run_id": pipeline.run_id}
 
 

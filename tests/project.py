@@ -1,18 +1,20 @@
 """A tiny, self-contained copy of the project for integration tests (import: `from project import ...`).
 
-`make_tiny_project(dest, tasks)` copies the code (xbar, stages, flows, dvc.yaml)
+`make_tiny_project(dest, tasks)` copies the code (xbar, workflow, stages, flows, dvc.yaml)
 into `dest`, writes a tiny params.yaml (model width 4, 1 block, optdigits source,
 1 epoch everywhere), and makes it a git + DVC repository with one commit, so
 `dvc repro`, the stages and the flows run there exactly as in the real project
 but in seconds. Commands run in it import that copy (cwd first on sys.path).
 MLflow goes to a sqlite store inside it; DVC analytics are off (no network here).
 
-`tiny_project` is a pytest fixture with no tasks yet; request it in a test module
-with `from project import tiny_project  # noqa: F401`.
+`stage`, `CLI` and `tree_digest` are the commands the tests run in such a project and how they
+check that nothing was written. The fixtures built from these (`tiny_project`, `built`) are in
+tests/conftest.py.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -21,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("xbar", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+CODE = ("xbar", "workflow", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 TINY_SOURCE = {"source": "optdigits"}
+CLI = [sys.executable, "-m", "xbar.cli"]
+BACKBONE_STAGES = ("pretrain", "quantize", "map_crossbars", "deploy_backbone")
+T1_STAGES = ("rank_pes", "train_masks", "program_spares", "simulate_energy")  # task t1's stages but evaluate
 
 
 def tiny_params(tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -107,7 +111,17 @@ def make_tiny_project(dest: Path, tasks: dict[str, dict[str, Any]] | None = None
     return project
 
 
-@pytest.fixture
-def tiny_project(tmp_path: Path) -> TinyProject:
-    """A git + DVC copy of the project with tiny params and no tasks."""
-    return make_tiny_project(tmp_path / "project")
+def stage(name: str, task: str | None = None) -> list[str]:
+    """The command line of stage `name` (of `task`)."""
+    return [sys.executable, "-m", f"stages.{name}", *(["--task", task] if task else [])]
+
+
+def run_stages(project: TinyProject, names: tuple[str, ...], task: str | None = None) -> None:
+    for name in names:
+        project.run(*stage(name, task), timeout=600)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under `root` (relative path -> digest)."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -10,7 +10,6 @@ import os
 import stat
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,11 +23,6 @@ ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
 BACKBONE = ARTIFACTS / "backbone"
 MAPPING = ARTIFACTS / "mapping"
-# Benchmarks set this to a file: each stage appends its wall time, MLflow time and peak memory.
-STAGE_LOG_ENV = "XBAR_STAGE_LOG"
-# Tests only: set to a stage output's path (e.g. artifacts/tasks/t2/task.pt) to make its write stop
-# half-way through the temp file and sleep, so a test can `kill -9` the stage at the worst moment.
-PAUSE_WRITE_ENV = "XBAR_TEST_PAUSE_WRITE"
 
 
 def task_dir(task: str) -> Path:
@@ -52,11 +46,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            if os.environ.get(PAUSE_WRITE_ENV) == path.as_posix():
-                f.write(data[: len(data) // 2])
-                f.flush()
-                print(f"xbar: paused writing {path} ({PAUSE_WRITE_ENV})", file=sys.stderr, flush=True)
-                time.sleep(3600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -83,6 +72,14 @@ def _remove_dead_temps(path: Path) -> None:
 
 def write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """A stage's JSON output (metrics), or one line naming it when it is missing."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
+    return json.loads(path.read_text())
 
 
 def save_torch(path: Path, obj: Any) -> None:
@@ -139,7 +136,6 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
             fn(params, args.task)
         else:
             fn(params)
-        log_stage_figures(module.rsplit(".", 1)[-1], getattr(args, "task", None))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -155,22 +151,3 @@ def exit_without_teardown() -> None:
     sys.stderr.flush()
     os._exit(0)
 
-
-def log_stage_figures(stage: str, task: str | None, seconds: float | None = None) -> None:
-    """Append one JSON line to $XBAR_STAGE_LOG (when set): `seconds`, by default this process's
-    wall time since it started (interpreter and imports included); the part of it spent in MLflow;
-    and the process's peak RSS."""
-    path = os.environ.get(STAGE_LOG_ENV)
-    if not path:
-        return
-    import resource
-
-    import psutil
-
-    tracking = sys.modules.get("workflow.tracking")
-    line = {"stage": stage, "task": task,
-            "seconds": round(time.time() - psutil.Process().create_time() if seconds is None else seconds, 3),
-            "mlflow_seconds": round(tracking.SECONDS if tracking else 0.0, 3),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    with open(path, "a") as f:  # one short line per write: O_APPEND keeps lines whole
-        f.write(json.dumps(line) + "\n")

@@ -7,11 +7,12 @@ Runs, all in one experiment (`xbar`):
 * one **pipeline** parent run per flow run or, for a plain `dvc repro`, one per backbone.
   A flow does not open MLflow itself (importing it costs seconds): it passes the run's name
   and tags, with a unique `xbar.pipeline_key`, in `XBAR_PIPELINE_RUN`; the first `evaluate`
-  creates the run, later ones find it by its key, and the flow closes it (flows/continual.py);
-* one **task** child run per task and parent: params, `accuracy_at_learn`,
-  `acc/<task>` of every task learned so far at step k (the forgetting matrix),
-  forgetting, spare PEs, mask bytes, energy, the dataset input, the git commit
-  and DVC stage hashes as tags, and the task's artifacts;
+  creates the run, later ones find it by its key, and the `evaluate` of the flow's last task
+  closes it (else the flow does: flows/continual.py);
+* one **task** child run per task and parent (`log_task`: `evaluate` hands it a `TaskRecord`):
+  params, `accuracy_at_learn`, `acc/<task>` of every task learned so far at step k (the
+  forgetting matrix), forgetting, spare PEs, mask bytes, energy, the dataset input, the git
+  commit and DVC stage hashes as tags, and the task's artifacts;
 * one **comparison** run per `xbar compare` (tag `xbar.kind=comparison`, flows/compare.py):
   `acc/<label>/<task>` after the last task (label `xma2-p10` for XMA2 at P = 10%, see
   `comparison_key`), the comparison's tables and plots as artifacts.
@@ -30,13 +31,16 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from xbar.errors import UserError
 
+if TYPE_CHECKING:
+    from xbar.params import Params
+
 EXPERIMENT = "xbar"
-SECONDS = 0.0  # wall time this process spent in MLflow calls, import included (benchmarks: orchestration)
 PIPELINE_ENV = "XBAR_PIPELINE_RUN"  # JSON {"name", "tags", "closed_by"}: the flow's parent run, see pipeline_parent
 T = TypeVar("T")
 
@@ -66,27 +70,22 @@ REFUSALS = frozenset({"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "BAD
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, first_wait: float = 0.5) -> T:
     """Retry I/O on a locked or unreachable store with backoff; then one clear error.
 
-    Every MLflow call goes through here, so the time spent in MLflow is added up here (SECONDS).
+    Every MLflow call goes through here (benchmarks/stage_probe times MLflow by wrapping it).
     """
-    global SECONDS
-    start = time.perf_counter()
-    try:
-        from mlflow.exceptions import MlflowException
-        from sqlalchemy.exc import OperationalError
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
 
-        for attempt in range(attempts):
-            try:
-                return fn()
-            except (MlflowException, OperationalError, OSError) as err:
-                if isinstance(err, MlflowException) and err.error_code in REFUSALS:
-                    raise  # the store answered "no": waiting cannot change that, and it is not an outage
-                if attempt == attempts - 1:
-                    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-                    raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None
-                time.sleep(first_wait * 2**attempt)
-        raise AssertionError("unreachable")
-    finally:
-        SECONDS += time.perf_counter() - start
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except (MlflowException, OperationalError, OSError) as err:
+            if isinstance(err, MlflowException) and err.error_code in REFUSALS:
+                raise  # the store answered "no": waiting cannot change that, and it is not an outage
+            if attempt == attempts - 1:
+                first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                raise UserError(f"MLflow store {tracking_uri()} unavailable while {what}: {first}") from None
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def _client():  # noqa: ANN202 (MlflowClient, imported here: mlflow is slow to import)
@@ -203,6 +202,130 @@ def accuracy_at_learn(t: Tracker, task: str, task_digest: str) -> float | None:
         if "accuracy_at_learn" in run.data.metrics:
             return run.data.metrics["accuracy_at_learn"]
     return None
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    """What `evaluate` measured for one task, handed to `log_task`.
+
+    `accuracy`: every task learned so far, on the chip as it stands after this one (a row of the
+    accuracy matrix); `train`, `program`, `energy`: the task's stage metrics; `failures`: the
+    no-forgetting gate's findings (none: it passed).
+    """
+
+    task: str
+    order: int
+    task_digest: str
+    accuracy: dict[str, float]
+    forgetting: dict[str, float]
+    train: dict
+    program: dict
+    energy: dict
+    train_digest: str
+    test_digest: str
+    matrix_png: bytes
+    failures: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskRun:
+    """Where `log_task` put the record; `pipeline_key` is the flow's (None under a plain `dvc repro`)."""
+
+    run_id: str
+    parent_id: str
+    pipeline_key: str | None
+
+
+def log_task(t: Tracker, params: Params, record: TaskRecord) -> TaskRun:
+    """Log `record` as the task's child run (backbone run and parent run found or created first).
+
+    The run carries `xbar.gate` "pending" until everything is logged, then "passed" or "failed":
+    a store failing mid-way leaves no half-registered task. The flow's parent run (XBAR_PIPELINE_RUN)
+    is closed here when this task is its last stage and the gate passed: the flow need not open MLflow.
+    """
+    from workflow.io import BACKBONE  # workflow.io imports torch; `xbar report` needs none of this
+
+    backbone_id = backbone_run(t, file_digest(BACKBONE / "levels.pt"), lambda rid: _log_backbone(t, params, rid))
+    parent_id = parent_run(t, backbone_id)
+    spec = params.tasks[record.task]
+    run_id = t.create(record.task, {
+        "mlflow.parentRunId": parent_id, "xbar.kind": "task", "xbar.task": record.task,
+        "xbar.order": str(record.order), "xbar.task_digest": record.task_digest, "xbar.backbone_run_id": backbone_id,
+        "xbar.method": spec.method, "xbar.dataset": spec.dataset.source, "xbar.git_commit": git_commit(),
+        "xbar.gate": "pending", **dvc_stage_hashes(record.task)})
+    try:
+        _log_task_run(t, run_id, params, record)
+    except BaseException:
+        try:  # the run stays "pending" (never counted as learned); close it if the store still answers
+            t.finish(run_id, "FAILED")
+        except UserError:
+            pass
+        raise
+    t.log(run_id, tags={"xbar.gate": "failed" if record.failures else "passed"})
+    t.finish(run_id, "FAILED" if record.failures else "FINISHED")
+    pipeline = json.loads(os.environ.get(PIPELINE_ENV) or "{}")
+    if not record.failures and pipeline.get("closed_by") == record.task:  # the flow's last stage: it spares
+        t.finish(parent_id)                                                # the flow opening MLflow to close it
+    return TaskRun(run_id, parent_id, pipeline.get("tags", {}).get("xbar.pipeline_key"))
+
+
+def dvc_stage_hashes(task: str) -> dict[str, str]:
+    """md5 of each output of this task's earlier stages, from dvc.lock (lineage)."""
+    import yaml
+
+    lock = Path("dvc.lock")
+    if not lock.exists():
+        return {}
+    # libyaml's loader: dvc.lock grows by ~300 lines a task, too slow for the pure-Python one
+    stages = (yaml.load(lock.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages", {})
+    tags = {}
+    for name in ("pretrain", "quantize", "map_crossbars", f"rank_pes@{task}", f"train_masks@{task}",
+                 f"program_spares@{task}", f"simulate_energy@{task}"):
+        for out in stages.get(name, {}).get("outs", []):
+            tags[f"dvc.{name}.{Path(out['path']).name}"] = out.get("md5", "")
+    return tags
+
+
+def _log_backbone(t: Tracker, params: Params, run_id: str) -> None:
+    from workflow.io import BACKBONE, METRICS, read_json
+
+    pre, quant = read_json(METRICS / "pretrain.json"), read_json(METRICS / "quantize.json")
+    mapping = read_json(METRICS / "map.json") if (METRICS / "map.json").exists() else {}
+    t.log(run_id, params={"model": params.model.name, "width": params.model.width, "blocks": params.model.blocks,
+                          "source": params.source.dataset.source, "act_bits": params.quant.act_bits,
+                          "weight_bits": params.crossbar.weight_bits, "seed": params.seed},
+          metrics={"fp32_accuracy": pre["test_accuracy"],
+                   **{f"quantize/{k}": v for k, v in quant.items() if isinstance(v, int | float)},
+                   **{f"map/{k}": v for k, v in mapping.items() if isinstance(v, int | float)}})
+    t.log_dataset(run_id, params.source.dataset.source, pre["data_digest"], "source", "source")
+    for path in (BACKBONE / "levels.pt", METRICS / "pretrain.json", METRICS / "quantize.json"):
+        t.log_artifact(run_id, path, "backbone")
+
+
+def _log_task_run(t: Tracker, run_id: str, params: Params, record: TaskRecord) -> None:
+    """The task's child run: params, metrics, the acc/<task> row at step `order`, datasets, artifacts."""
+    from workflow.io import task_dir, task_metrics
+
+    task, now, train, program, energy = record.task, record.accuracy, record.train, record.program, record.energy
+    spec = params.tasks[task]
+    t.log(run_id, params={"method": spec.method, "dataset": spec.dataset.source, "epochs": spec.epochs,
+                          "spare_ratio": spec.spare_ratio, "shift_levels": spec.shift_levels,
+                          "rank_batch_size": spec.rank_batch_size, "after": spec.after, "seed": params.seed,
+                          **{f"crossbar.{k}": v for k, v in params.crossbar.model_dump().items()}},
+          metrics={"accuracy_at_learn": now[task], "forgetting": max(record.forgetting[n] for n in now),
+                   "spare_pes": train["spare_pes_used"], "mask_bytes": train["mask_bytes_packed"],
+                   "mask_bytes_unpacked": train["mask_bytes_unpacked"],
+                   "energy_j": energy["total_j"], "inference_j": energy["inference_j"],
+                   "reprogram_j": energy["reprogram_j"], "cells_written": program["cells_written"]})
+    t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=record.order)
+    t.log_dataset(run_id, spec.dataset.source, record.train_digest, task, "train")
+    t.log_dataset(run_id, spec.dataset.source, record.test_digest, task, "test")
+    for path in [task_dir(task) / f for f in ("ranking.parquet", "ranking.png", "mask_levels.png", "program.parquet",
+                                              "energy.png", "energy_layers.parquet", "energy_pes.parquet", "task.pt")]:
+        t.log_artifact(run_id, path, "artifacts")
+    t.log_bytes(run_id, record.matrix_png, "plots/accuracy_matrix.png")
+    for stage in ("rank", "train", "program", "energy"):
+        t.log_artifact(run_id, task_metrics(task, stage), "metrics")
 
 
 def report(t: Tracker) -> dict:

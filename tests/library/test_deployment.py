@@ -18,7 +18,6 @@ from xbar.chip.layout import ChipLayout, weight_cells
 from xbar.energy.presets import PRESETS
 from xbar.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[1]
 PAPER = PRESETS["paper"]
 
 

@@ -20,10 +20,10 @@ from flows.dvc import (PIPELINE_ENV, StageFailed, error_line, pipeline_order, re
                        stage_env)
 from flows.lock import LockTimeout, lock_path, workspace_lock
 from flows.new_task import gate_target
+from project import ROOT
 from xbar.errors import UserError
 from xbar.params import TaskSpec, load_params
 
-ROOT = Path(__file__).resolve().parents[1]
 PER_TASK = ["rank_pes", "train_masks", "program_spares", "simulate_energy", "evaluate"]
 
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from project import ROOT
+
 PACKAGES = ("xbar", "workflow", "stages")  # the code stages run; flows/ and benchmarks/ drive stages, they are not part of them
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 

@@ -1,15 +1,14 @@
 """params.yaml validation: the shipped file is valid, every kind of mistake is one line naming the field."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import yaml
 
+from project import ROOT
 from xbar.params import (BUILTIN_DATASETS, CrossbarParams, ParamsError, ShiftLevels, SpareRatio, check_task_name,
                          check_value, load_params, parse_params)
 
-ROOT = Path(__file__).resolve().parents[1]
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 

@@ -4,16 +4,11 @@ import polars as pl
 import pytest
 import torch
 
-from tiny_backbone import random_task, tiny_backbone
+from tiny_backbone import random_task
 from xbar.errors import UserError
 from xbar.methods import CrossbarLayer, backbone_net, crossbar_spec, deploy_cells
 from xbar.ranking import rank_batch, rank_pes
 from xbar.training import as_input
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
 
 
 def ranked(backbone, ratio: float, seed: int = 0) -> pl.DataFrame:

@@ -8,17 +8,12 @@ import torch
 import yaml
 
 from project import ROOT, tiny_params
-from tiny_backbone import random_task, tiny_backbone
+from tiny_backbone import random_task
 from xbar.errors import UserError
 from xbar.methods import (build_task_model, check_spec, export_task, load_task_model, mask_report, n_spare_pes,
                           trainable_names, train_task)
 from xbar.params import TaskSpec
 from xbar.training import predict, seed_everything
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return tiny_backbone()
 
 
 def model_of(backbone, method: str, spare=None):
