@@ -29,7 +29,7 @@ def main(repeats: int = 3) -> None:
     start = time.perf_counter()
     import torchvision  # noqa: F401  (most of a cold start)
 
-    from xbar.energy import named_energy
+    from xbar.energy.named import named_energy
 
     imports = time.perf_counter() - start
     inside = []

@@ -20,12 +20,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workflow.io import atomic_write_bytes
 from xbar.errors import UserError
 from xbar.methods import names as method_names
-from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, Params, ParamsError, check_task_name,
-                         load_params, parse_params)
+from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, Params, ParamsError, ShiftLevels, SpareRatio,
+                         check_task_name, load_params, parse_params)
 
 # The form's fields (Prefect renders these types as inputs with choices, bounds and help).
 # The bounds repeat xbar.params.TaskSpec's so the UI refuses bad values before a run
-# starts; TaskSpec still validates the resulting params.yaml (tests keep the two in sync).
+# starts (spare_ratio and shift_levels use TaskSpec's own types); TaskSpec still validates
+# the resulting params.yaml (tests keep the two in sync).
 TaskName = Annotated[str, Field(pattern=TASK_NAME.pattern, description=(
     "A new task's name: a lower-case letter, then up to 31 lower-case letters, digits or '_'."))]
 Dataset = Annotated[Literal[BUILTIN_DATASETS], Field(  # type: ignore[valid-type]
@@ -33,8 +34,6 @@ Dataset = Annotated[Literal[BUILTIN_DATASETS], Field(  # type: ignore[valid-type
 Method = Annotated[Literal[method_names()], Field(  # type: ignore[valid-type]
     description="How the task is learned on the frozen backbone")]
 Epochs = Annotated[int, Field(gt=0, description="Training epochs of the task")]
-SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replaced by spare PEs (XMA2), in (0, 1]")]
-ShiftLevels = Annotated[int, Field(ge=0, le=3, description="Column-mask shift levels 0..3 (0 = binary mask, XBM)")]
 
 
 class NewTask(BaseModel):

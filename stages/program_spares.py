@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
-from xbar.deployment import ChipLayout, backbone_mapping, chip_files, learn_on_chip, load_chip
-from xbar.energy import resolve_preset
+from xbar.chip.deployment import chip_files, learn_on_chip, load_chip
+from xbar.chip.layout import ChipLayout, backbone_mapping
+from xbar.energy.presets import resolve_preset
 from xbar.errors import UserError
 from xbar.params import FIRST_AFTER, Params
 

@@ -19,9 +19,11 @@ import torch
 
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
-from xbar.deployment import backbone_mapping
 from xbar import step
-from xbar.energy import model_io, resolve_preset, typical_methods
+from xbar.chip.layout import backbone_mapping
+from xbar.energy.layer_io import model_io
+from xbar.energy.presets import resolve_preset
+from xbar.energy.typical import typical_methods
 from xbar.errors import UserError
 from xbar.params import Params
 
@@ -97,7 +99,7 @@ def run(params: Params, task: str) -> None:
     layers = energy.layers.rename({"total_j": "inference_per_image_j"}).with_columns(
         inference_test_set_j=pl.col("inference_per_image_j") * test_images)
 
-    typical = {n: typical_methods(mapping, io_, preset, act_bits, spec.spare_ratio, k, max(spec.shift_levels, 0))
+    typical = {n: typical_methods(mapping, io_, preset, act_bits, spec.spare_ratio, k, spec.shift_levels)
                for n, k in (("one_image", 1), ("test_set", test_images))}
     out = task_dir(task)
     save_parquet(out / "energy_layers.parquet", layers)

@@ -126,12 +126,12 @@ def memory(
 
     from xbar.crossbar import CrossbarSpec
     from xbar.memory import named_model_report
+    from xbar.params import CrossbarParams, ShiftLevels, SpareRatio, check_value
 
-    if not 0 <= shift_levels <= 3:  # the method's range (xbar.params.TaskSpec)
-        raise UserError(f"--shift-levels: {shift_levels} is outside 0..3")
-    if not 0 < spare_ratio <= 1:
-        raise UserError(f"--spare-ratio: {spare_ratio} is outside (0, 1]")
-    spec = CrossbarSpec(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
+    check_value(ShiftLevels, shift_levels, "--shift-levels")  # the ranges of params.yaml's task fields
+    check_value(SpareRatio, spare_ratio, "--spare-ratio")
+    crossbar = dict(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
+    spec = CrossbarSpec.from_params(check_value(CrossbarParams, crossbar, "crossbar"))
     mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio)
     if as_json:
         print(json.dumps({"model": model, "rows": rows, "cols": cols, "cell_bits": cell_bits,
@@ -175,9 +175,10 @@ def energy(
 
     from rich.table import Table
 
-    from xbar.energy import named_energy
+    from xbar.energy.named import named_energy
+    from xbar.params import SpareRatio, check_value
 
-    result = named_energy(model, preset, spare_ratio, inferences)
+    result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences)
     if as_json:
         print(json.dumps(result, indent=2))
         return

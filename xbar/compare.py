@@ -30,9 +30,11 @@ import polars as pl
 import torch
 
 from xbar import step
+from xbar.chip.deployment import learn_on_chip, new_chip
+from xbar.chip.layout import ChipLayout
+from xbar.crossbar import spare_pe_count as chip_spare_pes  # the one spare-PE count (ratio, PEs)
 from xbar.data import TaskData, load_task_data
-from xbar.deployment import ChipLayout, chip_spare_pes, learn_on_chip, new_chip
-from xbar.energy import resolve_preset
+from xbar.energy.presets import resolve_preset
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
 from xbar.params import Params, parse_params

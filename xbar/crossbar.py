@@ -58,21 +58,10 @@ class CrossbarSpec:
     weight_bits: int = 4
     crossbars_per_pe: int = 1
 
-    def __post_init__(self) -> None:
-        for name in ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UserError(f"crossbar {name}: expected a positive integer, got {value!r}")
-        if self.weight_bits % self.cell_bits:
-            raise UserError(f"crossbar cell_bits: {self.cell_bits} does not divide weight_bits ({self.weight_bits})")
-        if self.weight_bits < 2:
-            raise UserError(f"crossbar weight_bits: {self.weight_bits} cannot hold a signed weight (need >= 2)")
-        if self.cols < self.cells_per_weight:
-            raise UserError(f"crossbar cols: {self.cols} cannot hold one weight ({self.cells_per_weight} cells)")
-
     @classmethod
     def from_params(cls, params: object) -> CrossbarSpec:
-        """From `Params.crossbar` (xbar.params.CrossbarParams)."""
+        """The way a spec is made: from `Params.crossbar` (xbar.params.CrossbarParams), which checks
+        every range once (the spec itself trusts its numbers)."""
         return cls(**{k: getattr(params, k) for k in ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe")})
 
     @property
@@ -197,29 +186,15 @@ class LayerMap:
         """Mask units: one per output channel per row tile."""
         return self.out_channels if self.packed else self.out_channels * self.row_tiles_per_group
 
+    @cached_property
+    def placement(self) -> Placement:
+        """Where every weight's cells sit (`place_weights`), computed once per layer."""
+        return place_weights(self)
+
     def index_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column, pe) of every weight, both int64 of the weight's shape; column is local, pe global."""
-        cout, cin_g, k = self.out_channels, self.cin_per_group, self.kernel
-        cout_g = cout // self.groups
-        opc = self.spec.outputs_per_crossbar
-        out = torch.arange(cout).view(cout, 1, 1)
-        chan = torch.arange(cin_g).view(1, cin_g, 1)
-        pos = torch.arange(k).view(1, 1, k)
-        if self.packed:
-            column = out.expand(cout, cin_g, k)
-            crossbar = (out // cout_g // self.groups_per_crossbar).expand(cout, cin_g, k)
-        else:
-            if k <= self.spec.rows:
-                rt = (chan // (self.spec.rows // k)).expand(1, cin_g, k)
-            else:
-                rt = chan * math.ceil(k / self.spec.rows) + pos // self.spec.rows
-            n_ct = math.ceil(cout_g / opc)  # column tiles per row tile
-            group, o_in_g = out // cout_g, out % cout_g
-            column = rt * cout + out
-            crossbar = (group * self.row_tiles_per_group + rt) * n_ct + o_in_g // opc
-        pe = self.first_pe + crossbar // self.spec.crossbars_per_pe
-        return (column.expand(cout, cin_g, k).reshape(self.shape).contiguous(),
-                pe.expand(cout, cin_g, k).reshape(self.shape).contiguous())
+        """(column, pe) of every weight, both int64 of the weight's shape; column is local, pe global.
+        A view of `placement` in the dtype torch's index ops take everywhere."""
+        return self.placement.column.long(), self.placement.pe.long()
 
 
 def _layer_crossbars(lm: LayerMap) -> list[dict]:
@@ -244,6 +219,66 @@ def _layer_crossbars(lm: LayerMap) -> list[dict]:
                 xbs.append(dict(row_tile=g * len(tiles) + t, row_start=g * rows_g + r0, rows_used=nr,
                                 out_start=g * cout_g + o0, columns=no, weights=nr * no))
     return xbs
+
+
+def _compact(t: torch.Tensor, bound: int) -> torch.Tensor:
+    """`t`, whose values lie in [0, bound), as int16 where that holds them, else int32 (ResNet-50 has
+    23.5 M weights: per-weight bookkeeping stays small)."""
+    return t.to(torch.int16 if bound <= 2**15 else torch.int32).contiguous()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where each weight of one layer sits (a tensor of the weight's shape per coordinate), then the columns'
+    own figures; int16 where it fits, else int32 (int16 cannot index: convert with .int() / .long())."""
+
+    crossbar: torch.Tensor  # the layer's crossbar (local: the global one is LayerMap.first_crossbar + it)
+    pe: torch.Tensor  # global PE
+    row: torch.Tensor  # row within the crossbar
+    column: torch.Tensor  # column (mask unit), local to the layer: one output channel within one row tile
+    bit_column: torch.Tensor  # physical column of its first (most significant) cell; the other slices follow
+    column_crossbar: torch.Tensor  # [n_columns]: each column's crossbar (local)
+    column_pe: torch.Tensor  # [n_columns]: each column's PE (global)
+    column_weights: torch.Tensor  # [n_columns]: weights in each column (rows of its row tile)
+
+
+def place_weights(lm: LayerMap) -> Placement:
+    """The one placement of a layer's weights, from its crossbar table; the column and PE indices, the chip's
+    cell addresses and the energy model's per-column counts all follow from it. Weight [o, c, p] of group g
+    sits at unrolled row r = (g * Cin_g + c) * K + p, in the row tile holding r, in its column tile holding
+    output o, its cells from physical column (o - the crossbar's first output) * cells_per_weight on; its
+    column is (row tile within its group) * Cout + o (a packed crossbar: one row tile per group)."""
+    spec, k, cin_g, cout, xbs = lm.spec, lm.kernel, lm.cin_per_group, lm.out_channels, lm.crossbars
+    i32 = torch.int32  # every index of a layer fits; half the memory traffic of int64
+    first = torch.tensor([i for i, xb in enumerate(xbs) if i == 0 or xb["row_tile"] != xbs[i - 1]["row_tile"]])
+    row_start = torch.tensor([xb["row_start"] for xb in xbs], dtype=i32)  # of each crossbar
+    out_start = torch.tensor([xb["out_start"] for xb in xbs], dtype=i32)
+    out = torch.arange(cout, dtype=i32).view(cout, 1, 1)
+    r = torch.arange(cin_g * k, dtype=i32).view(1, cin_g, k)
+    if lm.groups > 1:
+        r = out // (cout // lm.groups) * (cin_g * k) + r
+    tile = torch.searchsorted(row_start[first], r.contiguous(), right=True, out_int32=True) - 1  # tiles ascend
+    crossbar = (first.to(i32)[tile] + (out - out_start[first][tile]) // spec.outputs_per_crossbar)
+    crossbar = crossbar.expand(cout, cin_g, k)
+    column = (tile % lm.row_tiles_per_group * cout + out).expand(cout, cin_g, k).reshape(-1)
+    column_crossbar = torch.zeros(lm.n_columns, dtype=i32).scatter_(0, column.long(), crossbar.reshape(-1))
+    pes = lm.first_pe + lm.n_pes
+    return Placement(
+        crossbar=_compact(crossbar.reshape(lm.shape), lm.n_crossbars),
+        pe=_compact((lm.first_pe + crossbar // spec.crossbars_per_pe).reshape(lm.shape), pes),
+        row=_compact((r - row_start[crossbar]).reshape(lm.shape), spec.rows),
+        column=_compact(column.reshape(lm.shape), lm.n_columns),
+        bit_column=_compact(((out - out_start[crossbar]) * spec.cells_per_weight).reshape(lm.shape), spec.cols),
+        column_crossbar=_compact(column_crossbar, lm.n_crossbars),  # a column's weights share one crossbar
+        column_pe=_compact(lm.first_pe + column_crossbar // spec.crossbars_per_pe, pes),
+        column_weights=_compact(torch.bincount(column, minlength=lm.n_columns), spec.rows + 1),
+    )
+
+
+def spare_pe_count(spare_ratio: float, n_pes: int) -> int:
+    """Spare PEs for a share `spare_ratio` of `n_pes` PEs: ceil(ratio * PEs), so at least one for any
+    ratio > 0 (the 1e-9 keeps a product such as 0.07 * 100 = 7.000000000000001 at 7)."""
+    return min(n_pes, math.ceil(spare_ratio * n_pes - 1e-9))
 
 
 _CROSSBAR_SCHEMA = dict(layer=pl.String, pe=pl.Int64, crossbar=pl.Int64, row_tile=pl.Int64, row_start=pl.Int64,
@@ -338,17 +373,8 @@ class Mapping:
 
     def pe_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(columns, weights) held by each PE, two int64 tensors of length n_pes."""
-        cpp = self.spec.crossbars_per_pe
-        pes, columns, weights = [], [], []
-        for lm in self.layers:
-            for i, xb in enumerate(lm.crossbars):
-                pes.append(lm.first_pe + i // cpp)
-                columns.append(xb["columns"])
-                weights.append(xb["weights"])
-        index = torch.tensor(pes, dtype=torch.int64)
-        zeros = torch.zeros(self.n_pes, dtype=torch.int64)
-        return (zeros.index_add(0, index, torch.tensor(columns, dtype=torch.int64)),
-                zeros.index_add(0, index, torch.tensor(weights, dtype=torch.int64)))
+        pes = self.pe_table()  # one row per PE, in PE order
+        return pes["columns"].to_torch().to(torch.int64), pes["weights"].to_torch().to(torch.int64)
 
 
 def mapped_layers(model: nn.Module, exclude: tuple[str, ...] = ("head",)) -> list[tuple[str, nn.Module]]:

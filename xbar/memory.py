@@ -6,8 +6,9 @@ What a task stores beyond the frozen backbone cells (bits; bytes = ceil(bits / 8
 * Column binary mask (XBM): one bit per column: `columns` bits.
 * Column shift mask (XMA) with N shift levels: N + 2 values per column
   (0, 1/2**N .. 1/2, 1). Unpacked, each column takes ceil(log2(N + 2)) bits;
-  packed (several columns' values coded together as one base-(N+2) number, e.g.
-  3 values of 5 levels in 7 bits), log2(N + 2) bits per column. N = 0 is XBM.
+  packed (three columns' values coded together as one base-(N+2) number:
+  3 values of 5 levels in 7 bits), ceil(3 log2(N + 2)) bits per three columns
+  (`column_mask_bytes`, also a trained task's mask bytes). N = 0 is XBM.
 * XMA2: the tier-1 PE mask (one bit per PE), the packed column shift mask of
   the frozen PEs only, the spare PEs' weights at weight_bits each, and the
   task's head and BN parameters at `param_bits` (fp32, digital).
@@ -27,7 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from xbar.crossbar import CrossbarSpec, Mapping, map_model
+from xbar.crossbar import CrossbarSpec, Mapping, map_model, spare_pe_count
 from xbar.errors import UserError
 
 HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifier modules (and ours)
@@ -35,29 +36,43 @@ AUX_NAMES = ("aux1", "aux2", "AuxLogits")  # training-only auxiliary classifiers
 
 
 def shift_values(shift_levels: int) -> int:
-    """Values a column shift mask takes: 0, 1 and the N shifts 1/2 .. 1/2**N."""
-    if shift_levels < 0:
-        raise UserError(f"shift levels: expected an integer >= 0, got {shift_levels}")
+    """Values a column shift mask takes: 0, 1 and the N shifts 1/2 .. 1/2**N (N: xbar.params ShiftLevels)."""
     return shift_levels + 2
 
 
-def column_shift_bits(columns: int, shift_levels: int, packed: bool) -> int:
-    """Bits of one task's column shift mask over `columns` columns."""
-    values = shift_values(shift_levels)
+PACK = 3  # mask codes packed together: 3 codes of 5 values in 7 bits (5**3 = 125 <= 2**7)
+
+
+def mask_bits_for(n_values: int) -> int:
+    """Bits one column's mask code takes (unpacked, as the mask buffer reads it): ceil(log2 K); 0 without
+    a mask (K <= 1)."""
+    return math.ceil(math.log2(n_values)) if n_values > 1 else 0
+
+
+def column_mask_bytes(columns: int, n_values: int, packed: bool) -> int:
+    """Bytes of one task's column mask over `columns` columns of K = `n_values` values each.
+
+    Unpacked: ceil(log2 K) bits per column. Packed: every PACK = 3 columns' codes together as one base-K
+    number in ceil(3 log2 K) bits (5 values: 3 codes in 7 bits, 2.33 bits per column; 3 values: 3 in 5;
+    2 values: 3 in 3, i.e. one bit each), a packing a mask buffer can decode per group of columns.
+    """
     if packed:
-        return math.ceil(columns * math.log2(values))
-    return columns * math.ceil(math.log2(values))
+        bits = math.ceil(columns / PACK) * (math.ceil(PACK * math.log2(n_values)) if n_values > 1 else 0)
+    else:
+        bits = columns * mask_bits_for(n_values)
+    return to_bytes(bits)
 
 
 def to_bytes(bits: int | float) -> int:
     return math.ceil(bits / 8)
 
 
-def spare_pe_count(n_pes: int, spare_ratio: float) -> int:
-    """PEs replaced by spare PEs: ceil(ratio * PEs) (at least one when the ratio is positive)."""
-    if not 0 <= spare_ratio <= 1:
-        raise UserError(f"spare ratio: expected a share of PEs in [0, 1], got {spare_ratio}")
-    return min(n_pes, math.ceil(spare_ratio * n_pes - 1e-9))
+def fullest_pes(mapping: Mapping, n: int) -> torch.Tensor:
+    """The n PEs holding most weights (ties: lower id), sorted: without a per-task ranking, the spare
+    PEs of an estimate (an upper bound for the spare-PE weights and their writes)."""
+    weights = mapping.pe_counts()[1].tolist()
+    order = sorted(range(len(weights)), key=lambda i: (-weights[i], i))
+    return torch.tensor(sorted(order[:n]), dtype=torch.int64)
 
 
 @dataclass(frozen=True)
@@ -80,7 +95,7 @@ class MemoryReport:
     piggyback_bytes: int
     column_binary_bytes: int
     column_shift_bytes: int  # unpacked: ceil(log2(N + 2)) bits per column
-    column_shift_packed_bytes: int  # packed: log2(N + 2) bits per column
+    column_shift_packed_bytes: int  # packed: 3 columns in ceil(3 log2(N + 2)) bits (column_mask_bytes)
     xma2_pe_mask_bytes: int
     xma2_column_shift_bytes: int  # packed, frozen PEs only
     xma2_spare_weight_bytes: int
@@ -102,8 +117,7 @@ def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 
     """Mask memory of one task on `mapping`; `spare_pes` (global PE ids) when the ranking is known."""
     columns_pe, weights_pe = mapping.pe_counts()
     if spare_pes is None:  # upper bound: the fullest PEs
-        n_spare = spare_pe_count(mapping.n_pes, spare_ratio)
-        spare = torch.argsort(weights_pe, descending=True, stable=True)[:n_spare]
+        spare = fullest_pes(mapping, spare_pe_count(spare_ratio, mapping.n_pes))
     else:
         spare = torch.as_tensor(spare_pes, dtype=torch.int64).unique()
         if spare.numel() and (spare.min() < 0 or spare.max() >= mapping.n_pes):
@@ -113,7 +127,7 @@ def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 
     wb = mapping.spec.weight_bits
     parts = dict(
         xma2_pe_mask_bytes=to_bytes(mapping.n_pes),
-        xma2_column_shift_bytes=to_bytes(column_shift_bits(frozen_columns, shift_levels, packed=True)),
+        xma2_column_shift_bytes=column_mask_bytes(frozen_columns, shift_values(shift_levels), packed=True),
         xma2_spare_weight_bytes=to_bytes(spare_weights * wb),
         head_bytes=to_bytes(head_params * param_bits),
         bn_bytes=to_bytes(bn_params * param_bits),
@@ -133,9 +147,9 @@ def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 
         head_params=head_params,
         bn_params=bn_params,
         piggyback_bytes=to_bytes(mapping.n_weights),
-        column_binary_bytes=to_bytes(mapping.n_columns),
-        column_shift_bytes=to_bytes(column_shift_bits(mapping.n_columns, shift_levels, packed=False)),
-        column_shift_packed_bytes=to_bytes(column_shift_bits(mapping.n_columns, shift_levels, packed=True)),
+        column_binary_bytes=column_mask_bytes(mapping.n_columns, 2, packed=False),
+        column_shift_bytes=column_mask_bytes(mapping.n_columns, shift_values(shift_levels), packed=False),
+        column_shift_packed_bytes=column_mask_bytes(mapping.n_columns, shift_values(shift_levels), packed=True),
         **parts,
         xma2_bytes=sum(parts.values()),
     )

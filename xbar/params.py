@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from xbar.errors import UserError
 
@@ -34,6 +34,10 @@ class Frozen(BaseModel):
 
 PositiveInt = Annotated[int, Field(gt=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
+# The one range of each method parameter; a number from elsewhere (a command-line option, a form)
+# is checked against the same type (`check_value`, flows.add_task).
+SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replaced by spare PEs (XMA2), in (0, 1]")]
+ShiftLevels = Annotated[int, Field(ge=0, le=3, description="Column-mask shift levels 0..3 (0 = binary mask, XBM)")]
 
 
 class CrossbarParams(Frozen):
@@ -44,10 +48,12 @@ class CrossbarParams(Frozen):
     crossbars_per_pe: PositiveInt = 1
     # spare PEs the chip is built with, as a share of the backbone's PEs: an xma2
     # task's spare_ratio may not exceed it (the comparison sweeps up to 40%)
-    spare_pe_ratio: Annotated[float, Field(gt=0, le=1)] = 0.4
+    spare_pe_ratio: SpareRatio = 0.4
 
     @model_validator(mode="after")
     def _cells_fit(self) -> "CrossbarParams":
+        if self.weight_bits < 2:
+            raise ValueError(f"weight_bits ({self.weight_bits}) cannot hold a signed weight (need >= 2)")
         if self.weight_bits % self.cell_bits:
             raise ValueError(f"weight_bits ({self.weight_bits}) must be a multiple of cell_bits ({self.cell_bits})")
         if self.cols < self.weight_bits // self.cell_bits:
@@ -121,8 +127,8 @@ class TaskSpec(Frozen):
     dataset: DatasetSpec
     method: str = "xma2"  # a registered method (xbar.methods)
     epochs: PositiveInt = 3
-    spare_ratio: Annotated[float, Field(gt=0, le=1)] = 0.1  # share of PEs re-programmed as spare PEs
-    shift_levels: Annotated[int, Field(ge=0, le=3)] = 3  # 0 = binary column mask (XBM)
+    spare_ratio: SpareRatio = 0.1  # share of PEs re-programmed as spare PEs
+    shift_levels: ShiftLevels = 3  # 0 = binary column mask (XBM)
     rank_batch_size: PositiveInt = 64  # the ONE mini-batch that ranks the PEs
 
     @field_validator("method")
@@ -209,6 +215,19 @@ def _one_line(err: ValidationError, source: str) -> str:
         msg = "unknown key (not a parameter of xbar)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
     return f"{source}: {field}: {msg}{more}"
+
+
+def check_value(kind: Any, value: Any, name: str) -> Any:
+    """`value` validated as a parameter type (`SpareRatio`, `ShiftLevels`, a model such as CrossbarParams
+    from a dict): params' own check, for a number given elsewhere (a command-line option). A mistake
+    raises ParamsError with one line naming `name`."""
+    try:
+        return TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join([name, *(str(p) for p in first["loc"])])
+        got = "" if isinstance(first.get("input"), dict) else f" (got {first.get('input')!r})"
+        raise ParamsError(f"{field}: {first['msg'].removeprefix('Value error, ')}{got}") from None
 
 
 def parse_params(data: Any, source: str = "params") -> Params:

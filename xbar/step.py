@@ -18,10 +18,12 @@ from functools import cached_property
 import polars as pl
 import torch
 
+from xbar.chip.layout import backbone_mapping
 from xbar.crossbar import Mapping
 from xbar.data import TaskData
-from xbar.deployment import backbone_mapping
-from xbar.energy import EnergyPreset, TaskInference, model_io, task_inference
+from xbar.energy.inference import TaskInference, task_inference
+from xbar.energy.layer_io import model_io
+from xbar.energy.presets import EnergyPreset
 from xbar.errors import UserError
 from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)

@@ -127,6 +127,55 @@ def test_every_weight_lies_in_its_crossbars_row_and_output_range(desc, shape, gr
     assert bool(((o >= ostart) & (o < ostart + ocount)).all())
 
 
+PLACED = [("3x3", (40, 16, 3, 3), 1), ("1x1", (40, 100, 1, 1), 1), ("7x7", (20, 3, 7, 7), 1),
+          ("11x11", (6, 2, 11, 11), 1), ("grouped", (24, 16, 3, 3), 2), ("grouped packed", (16, 4, 3, 3), 4),
+          ("depthwise", (20, 1, 3, 3), 20), ("linear", (40, 80), 1)]
+
+
+@pytest.mark.parametrize("spec", [CrossbarSpec(), CrossbarSpec(rows=36, cols=16, crossbars_per_pe=3),
+                                  CrossbarSpec(cell_bits=1, weight_bits=4, crossbars_per_pe=2)])
+def test_placement_agrees_with_a_brute_force_search_of_the_crossbar_table(spec):
+    """Every weight, one by one: the crossbar whose row and output ranges hold it (the crossbar table)
+    gives its PE, row and physical columns; its column is its row tile within its group x Cout + output.
+    No two cells share a (crossbar, row, physical column)."""
+    m = map_layers([(d, "linear" if len(s) == 2 else "conv", s, g) for d, s, g in PLACED], spec)
+    table = m.crossbar_table().to_dicts()
+    taken = set()
+    for lm in m.layers:
+        p = lm.placement
+        assert all(t.dtype in (torch.int16, torch.int32) for t in (p.crossbar, p.pe, p.row, p.column, p.bit_column))
+        cout, cin_g, k = lm.out_channels, lm.cin_per_group, lm.kernel
+        crossbar, pe, row, bit_column, column = (t.reshape(cout, cin_g, k).tolist()
+                                                 for t in (p.crossbar, p.pe, p.row, p.bit_column, p.column))
+        rows = [x for x in table if x["layer"] == lm.name]
+        tiles_per_group = lm.n_row_tiles // (1 if lm.packed else lm.groups)
+        for o in range(cout):
+            g = o // (cout // lm.groups)
+            for c in range(cin_g):
+                for pos in range(k):
+                    r = (g * cin_g + c) * k + pos  # row of the unrolled [Cin*kh*kw, Cout] matrix
+                    hits = [x for x in rows if x["row_start"] <= r < x["row_start"] + x["rows_used"]
+                            and x["out_start"] <= o < x["out_start"] + x["columns"]]
+                    assert len(hits) == 1
+                    xb = hits[0]
+                    assert lm.first_crossbar + crossbar[o][c][pos] == xb["crossbar"] and pe[o][c][pos] == xb["pe"]
+                    assert row[o][c][pos] == r - xb["row_start"]
+                    assert bit_column[o][c][pos] == (o - xb["out_start"]) * spec.cells_per_weight
+                    tile = 0 if lm.packed else xb["row_tile"] - g * tiles_per_group
+                    assert column[o][c][pos] == tile * cout + o
+                    for s in range(spec.cells_per_weight):
+                        cell = (xb["crossbar"], row[o][c][pos], bit_column[o][c][pos] + s)
+                        assert cell not in taken and cell[1] < spec.rows and cell[2] < spec.cols
+                        taken.add(cell)
+        # the columns' own figures: crossbar, PE and weights of each column
+        for col in range(lm.n_columns):
+            inside = p.column == col
+            assert p.crossbar[inside].unique().tolist() == [int(p.column_crossbar[col])]
+            assert p.pe[inside].unique().tolist() == [int(p.column_pe[col])]
+            assert int(inside.sum()) == int(p.column_weights[col])
+    assert len(taken) == m.n_cells_used
+
+
 def test_pes_never_span_layers_and_are_numbered_in_order():
     spec = CrossbarSpec(crossbars_per_pe=2)
     # 3 crossbars each (3x3 20->30: 3 row tiles x 1 column tile) -> 2 PEs each, the last half empty
@@ -158,8 +207,12 @@ def test_cell_offset_encoding_round_trip():
 @pytest.mark.parametrize("kwargs", [dict(rows=0), dict(cols=-1), dict(cell_bits=3), dict(cols=1),
                                     dict(crossbars_per_pe=0), dict(weight_bits=1, cell_bits=1)])
 def test_bad_spec_is_a_user_error(kwargs):
+    """A spec is built from CrossbarParams, which checks the numbers once."""
+    from xbar.params import CrossbarParams, check_value
+
     with pytest.raises(UserError):
-        CrossbarSpec(**kwargs)
+        CrossbarSpec.from_params(check_value(CrossbarParams, kwargs, "crossbar"))
+    assert CrossbarSpec.from_params(check_value(CrossbarParams, {"rows": 36}, "crossbar")) == CrossbarSpec(rows=36)
 
 
 def test_mapped_layers_exclude_the_head():

@@ -12,9 +12,10 @@ import torch
 import yaml
 
 from xbar.crossbar import CrossbarSpec, map_layers
-from xbar.deployment import (BACKBONE, ChipLayout, TaskImage, chip_files, load_chip, new_chip, program, task_image,
-                             weight_cells)
-from xbar.energy import PRESETS
+from xbar.chip.deployment import chip_files, load_chip, new_chip, program
+from xbar.chip.image import BACKBONE, TaskImage, task_image
+from xbar.chip.layout import ChipLayout, weight_cells
+from xbar.energy.presets import PRESETS
 from xbar.errors import UserError
 
 PAPER = PRESETS["paper"]
@@ -229,7 +230,7 @@ TASKS = {"first": {"method": "xma2", "dataset": "optdigits"},
 def write_project(root: Path) -> dict:
     """A tiny project: params.yaml, levels.pt of a width-4 small ResNet, three task.pt and train.json."""
     from workflow.io import save_torch
-    from xbar.deployment import backbone_mapping
+    from xbar.chip.layout import backbone_mapping
     from xbar.params import parse_params
 
     data = {"source": {"dataset": "optdigits"}, "model": {"name": "small_resnet", "width": 4, "blocks": 1},

@@ -10,8 +10,12 @@ from typer.testing import CliRunner
 
 from xbar.cli import app
 from xbar.crossbar import CrossbarSpec, map_layers, map_model
-from xbar.energy import (COMPONENTS, PRESETS, ColumnUse, change_stats, column_crossbars, inference_energy, layer_io,
-                         level_distribution, named_energy, resolve_preset, typical_methods, write_energy)
+from xbar.energy.inference import COMPONENTS, ColumnUse, inference_energy
+from xbar.energy.layer_io import layer_io
+from xbar.energy.named import named_energy
+from xbar.energy.presets import PRESETS, resolve_preset
+from xbar.energy.reprogramming import write_energy
+from xbar.energy.typical import change_stats, level_distribution, typical_methods
 from xbar.errors import UserError
 from xbar.memory import build_named_model
 
@@ -132,11 +136,11 @@ def test_columns_switched_off_save_energy_and_masks_cost_reads(small):
     off = inference_energy(mapping, io, p, 4, half, mask_bits=3)
     assert off.breakdown()["adc_j"] < 0.6 * plain.breakdown()["adc_j"]
     assert off.breakdown()["cells_j"] < 0.6 * plain.breakdown()["cells_j"]
-    # every column sits in one crossbar and the columns' cells are the crossbar's cells
+    # every column sits in one crossbar and the columns' weights are the crossbar's weights
     for lm in mapping.layers:
-        xb, cells = column_crossbars(lm)
-        per = torch.zeros(lm.n_crossbars, dtype=torch.int64).index_add(0, xb, cells)
-        assert per.tolist() == [x["weights"] * SPEC.cells_per_weight for x in lm.crossbars]
+        xb, weights = lm.placement.column_crossbar.long(), lm.placement.column_weights.long()
+        per = torch.zeros(lm.n_crossbars, dtype=torch.int64).index_add(0, xb, weights)
+        assert per.tolist() == [x["weights"] for x in lm.crossbars]
 
 
 # --- re-programming ------------------------------------------------------------------------------
@@ -173,8 +177,6 @@ def test_typical_methods_shape_and_mask_methods_write_nothing(small):
     assert more["methods"]["xma2"]["reprogram_j"] > r["methods"]["xma2"]["reprogram_j"]
     with pytest.raises(UserError):
         typical_methods(mapping, io, PRESETS["paper"], inferences=0)
-    with pytest.raises(UserError):
-        typical_methods(mapping, io, PRESETS["paper"], spare_ratio=0)
 
 
 def test_paper_check_resnet50(resnet50_paper):

@@ -11,22 +11,22 @@ import pytest
 from typer.testing import CliRunner
 
 from xbar.cli import app
-from xbar.crossbar import CrossbarSpec, map_layers
+from xbar.crossbar import CrossbarSpec, map_layers, spare_pe_count
 from xbar.errors import UserError
-from xbar.memory import build_named_model, column_shift_bits, memory_report, named_model_report, spare_pe_count
+from xbar.memory import build_named_model, column_mask_bytes, memory_report, named_model_report
 
 SPEC = CrossbarSpec()  # 72x72, 2-bit cells, 4-bit weights
 
 
-def test_shift_mask_bits_by_hand():
-    # 512 columns; N shift levels -> N + 2 values
-    assert column_shift_bits(512, 0, packed=False) == column_shift_bits(512, 0, packed=True) == 512  # binary
-    assert column_shift_bits(512, 1, packed=False) == 1024  # 3 values: 2 bits
-    assert column_shift_bits(512, 1, packed=True) == 812  # 512 * log2(3) = 811.5
-    assert column_shift_bits(512, 3, packed=False) == 1536  # 5 values: 3 bits
-    assert column_shift_bits(512, 3, packed=True) == 1189  # 512 * log2(5) = 1188.9
-    with pytest.raises(UserError):
-        column_shift_bits(10, -1, packed=True)
+def test_column_mask_bytes_by_hand():
+    # 512 columns of K values; packed: 3 codes together, ceil(512 / 3) = 171 groups
+    assert column_mask_bytes(512, 2, packed=False) == 512 // 8  # binary: 1 bit each
+    assert column_mask_bytes(512, 2, packed=True) == math.ceil(171 * 3 / 8)  # 2**3 = 8 codes: 3 bits per group
+    assert column_mask_bytes(512, 3, packed=False) == 1024 // 8  # 3 values: 2 bits
+    assert column_mask_bytes(512, 3, packed=True) == math.ceil(171 * 5 / 8)  # 3**3 = 27 <= 2**5
+    assert column_mask_bytes(512, 5, packed=False) == 1536 // 8  # 5 values: 3 bits
+    assert column_mask_bytes(512, 5, packed=True) == math.ceil(171 * 7 / 8)  # the paper's 3 in 7 bits: 125 <= 128
+    assert column_mask_bytes(512, 1, packed=True) == column_mask_bytes(512, 1, packed=False) == 0  # no mask
 
 
 def test_report_of_one_layer_by_hand():
@@ -37,10 +37,10 @@ def test_report_of_one_layer_by_hand():
     assert r.piggyback_bytes == 64 * 64 * 9 // 8 == 4608
     assert r.column_binary_bytes == 512 // 8
     assert r.column_shift_bytes == 512 * 3 // 8
-    assert r.column_shift_packed_bytes == math.ceil(1189 / 8)
+    assert r.column_shift_packed_bytes == math.ceil(171 * 7 / 8)  # 3 columns per 7 bits
     assert r.spare_pes == 1 and r.spare_pe_weights == 2592
     assert r.xma2_spare_weight_bytes == 2592 * 4 // 8
-    assert r.xma2_column_shift_bytes == math.ceil(math.ceil(476 * math.log2(5)) / 8)  # frozen: 512 - 36 columns
+    assert r.xma2_column_shift_bytes == math.ceil(math.ceil(476 / 3) * 7 / 8)  # frozen: 512 - 36 columns
     assert r.xma2_pe_mask_bytes == 2  # 16 PEs, one bit each
     assert (r.head_bytes, r.bn_bytes) == (650 * 4, 128 * 4)
     assert r.xma2_bytes == 2 + r.xma2_column_shift_bytes + 1296 + 2600 + 512
@@ -51,11 +51,10 @@ def test_report_of_one_layer_by_hand():
 def test_spare_estimate_is_an_upper_bound():
     # 3x3 20->50: crossbars hold 72x36, 72x14, 72x36, 72x14, 36x36, 36x14 weights
     m = map_layers([("conv", "conv", (50, 20, 3, 3), 1)], SPEC)
-    assert spare_pe_count(6, 0.1) == 1 and spare_pe_count(6, 0.5) == 3 and spare_pe_count(6, 0.0) == 0
+    assert spare_pe_count(0.1, 6) == 1 and spare_pe_count(0.5, 6) == 3 and spare_pe_count(0.0, 6) == 0
+    assert spare_pe_count(0.1, 130) == 13 and spare_pe_count(1e-6, 130) == 1  # float rounding; any share > 0
     r = memory_report(m, spare_ratio=0.5)  # the 3 fullest: 72x36, 72x36, 36x36
     assert r.spare_pes == 3 and r.spare_pe_weights == 72 * 36 * 2 + 36 * 36
-    with pytest.raises(UserError):
-        memory_report(m, spare_ratio=1.5)
 
 
 def test_paper_resnet50_mask_memory():

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from project import ROOT
-from xbar.params import BUILTIN_DATASETS, ParamsError, check_task_name, load_params, parse_params
+from xbar.params import (BUILTIN_DATASETS, CrossbarParams, ParamsError, ShiftLevels, SpareRatio, check_task_name,
+                         check_value, load_params, parse_params)
 
 GOOD = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -50,6 +51,7 @@ def _with(path: str, value):
     ("seed", "zero", "seed", "integer"),
     ("crossbar.rows", 0, "crossbar.rows", "greater than 0"),
     ("crossbar.cell_bits", 3, "crossbar", "multiple of cell_bits"),
+    ("crossbar.weight_bits", 1, "crossbar", "signed weight"),
     ("tasks.mnist.spare_ratio", -0.1, "tasks.mnist.spare_ratio", "greater than 0"),
     ("tasks.mnist.spare_ratio", 1.5, "tasks.mnist.spare_ratio", "less than or equal to 1"),
     ("tasks.mnist.shift_levels", 4, "tasks.mnist.shift_levels", "less than or equal to 3"),
@@ -66,6 +68,20 @@ def test_bad_params_give_one_line_naming_the_field(path, value, field, words):
     assert "\n" not in message
     assert message.startswith(f"params.yaml: {field}")
     assert words in message
+
+
+@pytest.mark.parametrize("kind, value, words", [
+    (SpareRatio, 0.0, "greater than 0"), (SpareRatio, 1.5, "less than or equal to 1"),
+    (ShiftLevels, -1, "greater than or equal to 0"), (ShiftLevels, 4, "less than or equal to 3"),
+])
+def test_a_number_from_elsewhere_gets_the_params_range(kind, value, words):
+    """A command-line option is checked by the parameter's own type: one line naming the option."""
+    with pytest.raises(ParamsError) as info:
+        check_value(kind, value, "--option")
+    assert str(info.value).startswith("--option: ") and words in str(info.value) and "\n" not in str(info.value)
+    assert check_value(SpareRatio, 0.25, "--option") == 0.25 and check_value(ShiftLevels, 0, "--option") == 0
+    with pytest.raises(ParamsError, match="crossbar.rows: .*greater than 0"):
+        check_value(CrossbarParams, {"rows": 0}, "crossbar")
 
 
 @pytest.mark.parametrize("name", ["../up", "a/b", "with space", "tab\tname", "Upper", "x" * 40, "", "1st", "é"])

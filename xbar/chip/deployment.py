@@ -21,18 +21,18 @@ version of the same PE is the cheap place for it). Every written cell's write
 count goes up by one (endurance). Switching back to an earlier task, e.g. to
 evaluate it, is the same operation.
 
-`save_chip` / `load_chip`: a small JSON (slots, which image the backbone PEs
+`chip_files` / `load_chip`: a small JSON (slots, which image the backbone PEs
 hold, digests of the mapping and backbone the chip was made for) plus a tensor
 file with the levels and write counts of every PE that differs from the
 freshly deployed chip.
 """
+
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,157 +40,14 @@ import numpy as np
 import polars as pl
 import torch
 
-from xbar.crossbar import CrossbarSpec, LayerMap, Mapping
-from xbar.energy import EnergyPreset, column_pes, level_pulses, mask_bits_for, write_energy
+from xbar.chip.image import BACKBONE, TaskImage, task_image
+from xbar.chip.layout import ChipLayout, levels_digest
+from xbar.crossbar import CrossbarSpec
+from xbar.energy.presets import EnergyPreset
+from xbar.energy.reprogramming import level_pulses, write_energy
 from xbar.errors import UserError
 
 FORMAT = 1
-BACKBONE = "backbone"  # the image key of the backbone's own levels
-FINETUNE = ("finetune_shared", "finetune_separate")
-COLUMN_MASKS = ("xbm", "xma", "xma2")
-
-
-# --- where cells sit -----------------------------------------------------------------------------
-
-
-def mapping_digest(mapping: Mapping) -> str:
-    """sha256 of the crossbar spec and every mapped layer (name, kind, shape, groups)."""
-    desc = {"spec": asdict(mapping.spec),
-            "layers": [[lm.name, lm.kind, list(lm.shape), lm.groups] for lm in mapping.layers]}
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
-
-
-def levels_digest(levels: dict[str, torch.Tensor]) -> str:
-    """sha256 of weight levels by layer (the backbone the chip was deployed with)."""
-    h = hashlib.sha256()
-    for name in sorted(levels):
-        t = levels[name].to(torch.int8).contiguous()
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
-def weight_cells(lm: LayerMap) -> torch.Tensor:
-    """Where each weight's cells sit: int64 [*weight shape, cells_per_weight] indices into the chip's
-    flattened backbone PEs, pe * cells_per_pe + (crossbar in PE * rows + row) * cols + column."""
-    spec, k = lm.spec, lm.kernel
-    cout, cin_g, cpw = lm.out_channels, lm.cin_per_group, spec.cells_per_weight
-    cout_g, opc = cout // lm.groups, spec.outputs_per_crossbar
-    out = torch.arange(cout).view(cout, 1, 1)
-    chan = torch.arange(cin_g).view(1, cin_g, 1)
-    pos = torch.arange(k).view(1, 1, k)
-    group, o_in_g = out // cout_g, out % cout_g
-    if lm.packed:
-        crossbar = group // lm.groups_per_crossbar + 0 * chan + 0 * pos
-    else:
-        if k <= spec.rows:
-            rt = chan // (spec.rows // k) + 0 * pos
-        else:
-            rt = chan * math.ceil(k / spec.rows) + pos // spec.rows
-        crossbar = (group * lm.row_tiles_per_group + rt) * math.ceil(cout_g / opc) + o_in_g // opc
-    row_start = torch.tensor([x["row_start"] for x in lm.crossbars], dtype=torch.int64)
-    out_start = torch.tensor([x["out_start"] for x in lm.crossbars], dtype=torch.int64)
-    row = group * (cin_g * k) + chan * k + pos - row_start[crossbar]  # unrolled row within the crossbar
-    col = (out - out_start[crossbar]) * cpw
-    pe = lm.first_pe + crossbar // spec.crossbars_per_pe
-    cell = ((crossbar % spec.crossbars_per_pe) * spec.rows + row) * spec.cols + col
-    flat = (pe * spec.cells_per_pe + cell).reshape(*lm.shape, 1)
-    return flat + torch.arange(cpw)  # bit slices in adjacent columns, MSB first
-
-
-class ChipLayout:
-    """The mapping's cell positions (computed per layer on first use) and images built from levels."""
-
-    def __init__(self, mapping: Mapping) -> None:
-        self.mapping = mapping
-        self.spec = mapping.spec
-        self.digest = mapping_digest(mapping)
-        self._cells: dict[str, torch.Tensor] = {}
-
-    def cells(self, name: str) -> torch.Tensor:
-        if name not in self._cells:
-            self._cells[name] = weight_cells(self.mapping.layer(name))
-        return self._cells[name]
-
-    def image(self, levels: dict[str, torch.Tensor], pes: torch.Tensor | None = None) -> torch.Tensor:
-        """Cell levels of the backbone PEs (uint8 [n_pes, cells_per_pe], blank 0 where no weight sits)
-        for weight levels by layer; with `pes`, only those PEs' layers are filled in."""
-        spec = self.spec
-        out = torch.zeros(self.mapping.n_pes * spec.cells_per_pe, dtype=torch.uint8)
-        wanted = None if pes is None else set(pes.tolist())
-        for lm in self.mapping.layers:
-            if wanted is not None and not wanted.intersection(range(lm.first_pe, lm.first_pe + lm.n_pes)):
-                continue
-            if lm.name not in levels:
-                raise UserError(f"levels: no weight levels for mapped layer {lm.name}")
-            w = levels[lm.name]
-            if tuple(w.shape) != lm.shape:
-                raise UserError(f"levels: layer {lm.name} has shape {tuple(w.shape)}, the mapping {lm.shape}")
-            try:
-                out[self.cells(lm.name).reshape(-1)] = spec.cell_levels(w).reshape(-1)
-            except ValueError as err:
-                raise UserError(f"levels: layer {lm.name}: {err}") from None
-        return out.view(self.mapping.n_pes, spec.cells_per_pe)
-
-    def used(self) -> torch.Tensor:
-        """bool [n_pes, cells_per_pe]: which cells of the backbone PEs hold a weight."""
-        out = torch.zeros(self.mapping.n_pes * self.spec.cells_per_pe, dtype=torch.bool)
-        for lm in self.mapping.layers:
-            out[self.cells(lm.name).reshape(-1)] = True
-        return out.view(self.mapping.n_pes, self.spec.cells_per_pe)
-
-
-# --- what a task needs on the chip ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskImage:
-    """What the chip must hold to run one task."""
-
-    task: str
-    method: str
-    backbone_key: str  # which image the backbone PEs must hold: BACKBONE or a task's name
-    backbone: torch.Tensor | None  # that image (uint8 [n_pes, cells_per_pe]); None: the backbone's own
-    spares: dict[int, torch.Tensor] = field(default_factory=dict)  # backbone PE -> its spare PE's cells
-    mask_bits: int = 0  # column mask bits to load into the mask buffers
-
-
-def task_image(name: str, task: dict, layout: ChipLayout, backbone_levels: dict[str, torch.Tensor],
-               shared_from: tuple[str, dict] | None = None) -> TaskImage:
-    """The TaskImage of a task.pt (docs/artifacts.md).
-
-    `backbone_levels`: levels.pt's levels by layer. `shared_from`: for a finetune_shared task evaluated
-    after later shared tasks, (name, task.pt) of the latest one: its weights are what the task runs on.
-    """
-    method = task.get("method")
-    mapping = layout.mapping
-    if method in FINETUNE:
-        key, source = (name, task) if shared_from is None else shared_from
-        return TaskImage(name, method, key, layout.image(source["levels"]))
-    if method == "piggyback":
-        masked = {}
-        for lm in mapping.layers:
-            keep = task["element_masks"].get(lm.name)
-            w = backbone_levels[lm.name]
-            masked[lm.name] = w if keep is None else torch.where(keep.bool(), w, torch.zeros_like(w))
-        return TaskImage(name, method, name, layout.image(masked))
-    if method not in COLUMN_MASKS:
-        raise UserError(f"task {name}: task.pt has unknown method {method!r}")
-    spare = task.get("spare_pes", torch.zeros(0, dtype=torch.int64)).to(torch.int64)
-    if spare.numel() and (int(spare.min()) < 0 or int(spare.max()) >= mapping.n_pes):
-        raise UserError(f"task {name}: spare PE ids outside 0..{mapping.n_pes - 1} (task.pt made for another mapping)")
-    spares = {}
-    if spare.numel():
-        image = layout.image(task["levels"], spare)
-        spares = {int(p): image[int(p)].clone() for p in spare}
-    frozen_columns = sum(int((~torch.isin(column_pes(lm), spare)).sum()) for lm in mapping.layers
-                         if lm.name in task.get("column_masks", {}))
-    bits = mask_bits_for(len(task.get("mask_values", ())))
-    return TaskImage(name, method, BACKBONE, None, spares, frozen_columns * bits)
-
-
-# --- the chip ---------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -470,32 +327,3 @@ def load_chip(path: Path, layout: ChipLayout, backbone_levels: dict[str, torch.T
     chip.backbone_key, chip.serving, chip.masks = meta["backbone_image"], meta["serving"], meta["masks_in_buffer"]
     chip.history = list(meta.get("history", []))
     return chip
-
-
-# --- the backbone of a pipeline ----------------------------------------------------------------------
-
-
-def backbone_mapping(model_params, crossbar_params, levels: dict) -> Mapping:  # noqa: ANN001 (xbar.params models)
-    """The crossbar mapping of the pipeline's backbone (the model of params.yaml, its head excluded),
-    built on the meta device; `levels` is levels.pt, whose first layer gives the input channels."""
-    from xbar.crossbar import map_model
-    from xbar.models import build_model
-
-    if not levels:
-        raise UserError("levels.pt: holds no layer (re-run the quantize stage)")
-    first = next(iter(levels.values()))["levels"]
-    with torch.device("meta"):
-        model = build_model(model_params, num_classes=2, in_channels=int(first.shape[1]))
-    mapping = map_model(model, CrossbarSpec.from_params(crossbar_params))
-    for lm in mapping.layers:
-        if lm.name not in levels or tuple(levels[lm.name]["levels"].shape) != lm.shape:
-            raise UserError(f"levels.pt: does not match model {model_params.name!r} at layer {lm.name} "
-                            "(model parameters changed: re-run the quantize stage)")
-    return mapping
-
-
-def chip_spare_pes(spare_pe_ratio: float, n_pes: int) -> int:
-    """Spare PEs the chip is built with (params crossbar.spare_pe_ratio of the backbone's PEs)."""
-    from xbar.memory import spare_pe_count
-
-    return spare_pe_count(n_pes, spare_pe_ratio)
