@@ -20,7 +20,8 @@ from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_torch, s
 from xbar import step
 from xbar.data import load_task_data
 from xbar.errors import UserError
-from xbar.methods import check_spec, get, layer_mask_levels, mask_report, n_spare_pes
+from xbar.crossbar import spare_pe_count
+from xbar.methods import check_spec, get, layer_mask_levels, mask_report
 from xbar.params import FIRST_AFTER, Params
 from xbar.plots import mask_levels, png
 from xbar.training import seed_everything
@@ -35,7 +36,7 @@ def spare_pes_from(path: Path, n_pes: int, spare_ratio: float) -> torch.Tensor:
         pes = step.selected_pes(table)
     except Exception as err:  # corrupt file or wrong columns
         raise UserError(f"{path}: unreadable ranking ({type(err).__name__}); re-run rank_pes") from None
-    want = n_spare_pes(spare_ratio, n_pes)
+    want = spare_pe_count(spare_ratio, n_pes)
     if table.height != n_pes or len(pes) != want:
         raise UserError(f"{path}: ranks {table.height} PEs and selects {len(pes)}, but the model has {n_pes} PEs "
                         f"and spare_ratio {spare_ratio} needs {want}; re-run rank_pes")

@@ -32,12 +32,12 @@ import torch
 from xbar import step
 from xbar.chip.deployment import learn_on_chip, new_chip
 from xbar.chip.layout import ChipLayout
-from xbar.crossbar import spare_pe_count as chip_spare_pes  # the one spare-PE count (ratio, PEs)
+from xbar.crossbar import spare_pe_count
 from xbar.data import TaskData, load_task_data
 from xbar.energy.presets import resolve_preset
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
-from xbar.params import Params, parse_params
+from xbar.params import Params, SpareRatio, check_value, parse_params
 from xbar.step import Backbone
 from xbar.training import seed_everything
 
@@ -80,9 +80,8 @@ def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float]
         raise UserError(f"methods: {unknown[0]!r} is unknown (one of {', '.join(names())})")
     if not methods:
         raise UserError("methods: name at least one method")
-    bad = [r for r in ratios if not 0 < r <= 1]
-    if bad:
-        raise UserError(f"ratios: {bad[0]:g} is outside (0, 1] (a share of the PEs, e.g. 0.1 for 10%)")
+    for r in ratios:
+        check_value(SpareRatio, r, "ratios")
     spare = [m for m in methods if get(m).spare_pes]
     if spare and not ratios:
         raise UserError(f"ratios: {spare[0]} needs at least one spare-PE ratio")
@@ -127,7 +126,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
     run = configuration_params(params, config)
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
-    chip = new_chip(layout, backbone.cells, chip_spare_pes(run.crossbar.spare_pe_ratio, mapping.n_pes))
+    chip = new_chip(layout, backbone.cells, spare_pe_count(run.crossbar.spare_pe_ratio, mapping.n_pes))
     preset = resolve_preset(run.energy.preset, run.energy.overrides)
     loaded: dict[str, TaskData] = {}
     learned: dict[str, dict] = {}  # task -> task.pt contents, in learning order

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xbar.crossbar import spare_pe_count
 from xbar.errors import UserError
-from xbar.methods import CrossbarLayer, n_spare_pes, ridge_head
+from xbar.methods import CrossbarLayer, ridge_head
 from xbar.training import as_input
 
 
@@ -67,6 +68,6 @@ def rank_pes(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
     # rank 1 = largest |dL/dm_PE|; ties broken by PE id, so the order is total and deterministic
     order = df.sort(["score", "pe"], descending=[True, False])["pe"]
     rank = pl.DataFrame({"pe": order, "rank": pl.int_range(1, len(order) + 1, eager=True)})
-    top = n_spare_pes(spare_ratio, len(df))
+    top = spare_pe_count(spare_ratio, len(df))
     df = df.join(rank, on="pe").with_columns(selected=pl.col("rank") <= top).sort("pe")
     return df.select("pe", "layer", "score", "rank", "selected"), loss.item()

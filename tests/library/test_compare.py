@@ -24,8 +24,8 @@ def test_configurations_one_per_method_and_xma2_per_ratio():
     assert [c.label for c in configs] == ["finetune_shared", "xma2@5", "xma2@10", "xma2@12.5", "piggyback"]
     assert [c.spare_ratio for c in configs] == [None, 0.05, 0.1, 0.125, None]
     assert [c.label for c in configurations(["xma", "xma"], [])] == ["xma"]  # no xma2: no ratio needed
-    for methods, ratios, words in ((["magic"], [0.1], "unknown"), (["xma2"], [0.0], "outside"),
-                                   (["xma2"], [1.5], "outside"), (["xma2"], [], "at least one"), ([], [0.1], "one")):
+    for methods, ratios, words in ((["magic"], [0.1], "unknown"), (["xma2"], [0.0], "ratios: .*greater than 0"),
+                                   (["xma2"], [1.5], "ratios: .*less than or equal to 1"), (["xma2"], [], "at least one"), ([], [0.1], "one")):
         with pytest.raises(UserError, match=words):
             configurations(methods, ratios)
 

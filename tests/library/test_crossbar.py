@@ -253,3 +253,4 @@ def test_map_crossbars_stage(tmp_path, monkeypatch):
     assert metrics["crossbars"] == len(crossbars) and metrics["pes"] == crossbars["pe"].n_unique()
     assert metrics["columns"] == layers["columns"].sum()
     assert 0 < metrics["mean_utilization"] <= 1
+

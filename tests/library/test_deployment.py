@@ -21,6 +21,11 @@ from xbar.errors import UserError
 PAPER = PRESETS["paper"]
 
 
+
+def image_of(name: str, task: dict, layout, levels) -> TaskImage:  # noqa: ANN001
+    """The TaskImage of one task learned alone."""
+    return task_image(name, {name: task}, layout, levels)
+
 def random_levels(mapping, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {lm.name: torch.randint(-7, 8, lm.shape, generator=g, dtype=torch.int64).to(torch.int8)
@@ -88,14 +93,14 @@ def test_reprogramming_counts_only_changed_cells(small):
     changed = int((old_cells != new_cells).sum())
     steps = int((old_cells.int() - new_cells.int()).abs().sum())
     used = layout.used()
-    rep = program(chip, task_image("ft", finetune("ft", new), layout, levels), PAPER, used)
+    rep = program(chip, image_of("ft", finetune("ft", new), layout, levels), PAPER, used)
     assert rep.summary["cells_written"] == changed and rep.summary["level_steps"] == steps
     assert rep.summary["pulses"] == pytest.approx(steps * PAPER.pulses_per_level)
     assert rep.summary["energy_j"] == pytest.approx(steps * PAPER.pulses_per_level * PAPER.write_pulse_j)
     assert set(rep.rows["pe"].to_list()) == {0, 3, 4} & set(rep.rows["pe"].to_list())  # only PEs of a and c
     assert int(chip.writes.sum()) == changed and int(chip.writes.max()) == 1
     # the same levels under another name cost nothing; the backbone back costs the same again
-    same = program(chip, task_image("ft2", finetune("ft2", new), layout, levels), PAPER, used)
+    same = program(chip, image_of("ft2", finetune("ft2", new), layout, levels), PAPER, used)
     assert same.summary["cells_written"] == 0
     back = program(chip, TaskImage("xbm", "xbm", BACKBONE, None, mask_bits=10), PAPER, used)
     assert back.summary["cells_written"] == changed and back.summary["mask_bits_loaded"] == 10
@@ -122,7 +127,7 @@ def test_spare_pes_reuse_what_is_programmed(small):
     mapping, layout, levels = small
     used = layout.used()
     chip = new_chip(layout, levels, n_slots=3)
-    first = program(chip, task_image("t1", spare_task(layout, levels, [1, 3], seed=1), layout, levels), PAPER,
+    first = program(chip, image_of("t1", spare_task(layout, levels, [1, 3], seed=1), layout, levels), PAPER,
                     used).summary
     # blank spare PEs: every cell whose level is not 0 is written
     assert first["spare_pes"] == 2 and first["spare_pes_reusing_same_pe"] == 0
@@ -130,7 +135,7 @@ def test_spare_pes_reuse_what_is_programmed(small):
     held = {s["pe"]: i for i, s in enumerate(chip.slots) if s}
     assert set(held) == {1, 3}
     t2 = spare_task(layout, levels, [3, 4], seed=2)
-    second = program(chip, task_image("t2", t2, layout, levels), PAPER, used)
+    second = program(chip, image_of("t2", t2, layout, levels), PAPER, used)
     s = second.summary
     # PE 3 goes where t1's version of PE 3 sits: only the cells the two tasks' training moved differ
     row = second.rows.filter(second.rows["pe"] == 3).row(0, named=True)
@@ -150,9 +155,9 @@ def test_spare_pes_reuse_what_is_programmed(small):
 def test_cells_outside_a_pe_are_left_alone(small):
     mapping, layout, levels = small
     chip, used = new_chip(layout, levels, n_slots=1), layout.used()
-    program(chip, task_image("t1", spare_task(layout, levels, [1], seed=1), layout, levels), PAPER, used)
+    program(chip, image_of("t1", spare_task(layout, levels, [1], seed=1), layout, levels), PAPER, used)
     full = chip.levels[chip.n_pes].clone()  # PE 1 fills all 72 x 72 cells
-    s = program(chip, task_image("t2", spare_task(layout, levels, [3], seed=2), layout, levels), PAPER, used).summary
+    s = program(chip, image_of("t2", spare_task(layout, levels, [3], seed=2), layout, levels), PAPER, used).summary
     assert s["cells_in_spare_pes"] == int(used[3].sum()) == 72 * 40 * 1  # 20 outputs x 2 cells, 72 rows
     assert s["spare_cells_written"] <= s["cells_in_spare_pes"]
     # the 32 columns PE 3 does not use keep PE 1's cells: nothing reads them, nothing rewrites them
@@ -171,12 +176,12 @@ def test_switching_back_costs_and_endurance(small):
     mapping, layout, levels = small
     chip, used = new_chip(layout, levels, n_slots=1), layout.used()
     p1, p2 = piggyback(levels, 1), piggyback(levels, 2)
-    a = program(chip, task_image("p1", p1, layout, levels), PAPER, used).summary
+    a = program(chip, image_of("p1", p1, layout, levels), PAPER, used).summary
     assert a["cells_written"] > 0
-    b = program(chip, task_image("p2", p2, layout, levels), PAPER, used, phase="program").summary
-    back = program(chip, task_image("p1", p1, layout, levels), PAPER, used, phase="switch").summary
+    b = program(chip, image_of("p2", p2, layout, levels), PAPER, used, phase="program").summary
+    back = program(chip, image_of("p1", p1, layout, levels), PAPER, used, phase="switch").summary
     assert back["cells_written"] > 0 and back["phase"] == "switch"
-    assert program(chip, task_image("p1", p1, layout, levels), PAPER, used).summary["cells_written"] == 0  # there
+    assert program(chip, image_of("p1", p1, layout, levels), PAPER, used).summary["cells_written"] == 0  # there
     # masked-out weights hold the zero weight's cells
     zero = mapping.spec.cell_levels(torch.tensor(0))
     cells = weight_cells(mapping.layer("a"))[~p1["element_masks"]["a"]]
@@ -191,7 +196,7 @@ def test_switching_back_costs_and_endurance(small):
 def test_save_load_roundtrip_and_mismatch(tmp_path, small):
     mapping, layout, levels = small
     chip = new_chip(layout, levels, n_slots=2)
-    program(chip, task_image("t1", spare_task(layout, levels, [0, 2], seed=3), layout, levels), PAPER, layout.used())
+    program(chip, image_of("t1", spare_task(layout, levels, [0, 2], seed=3), layout, levels), PAPER, layout.used())
     meta, data = chip_files(chip, "deployment.pt")
     assert meta["touched_pes"] == 2 and len(json.dumps(meta)) < 10_000  # the JSON stays small
     (tmp_path / "deployment.pt").write_bytes(data)
@@ -216,7 +221,7 @@ def test_too_few_spare_pes_is_a_user_error(small):
     mapping, layout, levels = small
     chip = new_chip(layout, levels, n_slots=1)
     with pytest.raises(UserError, match="spare PEs"):
-        program(chip, task_image("t", spare_task(layout, levels, [0, 1], seed=0), layout, levels), PAPER, layout.used())
+        program(chip, image_of("t", spare_task(layout, levels, [0, 1], seed=0), layout, levels), PAPER, layout.used())
 
 
 # --- the stages ------------------------------------------------------------------------------------
@@ -335,7 +340,7 @@ def test_program_spares_and_simulate_energy_stages(tmp_path):
     assert pes.height == project["mapping"].n_pes and float(pes["reprogram_j"].sum()) > 0
     assert e["columns_off"] > 0 and e["mask_bits_per_column"] == 3
     assert (tmp_path / "artifacts/tasks/first/energy.png").read_bytes()[:4] == b"\x89PNG"
-    assert set(e["typical_methods"]["test_set"]["methods"]) == {"finetune", "piggyback", "xbm", "xma", "xma2"}
+    assert set(e["typical_methods"]["test_set"]["methods"]) == {"finetune_separate", "piggyback", "xbm", "xma", "xma2"}
 
 
 def test_program_spares_refuses_another_mapping(tmp_path):

@@ -1,4 +1,3 @@
-import pytest
 import torch
 
 from xbar.masks import ColumnShiftMask, ElementBinaryMask, mask_values, shift_values
@@ -8,10 +7,7 @@ def test_mask_value_tables():
     assert mask_values(3).tolist() == [0, 0.125, 0.25, 0.5, 1]
     assert mask_values(1).tolist() == [0, 0.5, 1]
     assert mask_values(0).tolist() == [0, 1]  # XBM
-    assert shift_values(2).tolist() == [0, 0.25, 0.5]
-    for bad in (-1, 4, 1.5):
-        with pytest.raises(ValueError):
-            mask_values(bad)
+    assert shift_values(2).tolist() == [0, 0.25, 0.5]  # (the range 0..3 is params' to check: TaskSpec)
 
 
 def test_column_shift_mask_eval_values_and_codes():

@@ -10,7 +10,7 @@ import yaml
 from project import ROOT, tiny_params
 from tiny_backbone import random_task
 from xbar.errors import UserError
-from xbar.methods import (build_task_model, check_spec, export_task, load_task_model, mask_report, n_spare_pes,
+from xbar.methods import (build_task_model, check_spec, export_task, load_task_model, mask_report,
                           trainable_names, train_task)
 from xbar.params import TaskSpec
 from xbar.training import predict, seed_everything
@@ -115,7 +115,6 @@ def test_piggyback_exports_element_masks(backbone):
 
 
 def test_spec_checks_and_spare_count():
-    assert n_spare_pes(0.1, 126) == 13 and n_spare_pes(1.0, 126) == 126 and n_spare_pes(1e-6, 126) == 1
     with pytest.raises(UserError, match="larger than the task's training set"):
         check_spec(TaskSpec(dataset="optdigits", rank_batch_size=100), n_train=99)
     # the ranges are params' to check, once: a TaskSpec cannot hold them

@@ -238,15 +238,13 @@ def learn_on_chip(chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbo
     """Program the last task of `tasks` (name -> task.pt, in learning order) onto `chip`, then switch the
     chip to every earlier task in turn and back to the new one; in place.
 
-    A finetune_shared task runs on the latest shared network (that is its forgetting), so switching
-    between shared tasks writes nothing.
+    Two tasks whose method puts the same image on the backbone PEs (finetune_shared: the latest shared
+    network, that is its forgetting) switch without writing them.
     """
     names = list(tasks)
-    shared = [n for n in names if tasks[n].get("method") == "finetune_shared"]
 
     def image(name: str) -> TaskImage:
-        latest = (shared[-1], tasks[shared[-1]]) if name in shared and name != shared[-1] else None
-        return task_image(name, tasks[name], layout, backbone_levels, shared_from=latest)
+        return task_image(name, tasks, layout, backbone_levels)
 
     used, task = layout.used(), names[-1]
     programmed = program(chip, image(task), preset, used, "program")

@@ -9,10 +9,9 @@ import torch
 from xbar.chip.layout import ChipLayout
 from xbar.errors import UserError
 from xbar.memory import mask_bits_for
+from xbar.methods.registry import get
 
 BACKBONE = "backbone"  # the image key of the backbone's own levels
-FINETUNE = ("finetune_shared", "finetune_separate")
-COLUMN_MASKS = ("xbm", "xma", "xma2")
 
 
 @dataclass(frozen=True)
@@ -27,27 +26,22 @@ class TaskImage:
     mask_bits: int = 0  # column mask bits to load into the mask buffers
 
 
-def task_image(name: str, task: dict, layout: ChipLayout, backbone_levels: dict[str, torch.Tensor],
-               shared_from: tuple[str, dict] | None = None) -> TaskImage:
-    """The TaskImage of a task.pt (docs/artifacts.md).
+def task_image(name: str, tasks: dict[str, dict], layout: ChipLayout,
+               backbone_levels: dict[str, torch.Tensor]) -> TaskImage:
+    """The TaskImage of task `name` once every task of `tasks` (name -> task.pt, in learning order) is
+    learned (docs/artifacts.md).
 
-    `backbone_levels`: levels.pt's levels by layer. `shared_from`: for a finetune_shared task evaluated
-    after later shared tasks, (name, task.pt) of the latest one: its weights are what the task runs on.
+    What the backbone PEs hold is the method's to say (`Method.backbone_image`); the spare PEs and the
+    column masks come from the task.pt itself. `backbone_levels`: levels.pt's levels by layer.
     """
-    method = task.get("method")
+    task = tasks[name]
+    try:
+        method = get(task.get("method"))
+    except UserError:
+        raise UserError(f"task {name}: task.pt has unknown method {task.get('method')!r}") from None
     mapping = layout.mapping
-    if method in FINETUNE:
-        key, source = (name, task) if shared_from is None else shared_from
-        return TaskImage(name, method, key, layout.image(source["levels"]))
-    if method == "piggyback":
-        masked = {}
-        for lm in mapping.layers:
-            keep = task["element_masks"].get(lm.name)
-            w = backbone_levels[lm.name]
-            masked[lm.name] = w if keep is None else torch.where(keep.bool(), w, torch.zeros_like(w))
-        return TaskImage(name, method, name, layout.image(masked))
-    if method not in COLUMN_MASKS:
-        raise UserError(f"task {name}: task.pt has unknown method {method!r}")
+    own = method.backbone_image(name, tasks, backbone_levels)
+    key, backbone = (BACKBONE, None) if own is None else (own[0], layout.image(own[1]))
     spare = task.get("spare_pes", torch.zeros(0, dtype=torch.int64)).to(torch.int64)
     if spare.numel() and (int(spare.min()) < 0 or int(spare.max()) >= mapping.n_pes):
         raise UserError(f"task {name}: spare PE ids outside 0..{mapping.n_pes - 1} (task.pt made for another mapping)")
@@ -58,4 +52,4 @@ def task_image(name: str, task: dict, layout: ChipLayout, backbone_levels: dict[
     frozen_columns = sum(int((~torch.isin(lm.placement.column_pe, spare)).sum()) for lm in mapping.layers
                          if lm.name in task.get("column_masks", {}))
     bits = mask_bits_for(len(task.get("mask_values", ())))
-    return TaskImage(name, method, BACKBONE, None, spares, frozen_columns * bits)
+    return TaskImage(name, method.name, key, backbone, spares, frozen_columns * bits)

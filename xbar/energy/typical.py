@@ -19,6 +19,7 @@ from xbar.energy.presets import EnergyPreset
 from xbar.energy.reprogramming import level_pulses, write_energy
 from xbar.errors import UserError
 from xbar.memory import fullest_pes, mask_bits_for
+from xbar.methods import Method, get, names
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,6 @@ class TypicalChanges:
 
 
 TYPICAL = TypicalChanges()
-METHOD_NAMES = ("finetune", "piggyback", "xbm", "xma", "xma2")
 
 
 def level_distribution(spec: CrossbarSpec, mean_abs: float) -> torch.Tensor:
@@ -112,8 +112,10 @@ def change_stats(spec: CrossbarSpec, p: torch.Tensor, spare_change_share: float 
 def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPreset, act_bits: int = 4,
                     spare_ratio: float = 0.1, inferences: int = 1, shift_levels: int = 3,
                     typical: TypicalChanges = TYPICAL) -> dict:
-    """The five methods on an architecture alone, for one new task added to a chip that served the
-    previous task of the same method (steady state of continual learning):
+    """Every registered method (except those that continue a shared network: one fine-tuned copy per
+    task stands for fine-tuning) on an architecture alone, for one new task added to a chip that served
+    the previous task of the same method (steady state of continual learning), from the method's
+    registry flags: what it rewrites (every weight, masked-out weights, spare PEs) and its masks;
     inference per image, re-programming for the switch, total = inferences x inference + re-programming.
 
     Returns {"methods": {name: {...}}, "assumptions": {...}} (the `xbar energy --json` object); the
@@ -122,6 +124,7 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
     if isinstance(inferences, bool) or not isinstance(inferences, int) or inferences < 1:
         raise UserError(f"--inferences: expected a positive integer, got {inferences!r}")
     typical.check()
+    methods_modelled = [get(n) for n in names() if not get(n).continues_previous]
     spec = mapping.spec
     n_spare = spare_pe_count(spare_ratio, mapping.n_pes)  # spare_ratio: checked by xbar.params (SpareRatio)
     spare = fullest_pes(mapping, n_spare)
@@ -138,12 +141,12 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
     frozen = ~np.isin(use.pe, spare.numpy())
     on = 1 - typical.column_off_share
 
-    def per_image(kind: str) -> float:
-        if kind in ("finetune", "piggyback"):
+    def per_image(method: Method) -> float:
+        if not method.column_masks:
             return sum(float(v.sum()) for v in base.values()) + buffers
-        mask_frozen = frozen if kind == "xma2" else np.ones_like(frozen)
+        mask_frozen = frozen if method.spare_pes else np.ones_like(frozen)
         scale = np.where(mask_frozen, on, 1.0)  # columns (and their cells) switched off
-        bits = mask_bits_for(2 if kind == "xbm" else shift_levels + 2)
+        bits = mask_bits_for(method.mask_shift_levels(shift_levels) + 2)
         e = base["cells_j"] * scale + (base["adc_j"] + base["shift_add_j"]) * scale + base["interconnect_j"]
         mask = use.positions * np.where(mask_frozen, use.active_columns, 0) * bits * preset.mask_read_j_per_bit
         return float(e.sum() + mask.sum()) + buffers
@@ -153,20 +156,23 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
 
     xma2_steady = ChangeStats(h * stats["same_pe"].cells + (1 - h) * stats["redraw"].cells,
                               h * stats["same_pe"].steps + (1 - h) * stats["redraw"].steps)
-    steady = {  # (cells written, level steps) to switch from the previous task to the new one
-        "finetune": writes(stats["redraw"], n_w),
-        "piggyback": writes(stats["to_zero"], n_w * 2 * m * (1 - m)),  # restore the old mask's, zero the new's
-        "xbm": (0.0, 0.0), "xma": (0.0, 0.0),
-        "xma2": writes(xma2_steady, spare_weights),
-    }
-    first = {**steady, "piggyback": writes(stats["to_zero"], n_w * m),
-             "xma2": writes(stats["from_blank"], spare_weights)}
+    def changes(method: Method, first: bool) -> tuple[float, float]:
+        """(cells written, level steps) to switch from the previous task of the method to the new one
+        (`first`: from the backbone-only chip)."""
+        if method.trains_all:
+            return writes(stats["redraw"], n_w)
+        if method.element_masks:  # first: zero the new mask's; then restore the old mask's, zero the new's
+            return writes(stats["to_zero"], n_w * m if first else n_w * 2 * m * (1 - m))
+        if method.spare_pes:
+            return writes(stats["from_blank"] if first else xma2_steady, spare_weights)
+        return 0.0, 0.0  # masks live in the mask buffers only
 
-    def table(changes: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    def table(first: bool) -> dict[str, dict]:
         out = {}
-        for name in METHOD_NAMES:
-            image = per_image(name)
-            cells, steps = changes[name]
+        for method in methods_modelled:
+            image = per_image(method)
+            cells, steps = changes(method, first)
+            name = method.name
             pulses = level_pulses(steps, preset)
             reprogram = write_energy(pulses, preset)
             out[name] = {"inference_j": image * inferences, "reprogram_j": reprogram,
@@ -174,12 +180,12 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
                          "inference_per_image_j": image, "pulses": pulses}
         return out
 
-    def ratios(t: dict[str, dict]) -> dict[str, float]:
-        return {"finetune_over_xma2": t["finetune"]["total_j"] / t["xma2"]["total_j"],
+    def ratios(t: dict[str, dict]) -> dict[str, float]:  # the paper's three claims, by its methods' names
+        return {"finetune_over_xma2": t["finetune_separate"]["total_j"] / t["xma2"]["total_j"],
                 "piggyback_over_xma2": t["piggyback"]["total_j"] / t["xma2"]["total_j"],
                 "piggyback_total_over_inference": t["piggyback"]["total_j"] / t["piggyback"]["inference_j"]}
 
-    methods, first_task = table(steady), table(first)
+    methods, first_task = table(False), table(True)
     assumptions = {
         "preset": preset.name, "preset_description": preset.description,
         "constants": preset.constants, "sources": preset.source,
@@ -191,7 +197,7 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
                     "total = inferences x inference per image + re-programming for the switch",
         "weight_levels": f"discrete Laplace over [-{spec.weight_levels}, {spec.weight_levels}] with "
                          f"E|level| = {typical.mean_abs_level(spec):.3f} (LSQ initial step: sqrt(L)/2)",
-        "finetune": "a separate fine-tuned copy per task, re-quantized: each weight's new level independent "
+        "finetune_separate": "a separate fine-tuned copy per task, re-quantized: each weight's new level independent "
                     "of the old one (paper: 'nearly all cells'); only cells whose level changes are written",
         "piggyback": f"{m:.0%} of weights masked out (set to the zero level), masks independent between "
                      f"tasks: {2 * m * (1 - m):.0%} of weights restored or zeroed per switch",

@@ -22,7 +22,7 @@ class ColumnMaskMethod(Method):
     bn_per_task = True
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
-        model.shift_levels = self.shift_levels(spec)
+        model.shift_levels = self.mask_shift_levels(spec.shift_levels)
         for layer in model.layers().values():
             layer.add_column_mask(model.shift_levels, train.temperature)
 

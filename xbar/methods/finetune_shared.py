@@ -25,8 +25,15 @@ class FinetuneShared(Method):
             layer.train_weights()
 
     def chip_view(self, tasks: dict[str, dict], name: str) -> dict:
-        latest = [t for t in tasks.values() if t["method"] == self.name][-1]
-        return shared_view(tasks[name], latest)
+        return shared_view(tasks[name], tasks[self._latest(tasks)])
+
+    def backbone_image(self, name: str, tasks: dict[str, dict], backbone: dict) -> tuple[str, dict]:
+        """The latest shared network: every shared task runs on it (one image, no writes between them)."""
+        latest = self._latest(tasks)
+        return latest, tasks[latest]["levels"]
+
+    def _latest(self, tasks: dict[str, dict]) -> str:
+        return [n for n, t in tasks.items() if t["method"] == self.name][-1]
 
 
 def shared_view(earlier: dict, latest: dict) -> dict:

@@ -34,5 +34,13 @@ class Piggyback(Method):
     def export_masks(self, model: TaskModel, task: dict) -> None:
         task["element_masks"] = {n: l.element_mask.binary().clone() for n, l in model.layers().items()}
 
+    def backbone_image(self, name: str, tasks: dict[str, dict], backbone: dict) -> tuple[str, dict]:
+        """The backbone with every masked-out weight written to the zero weight's level."""
+        import torch
+
+        keep = tasks[name]["element_masks"]
+        return name, {layer: w if layer not in keep else torch.where(keep[layer].bool(), w, torch.zeros_like(w))
+                      for layer, w in backbone.items()}
+
 
 register(Piggyback())

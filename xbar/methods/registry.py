@@ -17,7 +17,10 @@ asks the registry what a method does, never compares its name:
 
 Hooks with a default here: `attach` (its trainables on a fresh task model),
 `mask_lr`, `export_masks` (task.pt's mask entries), `chip_view` (which
-weights a learned task runs on once later tasks exist).
+weights a learned task runs on once later tasks exist), `backbone_image`
+(what the backbone PEs must hold to run a task: the chip programs it), and
+`mask_shift_levels`. A task's spare PEs and column masks reach the chip from
+its task.pt alone (xbar.chip.image), whatever the method.
 
 Plugins: a module named in params.yaml's `plugins:` list is imported before
 the parameters are validated, so a method defined outside this package (a
@@ -57,9 +60,9 @@ class Method:
         """The backbone PEs' cells never change (outside the task's spare PEs)."""
         return not self.trains_all
 
-    def shift_levels(self, spec: TaskSpec) -> int | None:
-        """The column mask's shift levels N (None without column masks)."""
-        return spec.shift_levels if self.column_masks else None
+    def mask_shift_levels(self, shift_levels: int) -> int | None:
+        """The column mask's shift levels N for a task that asks for `shift_levels` (None: no column mask)."""
+        return shift_levels if self.column_masks else None
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
         """Put the method's trainables on a freshly built task model (its mapped layers are CrossbarLayers)."""
@@ -75,6 +78,12 @@ class Method:
     def chip_view(self, tasks: dict[str, dict], name: str) -> dict:
         """Task `name` as the chip runs it once every task of `tasks` (in learning order) is learned."""
         return tasks[name]
+
+    def backbone_image(self, name: str, tasks: dict[str, dict], backbone: dict) -> tuple[str, dict] | None:
+        """(image key, weight levels by layer) the backbone PEs must hold to run task `name` once every
+        task of `tasks` is learned; None: the backbone's own levels (`backbone`), never rewritten.
+        Two tasks with the same key share the image: switching between them writes nothing."""
+        return None if self.keeps_backbone else (name, tasks[name]["levels"])
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

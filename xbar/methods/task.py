@@ -9,12 +9,11 @@ bit for bit. What differs between methods comes from the registry
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from xbar.crossbar import Mapping
 from xbar.errors import UserError
+from xbar.memory import column_mask_bytes
 from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar_spec, deploy_cells, new_head, quantized_net
 from xbar.methods.recipe import set_trainable
 from xbar.methods.registry import get, names
@@ -26,11 +25,6 @@ def check_spec(spec: TaskSpec, n_train: int) -> None:
     if spec.rank_batch_size > n_train:
         raise UserError(f"rank_batch_size: {spec.rank_batch_size} is larger than the task's training set "
                         f"({n_train} images)")
-
-
-def n_spare_pes(spare_ratio: float, n_pes: int) -> int:
-    """Top-P% of the PEs: ceil(P * n_pes) (at least one for any P > 0)."""
-    return min(n_pes, math.ceil(spare_ratio * n_pes - 1e-9))
 
 
 def build_task_model(params: Params, spec: TaskSpec, quant: dict, levels: dict, num_classes: int,
@@ -191,11 +185,12 @@ def mask_report(task: dict, mapping: Mapping) -> dict:
         counts = sum(layer_mask_levels(task, mapping).values())
         masked, k = int(counts.sum()), len(values)
         return {"mask_histogram": {f"{v:g}": int(c) for v, c in zip(values, counts)}, "masked_units": masked,
-                "mask_bytes_unpacked": math.ceil(masked * math.ceil(math.log2(k)) / 8),
-                "mask_bytes_packed": math.ceil(math.ceil(masked / 3) * math.ceil(3 * math.log2(k)) / 8)}
+                "mask_bytes_unpacked": column_mask_bytes(masked, k, packed=False),
+                "mask_bytes_packed": column_mask_bytes(masked, k, packed=True)}
     if task["element_masks"]:
         ones = sum(int(m.sum()) for m in task["element_masks"].values())
         total = sum(m.numel() for m in task["element_masks"].values())
         return {"mask_histogram": {"0": total - ones, "1": ones}, "masked_units": total,
-                "mask_bytes_unpacked": math.ceil(total / 8), "mask_bytes_packed": math.ceil(total / 8)}
+                "mask_bytes_unpacked": column_mask_bytes(total, 2, packed=False),
+                "mask_bytes_packed": column_mask_bytes(total, 2, packed=False)}  # 1 bit a weight: nothing to pack
     return {"mask_histogram": {}, "masked_units": 0, "mask_bytes_unpacked": 0, "mask_bytes_packed": 0}
