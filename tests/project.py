@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE = ("xbar", "workflow", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 TINY_SOURCE = {"source": "optdigits"}
 CLI = [sys.executable, "-m", "xbar.cli"]
-BACKBONE_STAGES = ("pretrain", "quantize", "map_crossbars", "deploy_backbone")
+BACKBONE_STAGES = ("pretrain", "quantize", "deploy_backbone")
 T1_STAGES = ("rank_pes", "train_masks", "program_spares", "simulate_energy")  # task t1's stages but evaluate
 
 

@@ -279,7 +279,7 @@ def dvc_stage_hashes(task: str) -> dict[str, str]:
     # libyaml's loader: dvc.lock grows by ~300 lines a task, too slow for the pure-Python one
     stages = (yaml.load(lock.read_text(), Loader=yaml.CSafeLoader) or {}).get("stages", {})
     tags = {}
-    for name in ("pretrain", "quantize", "map_crossbars", f"rank_pes@{task}", f"train_masks@{task}",
+    for name in ("pretrain", "quantize", "deploy_backbone", f"rank_pes@{task}", f"train_masks@{task}",
                  f"program_spares@{task}", f"simulate_energy@{task}"):
         for out in stages.get(name, {}).get("outs", []):
             tags[f"dvc.{name}.{Path(out['path']).name}"] = out.get("md5", "")

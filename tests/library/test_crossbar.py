@@ -228,23 +228,23 @@ def test_mapped_layers_exclude_the_head():
         m.layer("head")
 
 
-def test_map_crossbars_stage(tmp_path, monkeypatch):
+def test_deploy_backbone_stage_writes_the_mapping_tables(tmp_path, monkeypatch):
     import json
 
     import polars as pl
 
+    from stages.deploy_backbone import run
     from workflow.io import save_torch
-    from stages.map_crossbars import map_crossbars
     from xbar.models import build_model
     from xbar.params import parse_params
-    from xbar.quant import quantize_model
+    from xbar.quant import export_levels, quantize_model
 
     monkeypatch.chdir(tmp_path)
     params = parse_params({"source": {"dataset": "mnist5k"}, "model": {"width": 8, "blocks": 1}})
     net = quantize_model(build_model(params.model, 10, 1))
-    save_torch(tmp_path / "artifacts/backbone/quant.pt", {"state_dict": net.state_dict(), "num_classes": 10,
-                                                          "channels": 1})
-    map_crossbars(params)
+    mapped = {lm.name for lm in map_model(net, SPEC).layers}
+    save_torch(tmp_path / "artifacts/backbone/levels.pt", {k: v for k, v in export_levels(net).items() if k in mapped})
+    run(params)
     crossbars = pl.read_parquet(tmp_path / "artifacts/mapping/crossbars.parquet")
     layers = pl.read_parquet(tmp_path / "artifacts/mapping/layers.parquet")
     metrics = json.loads((tmp_path / "metrics/map.json").read_text())
