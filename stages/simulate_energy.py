@@ -3,38 +3,30 @@ its re-programming energy (program_spares: programming + the switches for evalua
 per layer and per PE, and the five methods' typical figures on the same backbone for comparison.
 
 Reads levels.pt (the mapping), task.pt (column masks: a column with mask 0 is
-off; frozen PEs read their mask), metrics/tasks/<task>/program.json and
-train.json (test-set size). Writes artifacts/tasks/<task>/energy_layers.parquet,
+off; frozen PEs read their mask), the task's data (the test-set size), and the
+deployment states before and after the task (the programming events it added
+to the chip's history). Writes artifacts/tasks/<task>/energy_layers.parquet,
 energy_pes.parquet, energy.png and metrics/tasks/<task>/energy.json.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import polars as pl
 import torch
 
-from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
-                           write_json)
+from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, read_json, save_parquet, stage_main, task_dir,
+                         task_metrics, write_json)
 from xbar import step
+from xbar.chip.deployment import programming_energy
 from xbar.chip.layout import backbone_mapping
+from xbar.data import load_task_data
 from xbar.energy.layer_io import model_io
 from xbar.energy.presets import resolve_preset
 from xbar.energy.typical import typical_methods
-from xbar.errors import UserError
 from xbar.params import Params
-
-
-def read_json(path: Path) -> dict:
-    if not path.exists():
-        raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path}: not valid JSON; re-run the stage that writes it") from None
 
 
 def plot(layers: pl.DataFrame, methods: dict, task: str, path: Path) -> None:
@@ -78,18 +70,17 @@ def run(params: Params, task: str) -> None:
     levels_pt = load_torch(BACKBONE / "levels.pt")
     mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
     t = load_torch(task_dir(task) / "task.pt")
-    program = read_json(task_metrics(task, "program"))
-    train = read_json(task_metrics(task, "train"))
-    test_images = int(train.get("test_images", 0))
-    if test_images < 1:
-        raise UserError(f"{task_metrics(task, 'train')}: no test_images count; re-run train_masks")
+    test_images = len(load_task_data(spec.dataset, params.seed).test)
+    # this task's programming events: what its deployment state's history added to the one before it
+    before = read_json(task_dir(spec.after) / "deployment.json")["history"]
+    program = programming_energy(read_json(task_dir(task) / "deployment.json")["history"][len(before):])
 
     inference = step.inference(params, mapping, t, spec.dataset.image_size, preset)
     io_ = model_io(params.model, mapping, int(t["num_classes"]), int(t["channels"]), spec.dataset.image_size)
     act_bits = params.quant.act_bits
     energy, columns, bits = inference.energy, inference.columns, inference.mask_bits
 
-    reprogram = float(program["reprogram_j"])
+    reprogram = program["reprogram_j"]
     per_image = energy.per_image_j
     writes = pl.read_parquet(task_dir(task) / "program.parquet") if (task_dir(task) / "program.parquet").exists() \
         else pl.DataFrame(schema={"pe": pl.Int64, "energy_j": pl.Float64})
@@ -109,8 +100,7 @@ def run(params: Params, task: str) -> None:
         "task": task, "method": spec.method, "preset": preset.name,
         "per_image_j": per_image, "test_images": test_images,
         "inference_j": per_image * test_images, "reprogram_j": reprogram,
-        "program_j": program["program"]["energy_j"] + program["program"]["mask_load_j"],
-        "switch_j": program["switch"]["energy_j"] + program["switch"]["mask_load_j"],
+        "program_j": program["program_j"], "switch_j": program["switch_j"],
         "total_j": per_image * test_images + reprogram,
         "reprogram_over_inference_per_image": reprogram / per_image,
         "breakdown_per_image_j": energy.breakdown(),

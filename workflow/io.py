@@ -79,7 +79,10 @@ def read_json(path: Path) -> Any:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: missing (run the stage that writes it first: dvc repro)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise UserError(f"{path}: not valid JSON (corrupt or truncated); re-run the stage that writes it") from None
 
 
 def save_torch(path: Path, obj: Any) -> None:

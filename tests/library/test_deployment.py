@@ -233,7 +233,7 @@ TASKS = {"first": {"method": "xma2", "dataset": "optdigits"},
 
 
 def write_project(root: Path) -> dict:
-    """A tiny project: params.yaml, levels.pt of a width-4 small ResNet, three task.pt and train.json."""
+    """A tiny project: params.yaml, levels.pt of a width-4 small ResNet, three task.pt."""
     from workflow.io import save_torch
     from xbar.chip.layout import backbone_mapping
     from xbar.params import parse_params
@@ -269,8 +269,6 @@ def write_project(root: Path) -> dict:
              "mask_values": torch.tensor([0.0, 1.0]), "element_masks": {}}
     for name, t in (("first", first), ("second", second), ("third", third)):
         save_torch(root / f"artifacts/tasks/{name}/task.pt", {**common, **t})
-        (root / f"metrics/tasks/{name}").mkdir(parents=True, exist_ok=True)
-        (root / f"metrics/tasks/{name}/train.json").write_text(json.dumps({"test_images": 360}))
     return {"mapping": mapping, "levels": levels}
 
 
@@ -333,7 +331,13 @@ def test_program_spares_and_simulate_energy_stages(tmp_path):
     assert out.returncode == 0, out.stderr
     e = json.loads((tmp_path / "metrics/tasks/first/energy.json").read_text())
     assert e["total_j"] == pytest.approx(e["inference_j"] + e["reprogram_j"])
-    assert e["inference_j"] == pytest.approx(360 * e["per_image_j"])
+    from xbar.data import load_task_data
+    from xbar.params import parse_params
+
+    test_images = len(load_task_data(parse_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+                                     .tasks["first"].dataset, 0).test)
+    assert e["test_images"] == test_images and e["inference_j"] == pytest.approx(test_images * e["per_image_j"])
+    assert e["reprogram_j"] == m1["reprogram_j"]  # read back from the chip's history, added the same way
     layers = pl.read_parquet(tmp_path / "artifacts/tasks/first/energy_layers.parquet")
     assert float(layers["inference_per_image_j"].sum()) == pytest.approx(e["per_image_j"])
     pes = pl.read_parquet(tmp_path / "artifacts/tasks/first/energy_pes.parquet")

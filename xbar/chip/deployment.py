@@ -202,7 +202,8 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
                "pulses": float(table["pulses"].sum()), "energy_j": float(table["energy_j"].sum()),
                "backbone_cells_written": int(table.filter(pl.col("kind") == "backbone")["cells_written"].sum()),
                "mask_bits_loaded": mask_bits, "mask_load_j": mask_bits * preset.buffer_j_per_bit, **saving}
-    chip.history.append({k: summary[k] for k in ("phase", "task", "cells_written", "pulses", "energy_j")})
+    chip.history.append({k: summary[k] for k in ("phase", "task", "cells_written", "pulses", "energy_j",
+                                                 "mask_load_j")})
     return ProgramReport(table, summary)
 
 
@@ -252,6 +253,19 @@ def learn_on_chip(chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbo
     if switches:
         switches.append(program(chip, image(task), preset, used, "switch_back"))
     return TaskProgramming(programmed, switches)
+
+
+def programming_energy(events: list[dict]) -> dict[str, float]:
+    """Energy of learning one task on the chip, from its programming events in a deployment state's
+    history (`Chip.history`: the "program" event, then the switches for evaluation): program_j,
+    switch_j and reprogram_j (their sum), each cell writes + mask loads, added as TaskProgramming adds."""
+    program = [e for e in events if e["phase"] == "program"]
+    if len(program) != 1:
+        raise UserError(f"deployment history: expected one programming event for the task, found {len(program)}")
+    p, switches = program[0], [e for e in events if e["phase"] != "program"]
+    switch_energy, switch_masks = sum(e["energy_j"] for e in switches), sum(e["mask_load_j"] for e in switches)
+    return {"program_j": p["energy_j"] + p["mask_load_j"], "switch_j": switch_energy + switch_masks,
+            "reprogram_j": p["energy_j"] + p["mask_load_j"] + switch_energy + switch_masks}
 
 
 # --- saving and loading ----------------------------------------------------------------------------
