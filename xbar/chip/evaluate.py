@@ -172,3 +172,31 @@ def switch_back_accuracies(model, data, instance: ChipInstance, adc: AdcConfig, 
     """
     return [_run_on_chip(model, data, instance, adc, batch_size, calibration, backbone)
             for _ in range(switches + 1)]
+
+
+def chip_settings(params, adc_bits: int | None = None, device: str | None = None,  # noqa: ANN001 (Params)
+                  overrides: dict | None = None) -> tuple[DevicePreset, AdcConfig]:
+    """The device preset and ADC of params.yaml (crossbar.adc_bits / signed, chip.*), or as given."""
+    from xbar.chip.devices import resolve_device
+
+    given = params.chip.overrides if overrides is None else {**params.chip.overrides, **overrides}
+    preset = resolve_device(params.chip.device if device is None else device, given)
+    bits = params.crossbar.adc_bits if adc_bits is None else adc_bits
+    return preset, AdcConfig(bits, params.chip.adc_range, params.crossbar.signed).check()
+
+
+def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, device: DevicePreset,  # noqa: ANN001
+                   adc: AdcConfig, instances: int, time_s: float = 0.0) -> dict[str, dict]:
+    """Every task (name -> task.pt contents, in learning order) on `instances` chips, as the chip runs it
+    once all of them are learned (xbar.methods.chip_view). `data`: name -> TaskData. Accuracies in %,
+    chip_std in points."""
+    from xbar.methods import chip_view, load_task_model
+
+    out = {}
+    for name in tasks:
+        model = load_task_model(chip_view(tasks, name), levels, params)
+        calib = calibration_images(data[name].train, seed=params.seed) if adc.range == "calibrated" else None
+        res = chip_accuracy(model, data[name].test, device, adc, instances, params.seed, time_s,
+                            params.train.eval_batch_size, calib, levels)
+        out[name] = {k: round(res[k], 2) for k in ("ideal", "chip_mean", "chip_std", "chip_min")}
+    return out

@@ -194,32 +194,34 @@ class ChipLayer:
         step = self.delta()  # [T, 1, K, 1, 1] against psum [n, T, G, K, cout_g, P]
         top = self.adc.top_code
         lowest = 0 if self.adc.signed == "offset" else -top
-        exact = self.exact_adc() and not self.calibrating
+        exact = self.calibrating or self.exact_adc()
+        # the shift-adder's weight of slice s: B**(K-1-s), times the ADC step (codes -> partial sums)
+        slice_w = self.base ** torch.arange(k - 1, -1, -1, dtype=torch.float32).view(1, 1, k, 1, 1)
+        slice_w = slice_w if exact else slice_w * step
         acc = ones = None
         for j in range(act_bits):  # input cycles, LSB first
             bits = torch.bitwise_right_shift(x, j).bitwise_and_(1).float()
             out = F.conv2d(bits, self.weight, None, stride, padding, dilation, p.tiles * p.groups)
             hw = out.shape[2:]
             out = out.reshape(n, p.tiles, p.groups, k * cout_g + 1, -1)
-            psum = out[:, :, :, : k * cout_g].reshape(n, p.tiles, p.groups, k, cout_g, -1)
+            psum = out[:, :, :, : k * cout_g].unflatten(3, (k, cout_g))  # a view: ops below work in place
             pop = out[:, :, :, k * cout_g:]  # [n, T, G, 1, P]: driven rows of the tile (digital popcount)
             if self.read_sigma:
                 noise = torch.randn(psum.shape, generator=self.generator)
-                psum = psum + noise * (self.read_sigma * (self.arrays * pop).sqrt()).unsqueeze(3)
+                psum.add_(noise.mul_((self.read_sigma * (self.arrays * pop).sqrt()).unsqueeze(3)))
             if self.calibrating:
                 self.seen = torch.maximum(self.seen, psum.abs().amax((0, 1, 2, 4, 5)))
-            elif not exact:
-                psum = psum.div(step).round_().clamp_(lowest, top).mul_(step)
-            tile = psum[:, :, :, 0]
-            for s in range(1, k):  # the shift-adder merges the slices, MSB first (Horner)
-                tile = tile * self.base + psum[:, :, :, s]
-            tile = tile * 2.0**j  # [n, T, G, cout_g, P]
-            acc = tile if acc is None else acc + tile
-            ones = pop * 2.0**j if ones is None else ones + pop * 2.0**j  # sum of the input codes, digital
+            elif not exact:  # the ADC: codes
+                psum.div_(step).round_().clamp_(lowest, top)
+            if acc is None:
+                acc, ones = torch.zeros(psum[:, :, :, 0].shape), torch.zeros(pop.shape)
+            for s in range(k):  # shift-add: slice and cycle significance
+                acc.addcmul_(psum[:, :, :, s], slice_w[:, :, s] * 2.0**j)
+            ones.add_(pop, alpha=2.0**j)  # the sum of the input codes, digital
         if self.gain != 1.0:  # global drift compensation, on the digitized sums
-            acc = acc * self.gain
+            acc.mul_(self.gain)
         if self.offset:
-            acc = acc - self.offset * ones
+            acc.sub_(ones, alpha=self.offset)
         y = torch.einsum("ntgop,tgo->ngop", acc, self.mask)  # the column mask, then the row tiles
         return y.reshape(n, p.cout, *hw)
 
