@@ -2,16 +2,19 @@
 an ideal device, ADC clipping, the column mask on the digitized partial sum, device presets, instances."""
 
 import math
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
+from typer.testing import CliRunner
 
 from tiny_backbone import random_task, tiny_backbone
 from xbar.chip.devices import DEVICES, resolve_device
 from xbar.chip.evaluate import chip_accuracy, chip_mode
 from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan
 from xbar.chip.instance import ChipInstance, LayerCells, target_cells
+from xbar.cli import app
 from xbar.crossbar import CrossbarSpec, map_layers
 from xbar.errors import UserError
 from xbar.methods import build_task_model
@@ -309,3 +312,17 @@ def test_drift_lowers_conductance_and_compensation_restores_the_scale():
     later = ChipInstance(0, device, mapping, time_s=86400.0).layer_cells(lm, targets)
     assert float(later.levels.sum()) < float(now.levels.sum())
     assert later.drift_gain == pytest.approx(86400.0**0.05, rel=1e-4) and now.drift_gain == 1.0
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--adc-bits", "17"], "--adc-bits"), (["--adc-bits", "0"], "--adc-bits"),
+    (["--device", "nope"], "unknown preset"), (["--set", "bogus=1"], "unknown constant"),
+    (["--set", "read_sigma=-0.1"], "must be >= 0"), (["--set", "stuck_high=1.5"], r"\[0, 1\]"),
+    (["--instances", "0"], "below 1"), (["--time", "-5"], "--time"),
+])
+def test_xbar_chip_refuses_bad_input_in_one_line(args, words):
+    out = CliRunner().invoke(app, ["chip", *args])
+    assert out.exit_code == 2
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.output
+    assert re.search(words, lines[0])

@@ -225,6 +225,10 @@ def chip(
                                          "(default: chip.instances, 5)."),
     time_s: float | None = typer.Option(None, "--time", help="Seconds since programming: drift and relaxation "
                                         "(default: chip.time_s, 0)."),
+    signed: str | None = typer.Option(None, "--signed", help="Signed weights: offset or differential "
+                                      "(default: crossbar.signed, offset)."),
+    adc_range: str | None = typer.Option(None, "--adc-range", help="ADC range: full or calibrated "
+                                         "(default: chip.adc_range, calibrated)."),
     settings: list[str] | None = typer.Option(None, "--set", help="Override a device constant, KEY=VALUE "
                                               "(repeatable), e.g. --set read_sigma=0.02."),
     sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
@@ -249,7 +253,7 @@ def chip(
     if time_s is not None and not (math.isfinite(time_s) and time_s >= 0):
         raise UserError(f"--time: {time_s} is not a number of seconds >= 0")
     params = load_params(Path("params.yaml"))
-    preset, adc = chip_settings(params, adc_bits, device, _device_overrides(settings))
+    preset, adc = chip_settings(params, adc_bits, device, _device_overrides(settings), signed, adc_range)
     m = params.chip.instances if instances is None else instances
     t = params.chip.time_s if time_s is None else time_s
     learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]

@@ -110,7 +110,8 @@ class DevicePreset:
                     raise UserError(f"device.{key}: expected true or false, got {value!r}")
                 continue
             if key == "prog_sigma" and (not isinstance(value, tuple) or not value):
-                raise UserError(f"device.prog_sigma: expected a number or a list of polynomial coefficients, got {value!r}")
+                raise UserError(f"device.prog_sigma: expected a number or a list of polynomial coefficients, "
+                                f"got {value!r}")
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                     raise UserError(f"device.{key}: expected a number, got {v!r}")

@@ -175,14 +175,15 @@ def switch_back_accuracies(model, data, instance: ChipInstance, adc: AdcConfig, 
 
 
 def chip_settings(params, adc_bits: int | None = None, device: str | None = None,  # noqa: ANN001 (Params)
-                  overrides: dict | None = None) -> tuple[DevicePreset, AdcConfig]:
+                  overrides: dict | None = None, signed: str | None = None,
+                  adc_range: str | None = None) -> tuple[DevicePreset, AdcConfig]:
     """The device preset and ADC of params.yaml (crossbar.adc_bits / signed, chip.*), or as given."""
     from xbar.chip.devices import resolve_device
 
     given = params.chip.overrides if overrides is None else {**params.chip.overrides, **overrides}
     preset = resolve_device(params.chip.device if device is None else device, given)
     bits = params.crossbar.adc_bits if adc_bits is None else adc_bits
-    return preset, AdcConfig(bits, params.chip.adc_range, params.crossbar.signed).check()
+    return preset, AdcConfig(bits, adc_range or params.chip.adc_range, signed or params.crossbar.signed).check()
 
 
 def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, device: DevicePreset,  # noqa: ANN001

@@ -185,7 +185,8 @@ class ChipLayer:
     def _positions(self, x: torch.Tensor, stride, padding, dilation) -> int:  # noqa: ANN001
         """Output positions per image (a conv on the meta device: any padding form torch accepts)."""
         probe = torch.empty(1, *x.shape[1:], device="meta")
-        out = F.conv2d(probe, self.weight.to("meta"), None, stride, padding, dilation, self.plan.tiles * self.plan.groups)
+        groups = self.plan.tiles * self.plan.groups
+        out = F.conv2d(probe, self.weight.to("meta"), None, stride, padding, dilation, groups)
         return out.shape[2] * out.shape[3]
 
     def _run(self, x: torch.Tensor, act_bits: int, stride, padding, dilation) -> torch.Tensor:  # noqa: ANN001
