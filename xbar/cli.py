@@ -194,26 +194,6 @@ def energy(
     print(f"scenario: {a['scenario']}")
 
 
-def _device_overrides(values: list[str] | None) -> dict:
-    """--set KEY=VALUE pairs (a number, a comma-separated list of numbers, true/false) as device overrides."""
-    out: dict = {}
-    for item in values or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise UserError(f"--set: expected KEY=VALUE (a device constant), got {item!r}")
-        raw = raw.strip()
-        try:
-            if raw.lower() in ("true", "false"):
-                out[key.strip()] = raw.lower() == "true"
-            elif "," in raw:
-                out[key.strip()] = [float(v) for v in raw.split(",")]
-            else:
-                out[key.strip()] = float(raw)
-        except ValueError:
-            raise UserError(f"--set {key.strip()}: expected a number, got {raw!r}") from None
-    return out
-
-
 @app.command()
 @one_line_errors
 def chip(
@@ -231,6 +211,8 @@ def chip(
                                          "(default: chip.adc_range, calibrated)."),
     settings: list[str] | None = typer.Option(None, "--set", help="Override a device constant, KEY=VALUE "
                                               "(repeatable), e.g. --set read_sigma=0.02."),
+    switches: int = typer.Option(0, "--switches", help="Also run each task again after N switches of the chip "
+                                 "back to it (fresh spare-PE programming each): device-caused forgetting."),
     sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
@@ -241,6 +223,7 @@ def chip(
     from pathlib import Path
 
     from workflow.io import BACKBONE, load_torch, task_dir
+    from xbar.chip.devices import parse_settings
     from xbar.chip.evaluate import chip_settings, evaluate_tasks
     from xbar.data import load_task_data
     from xbar.params import load_params
@@ -250,10 +233,12 @@ def chip(
         raise UserError(f"--adc-bits: {adc_bits} is outside 1..16")
     if instances is not None and instances < 1:
         raise UserError(f"--instances: {instances} is below 1 (at least one chip)")
+    if switches < 0:
+        raise UserError(f"--switches: {switches} is below 0")
     if time_s is not None and not (math.isfinite(time_s) and time_s >= 0):
         raise UserError(f"--time: {time_s} is not a number of seconds >= 0")
     params = load_params(Path("params.yaml"))
-    preset, adc = chip_settings(params, adc_bits, device, _device_overrides(settings), signed, adc_range)
+    preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range)
     m = params.chip.instances if instances is None else instances
     t = params.chip.time_s if time_s is None else time_s
     learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]
@@ -275,7 +260,8 @@ def chip(
         result = {**head, "adc_bits": list(range(4, 9)), "sweep": {
             str(b): evaluate_tasks(params, tasks, levels, data, preset, replace(adc, bits=b), m, t) for b in range(4, 9)}}
     else:
-        result = {"adc_bits": adc.bits, **head, "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t)}
+        result = {"adc_bits": adc.bits, **head,
+                  "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t, switches)}
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -284,12 +270,13 @@ def chip(
     runs = result["sweep"] if sweep else {str(adc.bits): result["tasks"]}
     table = Table(title=f"accuracy % on {m} chip instance(s): device {preset.name}, {adc.range} ADC range, "
                         f"{adc.signed} weights, {t:g} s after programming")
-    for col in ("task", "ADC bits", "ideal", "chip mean", "chip std (points)", "chip min"):
+    extra = ("device forgetting (points)",) if switches and not sweep else ()
+    for col in ("task", "ADC bits", "ideal", "chip mean", "chip std (points)", "chip min", *extra):
         table.add_column(col, justify="left" if col == "task" else "right")
     for bits, accs in runs.items():
         for name, r in accs.items():
             table.add_row(name, bits, f"{r['ideal']:.2f}", f"{r['chip_mean']:.2f}", f"{r['chip_std']:.2f}",
-                          f"{r['chip_min']:.2f}")
+                          f"{r['chip_min']:.2f}", *([f"{r['device_forgetting']:.2f}"] if extra else []))
     console().print(table)
 
 

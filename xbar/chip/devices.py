@@ -304,3 +304,22 @@ def resolve_device(name: str, overrides: Mapping[str, object] | None = None) -> 
     sources = tuple((k, v) for k, v in preset.sources if k not in overrides) + tuple(
         (k, "override") for k in overrides)
     return replace(preset, **overrides, sources=sources).check()
+
+
+def parse_settings(items: list[str] | None) -> dict[str, object]:
+    """Command-line KEY=VALUE device overrides: a number, comma-separated numbers (a polynomial), true/false."""
+    out: dict[str, object] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key, raw = key.strip(), raw.strip()
+        if not sep or not key:
+            raise UserError(f"--set: expected KEY=VALUE (a device constant), got {item!r}")
+        try:
+            if raw.lower() in ("true", "false"):
+                out[key] = raw.lower() == "true"
+            else:
+                numbers = [float(v) for v in raw.split(",")]
+                out[key] = numbers if len(numbers) > 1 else numbers[0]
+        except ValueError:
+            raise UserError(f"--set {key}: expected a number, got {raw!r}") from None
+    return out

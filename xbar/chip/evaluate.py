@@ -187,10 +187,12 @@ def chip_settings(params, adc_bits: int | None = None, device: str | None = None
 
 
 def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, device: DevicePreset,  # noqa: ANN001
-                   adc: AdcConfig, instances: int, time_s: float = 0.0) -> dict[str, dict]:
+                   adc: AdcConfig, instances: int, time_s: float = 0.0, switches: int = 0) -> dict[str, dict]:
     """Every task (name -> task.pt contents, in learning order) on `instances` chips, as the chip runs it
     once all of them are learned (xbar.methods.chip_view). `data`: name -> TaskData. Accuracies in %,
-    chip_std in points."""
+    chip_std in points. `switches` > 0 adds, on the first instance, the accuracy when the task is learned
+    and after each of `switches` switches back to it ("switch_back"), and the largest drop from the first
+    ("device_forgetting", points): what the device forgets as the spare PEs are re-programmed."""
     from xbar.methods import chip_view, load_task_model
 
     out = {}
@@ -200,4 +202,10 @@ def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, dev
         res = chip_accuracy(model, data[name].test, device, adc, instances, params.seed, time_s,
                             params.train.eval_batch_size, calib, levels)
         out[name] = {k: round(res[k], 2) for k in ("ideal", "chip_mean", "chip_std", "chip_min")}
+        if switches > 0:
+            chip = ChipInstance(params.seed, device, model.mapping, time_s)
+            accs = switch_back_accuracies(model, data[name].test, chip, adc, switches,
+                                          params.train.eval_batch_size, calib, levels)
+            out[name]["switch_back"] = [round(a, 2) for a in accs]
+            out[name]["device_forgetting"] = round(accs[0] - min(accs[1:]), 2)
     return out
