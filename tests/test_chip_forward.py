@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from tiny_backbone import random_task, tiny_backbone
 from xbar.chip.devices import DEVICES, resolve_device
-from xbar.chip.evaluate import chip_accuracy, chip_mode
+from xbar.chip.evaluate import chip_accuracy, chip_mode, switch_back_accuracies
 from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan
 from xbar.chip.instance import ChipInstance, LayerCells, target_cells
 from xbar.cli import app
@@ -224,6 +224,24 @@ def test_chip_accuracy_reports_instances_and_the_ideal_device_is_exact(task_mode
         chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8), instances=0)
     with pytest.raises(UserError, match="calibration"):
         chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8, "calibrated"), instances=1)
+
+
+def test_switching_back_to_a_task_reprograms_its_spare_pes(task_model):
+    """The chip forgets through its device: every switch back draws new error in the task's spare PEs."""
+    model, _ = task_model
+    data = random_task(16, seed=6)
+    chip = ChipInstance(0, resolve_device("paper", {"noise_scale": 5.0, "read_sigma": 0.0}), model.mapping)
+    accs = switch_back_accuracies(model, data, chip, AdcConfig(8, "full"), switches=2, batch_size=16)
+    assert len(accs) == 3
+    assert all(chip.generation(pe) == 3 for pe in model.spare_pes.tolist())
+    x = as_input(data.tensors[0])
+    outs = []
+    with torch.no_grad():
+        for program in (True, False, True):
+            with chip_mode(model, chip, AdcConfig(8, "full"), program=program):
+                outs.append(model.net(x))
+    # the same programming computes the same (no read noise here); a switch back changes the cells
+    assert torch.equal(outs[0], outs[1]) and not torch.allclose(outs[1], outs[2], atol=1e-3)
 
 
 # --- device presets and chip instances ---------------------------------------------------------------
