@@ -195,6 +195,92 @@ def energy(
     print(f"scenario: {a['scenario']}")
 
 
+@app.command()
+@one_line_errors
+def chip(
+    adc_bits: int | None = typer.Option(None, "--adc-bits", help="ADC bits per column conversion, 1..16 "
+                                        "(default: crossbar.adc_bits, 5)."),
+    device: str | None = typer.Option(None, "--device", help="Device preset: ideal, paper, cmo-hfox, crosssim-wan2022, "
+                                      "crosssim-milo2021, neurosim-22nm, mnsim-45nm (default: chip.device)."),
+    instances: int | None = typer.Option(None, "--instances", help="Chip instances (seeds) per task, >= 1 "
+                                         "(default: chip.instances, 5)."),
+    time_s: float | None = typer.Option(None, "--time", help="Seconds since programming: drift and relaxation "
+                                        "(default: chip.time_s, 0)."),
+    signed: str | None = typer.Option(None, "--signed", help="Signed weights: offset or differential "
+                                      "(default: crossbar.signed, offset)."),
+    adc_range: str | None = typer.Option(None, "--adc-range", help="ADC range: full or calibrated "
+                                         "(default: chip.adc_range, calibrated)."),
+    settings: list[str] | None = typer.Option(None, "--set", help="Override a device constant, KEY=VALUE "
+                                              "(repeatable), e.g. --set read_sigma=0.02."),
+    switches: int = typer.Option(0, "--switches", help="Also run each task again after N switches of the chip "
+                                 "back to it (fresh spare-PE programming each): device-caused forgetting."),
+    sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
+) -> None:
+    """Every learned task on M seeded chip instances (ADC, device noise, stuck cells, drift) next to its
+    ideal accuracy; needs the pipeline's artifacts (artifacts/backbone/levels.pt, artifacts/tasks/*/task.pt)."""
+    import json
+    import math
+    from pathlib import Path
+
+    from workflow.io import BACKBONE, load_torch, task_dir
+    from xbar.chip.devices import parse_settings
+    from xbar.chip.evaluate import chip_settings, evaluate_tasks
+    from xbar.data import load_task_data
+    from xbar.params import load_params
+    from xbar.training import seed_everything
+
+    if adc_bits is not None and not 1 <= adc_bits <= 16:
+        raise UserError(f"--adc-bits: {adc_bits} is outside 1..16")
+    if instances is not None and instances < 1:
+        raise UserError(f"--instances: {instances} is below 1 (at least one chip)")
+    if switches < 0:
+        raise UserError(f"--switches: {switches} is below 0")
+    if time_s is not None and not (math.isfinite(time_s) and time_s >= 0):
+        raise UserError(f"--time: {time_s} is not a number of seconds >= 0")
+    params = load_params(Path("params.yaml"))
+    preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range)
+    m = params.chip.instances if instances is None else instances
+    t = params.chip.time_s if time_s is None else time_s
+    learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]
+    if not learned:
+        raise UserError("no learned task (artifacts/tasks/<task>/task.pt): run the pipeline first (dvc repro)")
+    seed_everything(params.seed, params.train.threads)
+    levels = load_torch(BACKBONE / "levels.pt")
+    tasks = {n: load_torch(task_dir(n) / "task.pt") for n in learned}
+    data = {}
+    for n in learned:
+        data[n] = load_task_data(params.tasks[n].dataset, params.seed)
+        if data[n].digest != tasks[n]["dataset_digest"]:
+            raise UserError(f"task {n}: its data changed since it was learned (digest {data[n].digest} != "
+                            f"{tasks[n]['dataset_digest']}); restore the dataset")
+    head = {"device": preset.name, "instances": m, "time_s": t, "adc_range": adc.range, "signed": adc.signed}
+    if sweep:
+        from dataclasses import replace
+
+        result = {**head, "adc_bits": list(range(4, 9)), "sweep": {
+            str(b): evaluate_tasks(params, tasks, levels, data, preset, replace(adc, bits=b), m, t) for b in range(4, 9)}}
+    else:
+        result = {"adc_bits": adc.bits, **head,
+                  "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t, switches)}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    from rich.table import Table
+
+    runs = result["sweep"] if sweep else {str(adc.bits): result["tasks"]}
+    table = Table(title=f"accuracy % on {m} chip instance(s): device {preset.name}, {adc.range} ADC range, "
+                        f"{adc.signed} weights, {t:g} s after programming")
+    extra = ("device forgetting (points)",) if switches and not sweep else ()
+    for col in ("task", "ADC bits", "ideal", "chip mean", "chip std (points)", "chip min", *extra):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for bits, accs in runs.items():
+        for name, r in accs.items():
+            table.add_row(name, bits, f"{r['ideal']:.2f}", f"{r['chip_mean']:.2f}", f"{r['chip_std']:.2f}",
+                          f"{r['chip_min']:.2f}", *([f"{r['device_forgetting']:.2f}"] if extra else []))
+    console().print(table)
+
+
 @app.command("add-task")
 @one_line_errors
 def add_task(

@@ -49,6 +49,12 @@ class CrossbarParams(Frozen):
     # spare PEs the chip is built with, as a share of the backbone's PEs: an xma2
     # task's spare_ratio may not exceed it (the comparison sweeps up to 40%)
     spare_pe_ratio: SpareRatio = 0.4
+    # the column ADC (bits per conversion): the chip forward's precision (xbar.chip); the energy
+    # presets still book their own ADC (5 bits: paper, neurosim-22nm; 6: mnsim-45nm)
+    adc_bits: Annotated[int, Field(ge=1, le=16)] = 5
+    # signed weights on the chip forward: offset (u = w + L, the mapping's encoding) or differential
+    # (a positive and a negative array, subtracted in analog); mapping and energy stay offset-encoded
+    signed: Literal["offset", "differential"] = "offset"
 
     @model_validator(mode="after")
     def _cells_fit(self) -> "CrossbarParams":
@@ -146,6 +152,16 @@ class EnergyParams(Frozen):
     overrides: dict[str, PositiveFloat] = {}  # any preset constant by name
 
 
+class ChipParams(Frozen):
+    """The chip as it computes (xbar.chip): device model, instances, time since programming, ADC range."""
+
+    device: str = "paper"  # a device preset of xbar.chip.devices (checked where it is used)
+    overrides: dict[str, float | list[float] | bool] = {}  # any device constant by name
+    instances: PositiveInt = 5  # seeded chip instances: seed .. seed + instances - 1
+    time_s: Annotated[float, Field(ge=0)] = 0.0  # seconds since programming (drift, relaxation)
+    adc_range: Literal["full", "calibrated"] = "calibrated"
+
+
 class Params(Frozen):
     # modules imported before validation, each registering its own methods (xbar.methods.registry)
     plugins: tuple[str, ...] = ()
@@ -156,6 +172,7 @@ class Params(Frozen):
     model: ModelParams = ModelParams()
     source: SourceTask
     energy: EnergyParams = EnergyParams()
+    chip: ChipParams = ChipParams()
     tasks: dict[str, TaskSpec] = {}  # insertion order = the order tasks are learned
 
     @model_validator(mode="after")
