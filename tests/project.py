@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE = ("xbar", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
+CODE = ("xbar", "workflow", "stages", "flows", "dvc.yaml", ".dvcignore", ".gitignore", "pyproject.toml")
 TINY_SOURCE = {"source": "optdigits"}
 
 
