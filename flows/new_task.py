@@ -3,8 +3,9 @@
 Served by `xbar serve` as deployment `new-task/add-task` (the Prefect UI shows
 its parameters as a form) and run by `xbar add-task`. One run:
 
-1. validates the task (name, dataset, method, ranges) and the whole resulting
-   params.yaml before touching anything;
+1. validates the task (name, dataset, method, ranges), the dataset's files (the
+   root's policy, class folders, channels; see flows/add_task.py) and the whole
+   resulting params.yaml before touching anything;
 2. takes the workspace lock (a concurrent trigger waits here, then re-validates:
    its `after` is whatever task was learned last);
 3. names its MLflow parent run (the gate stage creates and closes it), appends
@@ -45,7 +46,9 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
 
     Args:
         name: The new task's name (a lower-case identifier, not used yet).
-        dataset: A built-in offline dataset.
+        dataset: A built-in offline dataset; or an image folder (one sub-directory of images per class) or a
+            torchvision class, each with its root under the project (or XBAR_DATA_DIRS), image size,
+            channels (default: the backbone's) and max_train. Checked before the run starts.
         method: xma2 (2-tier mask), xma, xbm, piggyback, finetune_shared or finetune_separate.
         epochs: Training epochs of the task.
         spare_ratio: Share of PEs re-programmed as spare PEs, in (0, 1].

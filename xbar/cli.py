@@ -198,28 +198,57 @@ def energy(
 @one_line_errors
 def add_task(
     name: str = typer.Argument(..., help="The new task's name: a lower-case identifier not used yet."),
-    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, "
-                                "textures, fashion_mnist, animal_mnist."),
+    dataset: str | None = typer.Option(None, "--dataset", help="A built-in dataset (mnist5k, optdigits, lfw_faces, "
+                                       "textures, fashion_mnist, animal_mnist) or an image-folder directory (one "
+                                       "sub-directory of images per class)."),
+    torchvision: str | None = typer.Option(None, "--torchvision", help="A torchvision.datasets class (e.g. CIFAR10) "
+                                           "read from --root, instead of --dataset."),
+    root: str | None = typer.Option(None, "--root", help="The --torchvision class's directory."),
+    image_size: int | None = typer.Option(None, help="Image side in pixels (default: the backbone's)."),
+    channels: int | None = typer.Option(None, help="The images' channels, 1 or 3 (default: the backbone's)."),
+    max_train: int | None = typer.Option(None, help="Cap on the training split (stratified)."),
     spare_ratio: float | None = typer.Option(None, help="Share of PEs replaced by spare PEs, in (0, 1] (default 0.1)."),
     shift_levels: int | None = typer.Option(None, help="Column-mask shift levels 0..3 (default 3)."),
     epochs: int | None = typer.Option(None, help="Training epochs (default 3)."),
     method: str | None = typer.Option(None, help="xma2, xma, xbm, piggyback, finetune_shared, finetune_separate "
                                       "(default xma2)."),
 ) -> None:
-    """Add a task to params.yaml and learn it now (the `new-task` Prefect flow; waits for a running one)."""
+    """Add a task to params.yaml and learn it now (the `new-task` Prefect flow; waits for a running one).
+    Dataset roots must lie under the project or a directory listed in XBAR_DATA_DIRS."""
     from pathlib import Path
 
     from flows.add_task import NewTask, plan_new_task
+    from xbar.params import BUILTIN_DATASETS
 
+    if (dataset is None) == (torchvision is None):
+        raise UserError("give either --dataset (a built-in name or an image folder) or --torchvision CLASS --root DIR")
+    files = {k: v for k, v in dict(image_size=image_size, channels=channels, max_train=max_train).items()
+             if v is not None}
+    if torchvision is not None:
+        if root is None:
+            raise UserError("--torchvision needs --root (the directory holding the class's files)")
+        chosen: str | dict = {"name": torchvision, "root": root, **files}
+    elif root is not None:
+        raise UserError("--root goes with --torchvision; an image folder is given as --dataset DIR")
+    elif dataset in BUILTIN_DATASETS:
+        if files:
+            raise UserError(f"--{next(iter(files)).replace('_', '-')}: applies to an image folder or a torchvision "
+                            f"class, not to the built-in dataset {dataset!r}")
+        chosen = dataset
+    elif "/" in dataset or Path(dataset).is_dir():
+        chosen = {"root": dataset, **files}
+    else:
+        raise UserError(f"--dataset: {dataset!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                        "nor a directory")
     given = dict(spare_ratio=spare_ratio, shift_levels=shift_levels, epochs=epochs, method=method)
-    task = NewTask.parse(name=name, dataset=dataset, **{k: v for k, v in given.items() if v is not None})
+    task = NewTask.parse(name=name, dataset=chosen, **{k: v for k, v in given.items() if v is not None})
     plan_new_task(Path("params.yaml"), task)  # refuse bad input here, before Prefect starts
 
     from flows.dvc import StageFailed
     from flows.new_task import new_task
 
     try:
-        result = new_task(**task.model_dump())
+        result = new_task(**task.model_dump(exclude_none=True))
     except StageFailed as err:  # the run failed and was rolled back: not an input error
         print(f"error: {err} (params.yaml and dvc.lock restored)", file=sys.stderr)
         raise typer.Exit(1) from None
