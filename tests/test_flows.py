@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -27,12 +28,31 @@ ROOT = Path(__file__).resolve().parents[1]
 PER_TASK = ["rank_pes", "train_masks", "program_spares", "simulate_energy", "evaluate"]
 
 
+def image_folder(root: Path, classes: list[str], mode: str = "L", per_class: int = 3) -> Path:
+    """A tiny ImageFolder: `per_class` random 8x8 PNGs in a sub-directory per class."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (8, 8, 3) if mode == "RGB" else (8, 8)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+    return root
+
+
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the files the flows read and write (no git, no DVC needed here)."""
+    """A copy of the files the flows read and write (no git, no DVC needed here), with three image
+    folders under data/: `grey` (2 classes), `one` (1 class) and `colour` (2 classes of RGB images)."""
+    tmp_path = tmp_path / "project"
+    tmp_path.mkdir()
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy2(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    image_folder(tmp_path / "data" / "grey", ["cat", "dog"])
+    image_folder(tmp_path / "data" / "one", ["cat"])
+    image_folder(tmp_path / "data" / "colour", ["cat", "dog"], mode="RGB")
     return tmp_path
 
 
@@ -48,6 +68,14 @@ BAD = [
     (["fresh", "--dataset", "mnist5k", "--spare-ratio", "1.5"], "spare_ratio"),
     (["fresh", "--dataset", "mnist5k", "--shift-levels", "4"], "shift_levels"),
     (["fresh", "--dataset", "mnist5k", "--epochs", "0"], "epochs"),
+    # the dataset's files: each mistake named before anything runs
+    (["fresh", "--dataset", "data/missing"], "data/missing is not a directory"),
+    (["fresh", "--dataset", "../outside"], "outside the directories the server may read"),
+    (["fresh", "--dataset", "data/one"], "has 1 class folder(s) with images"),
+    (["fresh", "--dataset", "data/colour"], "has 3 channel(s) (RGB), but the dataset declares 1"),
+    (["fresh", "--torchvision", "NoSuchSet", "--root", "data/grey"], "'NoSuchSet' is not a torchvision.datasets class"),
+    (["fresh", "--torchvision", "MNIST"], "--torchvision needs --root"),
+    (["fresh", "--dataset", "mnist5k", "--max-train", "10"], "not to the built-in dataset"),
 ]
 
 
@@ -97,6 +125,56 @@ def test_form_bounds_match_taskspec(field: str, values: list):
         except UserError:
             form_ok = False
         assert form_ok == spec_ok, (field, value)
+
+
+def test_dataset_outside_the_project_is_read_only_from_listed_directories(project: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """The policy: a root under the project, or under a directory in XBAR_DATA_DIRS; a symlink in the
+    project pointing elsewhere is judged by where it points."""
+    shared = image_folder(tmp_path / "shared" / "faces", ["a", "b"])
+    (project / "data" / "link").symlink_to(shared, target_is_directory=True)
+    params = project / "params.yaml"
+    for root in (str(shared), "data/link"):
+        with pytest.raises(UserError, match="outside the directories the server may read"):
+            plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": root}))
+    monkeypatch.setenv("XBAR_DATA_DIRS", os.pathsep.join(["/nonexistent", str(tmp_path / "shared")]))
+    for root in (str(shared), "data/link"):
+        plan = plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": root}))
+        assert plan.params.tasks["fresh"].dataset.root == root  # recorded as given
+
+
+def test_dataset_forms_are_recorded_in_full(project: Path):
+    """Each kind of dataset lands in params.yaml as the spec the stages read, the backbone's image size
+    and channels filled in where the form left them empty."""
+    params = project / "params.yaml"
+    backbone = load_params(params).source.dataset
+    folder = plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": "data/grey", "max_train": 5}))
+    spec = folder.params.tasks["fresh"].dataset
+    assert (spec.source, spec.root, spec.max_train, spec.image_size, spec.channels) == (
+        "imagefolder", "data/grey", 5, backbone.image_size, backbone.channels)
+    assert folder.kept_comments and "      root: data/grey\n" in folder.new_text  # block style, nested
+    vision = plan_new_task(params, NewTask.parse(name="fresh", dataset={"name": "MNIST", "root": "data"}))
+    spec = vision.params.tasks["fresh"].dataset
+    assert (spec.source, spec.name, spec.root) == ("torchvision", "MNIST", "data")
+    assert plan_new_task(params, NewTask.parse(name="fresh", dataset="optdigits")).params.tasks[
+        "fresh"].dataset.source == "optdigits"
+    with pytest.raises(UserError, match="^dataset.image_size: Input should be greater than 0"):
+        NewTask.parse(name="fresh", dataset={"root": "data/grey", "image_size": 0})
+    with pytest.raises(UserError, match="^dataset: Input should be 'mnist5k'"):
+        NewTask.parse(name="fresh", dataset="cifar1000")
+    with pytest.raises(UserError, match="^dataset.name: String should match"):
+        NewTask.parse(name="fresh", dataset={"name": "cifar10", "root": "data"})
+
+
+def test_image_folder_from_the_form_is_learned_by_the_library(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """What the form records is what xbar.data loads: the classes of the folder, at the backbone's size."""
+    from xbar.data import load_task_data
+
+    monkeypatch.chdir(project)
+    plan = plan_new_task(project / "params.yaml", NewTask.parse(name="fresh", dataset={"root": "data/grey"}))
+    data = load_task_data(plan.params.tasks["fresh"].dataset, seed=0)
+    x, _ = data.train[0]
+    assert data.num_classes == 2 and tuple(x.shape) == (1, 28, 28)
 
 
 # --- the append -------------------------------------------------------------------------------------------------
