@@ -68,7 +68,9 @@ class TorchvisionDataset(BaseModel):
     max_train: MaxTrain = None
 
 
-Dataset = Annotated[Literal[BUILTIN_DATASETS] | ImageFolder | TorchvisionDataset, Field(  # type: ignore[valid-type]
+# the form shows the three kinds as buttons named by these titles
+BuiltinDataset = Annotated[Literal[BUILTIN_DATASETS], Field(title="Built-in")]  # type: ignore[valid-type]
+Dataset = Annotated[BuiltinDataset | ImageFolder | TorchvisionDataset, Field(
     description="A built-in offline dataset, an image folder, or a torchvision class with its root")]
 Method = Annotated[Literal[METHODS], Field(  # type: ignore[valid-type]
     description="How the task is learned on the frozen backbone")]

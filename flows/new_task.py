@@ -12,7 +12,9 @@ its parameters as a form) and run by `xbar add-task`. One run:
    the task to params.yaml, and runs `dvc repro evaluate@<name>` (DVC brings its
    upstream up to date; evaluate is the no-forgetting gate);
 4. on any failure restores params.yaml and dvc.lock, closes the parent run
-   FAILED and fails with the stage's one-line error.
+   FAILED and fails with the stage's one-line error. A user mistake (bad input,
+   a name taken meanwhile) ends the run Failed with that line as its state
+   message, and no traceback in its log.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.states import Failed
 
 from flows.add_task import Dataset, Epochs, Method, NewTask, ShiftLevels, SpareRatio, TaskName, params_added, \
     plan_new_task
@@ -41,7 +44,7 @@ def gate_target(name: str) -> str:
 
 @flow(name="new-task", flow_run_name="add {name}", validate_parameters=True)
 def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: Epochs = 3,
-             spare_ratio: SpareRatio = 0.1, shift_levels: ShiftLevels = 3) -> dict[str, Any]:
+             spare_ratio: SpareRatio = 0.1, shift_levels: ShiftLevels = 3) -> dict[str, Any] | Failed:
     """Add a task to params.yaml and learn it after the last one, without forgetting the others.
 
     Args:
@@ -57,16 +60,19 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
     began = time.perf_counter()
     root = Path.cwd()  # served and CLI runs both start in the project root
     logger = get_run_logger()
-    task = NewTask.parse(name=name, dataset=dataset, method=method, epochs=epochs, spare_ratio=spare_ratio,
-                         shift_levels=shift_levels)
-    plan_new_task(root / "params.yaml", task)  # refuse early, before waiting for the lock
-    with workspace_lock(root, DEFAULT_TIMEOUT_S, holder=f"new-task {name}", on_wait=logger.info):
-        with pipeline_run(root, f"add-{name}", {"xbar.flow": "new-task", "xbar.new_task": name},
-                          closed_by=name) as pipeline:
-            with params_added(root, task) as plan:
-                logger.info(f"params.yaml: task {name!r} added after {plan.after!r}"
-                            + ("" if plan.kept_comments else " (file re-written: comments were lost)"))
-                dvc_repro(gate_target(name), repro_command(gate_target(name)), str(root), pipeline.env)
+    try:
+        task = NewTask.parse(name=name, dataset=dataset, method=method, epochs=epochs, spare_ratio=spare_ratio,
+                             shift_levels=shift_levels)
+        plan_new_task(root / "params.yaml", task)  # refuse early, before waiting for the lock
+        with workspace_lock(root, DEFAULT_TIMEOUT_S, holder=f"new-task {name}", on_wait=logger.info):
+            with pipeline_run(root, f"add-{name}", {"xbar.flow": "new-task", "xbar.new_task": name},
+                              closed_by=name) as pipeline:
+                with params_added(root, task) as plan:  # re-checks: a run we waited for may have added `name`
+                    logger.info(f"params.yaml: task {name!r} added after {plan.after!r}"
+                                + ("" if plan.kept_comments else " (file re-written: comments were lost)"))
+                    dvc_repro(gate_target(name), repro_command(gate_target(name)), str(root), pipeline.env)
+    except UserError as err:  # the user's mistake: the run's state is its one line, the log has no traceback
+        return Failed(message=str(err))
     logger.info(f"task {name!r} learned; the no-forgetting gate passed; MLflow parent run {pipeline.run_id}")
     log_stage_figures("new_task_flow", name, time.perf_counter() - began)  # for benchmarks/figures.py
     return {"task": name, "after": plan.after, "mlflow_parent_run_id": pipeline.run_id}

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -21,24 +20,12 @@ from flows.dvc import (PIPELINE_ENV, StageFailed, error_line, pipeline_order, re
                        stage_env)
 from flows.lock import LockTimeout, lock_path, workspace_lock
 from flows.new_task import gate_target
+from project import image_folder
 from xbar.errors import UserError
 from xbar.params import TaskSpec, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PER_TASK = ["rank_pes", "train_masks", "program_spares", "simulate_energy", "evaluate"]
-
-
-def image_folder(root: Path, classes: list[str], mode: str = "L", per_class: int = 3) -> Path:
-    """A tiny ImageFolder: `per_class` random 8x8 PNGs in a sub-directory per class."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for c in classes:
-        (root / c).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            shape = (8, 8, 3) if mode == "RGB" else (8, 8)
-            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
-    return root
 
 
 @pytest.fixture

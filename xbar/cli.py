@@ -244,6 +244,8 @@ def add_task(
     task = NewTask.parse(name=name, dataset=chosen, **{k: v for k, v in given.items() if v is not None})
     plan_new_task(Path("params.yaml"), task)  # refuse bad input here, before Prefect starts
 
+    from prefect.exceptions import FailedRun
+
     from flows.dvc import StageFailed
     from flows.new_task import new_task
 
@@ -252,6 +254,8 @@ def add_task(
     except StageFailed as err:  # the run failed and was rolled back: not an input error
         print(f"error: {err} (params.yaml and dvc.lock restored)", file=sys.stderr)
         raise typer.Exit(1) from None
+    except FailedRun as err:  # refused inside the flow (e.g. the name was taken while we waited)
+        raise UserError(str(err)) from None
     print(f"task {result['task']!r} learned after {result['after']!r}; MLflow parent run "
           f"{result['mlflow_parent_run_id']}")
 
