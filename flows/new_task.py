@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.states import Failed
+from prefect.states import Failed, State
 
 from flows.add_task import Dataset, Epochs, Method, NewTask, ShiftLevels, SpareRatio, TaskName, params_added, \
     plan_new_task
@@ -44,7 +44,7 @@ def gate_target(name: str) -> str:
 
 @flow(name="new-task", flow_run_name="add {name}", validate_parameters=True)
 def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: Epochs = 3,
-             spare_ratio: SpareRatio = 0.1, shift_levels: ShiftLevels = 3) -> dict[str, Any] | Failed:
+             spare_ratio: SpareRatio = 0.1, shift_levels: ShiftLevels = 3) -> dict[str, Any] | State:
     """Add a task to params.yaml and learn it after the last one, without forgetting the others.
 
     Args:
@@ -79,7 +79,7 @@ def new_task(name: TaskName, dataset: Dataset, method: Method = "xma2", epochs: 
 
 
 def serve(limit: int = 1) -> None:
-    """Serve `new-task` (as `add-task`) and `continual` until interrupted.
+    """Serve `new-task` (as `add-task`), `compare` and `continual` until interrupted.
 
     The runner executes one flow run at a time (`limit`): the workspace lock would
     serialize them anyway, and this way a queued run waits visibly as "Late" /
@@ -89,6 +89,7 @@ def serve(limit: int = 1) -> None:
     from prefect.settings import get_current_settings
     from prefect.types.entrypoint import EntrypointType
 
+    from flows.compare import compare
     from flows.continual import continual
 
     if not get_current_settings().api.url:  # else Prefect would serve against a throw-away server: no UI
@@ -100,6 +101,10 @@ def serve(limit: int = 1) -> None:
         new_task.to_deployment(DEPLOYMENT, entrypoint_type=EntrypointType.MODULE_PATH,
                                description="Add a task to params.yaml and learn it (form: name, dataset, ...)",
                                tags=["xbar"]),
+        compare.to_deployment("compare", entrypoint_type=EntrypointType.MODULE_PATH,
+                              description="Compare the methods on every task of params.yaml (form: methods, "
+                                          "spare ratios, seeds, Dask scheduler); the table and the MLflow link "
+                                          "are the run's artifacts", tags=["xbar"]),
         continual.to_deployment("pipeline", entrypoint_type=EntrypointType.MODULE_PATH,
                                 description="Bring the whole pipeline up to date (dvc repro, stage by stage)",
                                 tags=["xbar"]),

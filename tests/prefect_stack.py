@@ -132,7 +132,8 @@ def final_state(flow_run_id):  # noqa: ANN001, ANN201
     return state if state is not None and state.is_final() else None
 
 
-def wait_final(stack: dict[str, Any], flow_run_id, timeout_s: float, what: str = "the flow run"):  # noqa: ANN001, ANN201
+def wait_final(stack: dict[str, Any], flow_run_id, timeout_s: float,  # noqa: ANN001, ANN201
+               what: str = "the flow run"):
     with settings(stack["env"]):
         return wait_for(what, lambda: final_state(flow_run_id), timeout_s, stack["logs"], every_s=2,
                         procs=stack["procs"])

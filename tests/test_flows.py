@@ -475,3 +475,61 @@ def test_a_continual_flow_closes_the_run_its_stages_made(project: Path, store):
     with pipeline_run(project, "continual", {}) as empty:  # nothing to learn: the flow makes the run itself
         pass
     assert len(store()) == 2 and empty.run_id not in (None, parent)
+
+
+# --- the served deployments' forms and the compare flow's tables -------------------------------------------------
+
+
+@pytest.mark.parametrize("flow_name", ["new_task", "compare"])
+def test_deployment_forms_are_typed(flow_name: str):
+    """Every parameter of a served flow reaches the UI with its type (an annotation Prefect cannot resolve,
+    e.g. a return type that is not a class, silently drops them all and the form becomes untyped JSON)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compare import compare
+    from flows.new_task import new_task
+
+    schema = parameter_schema({"new_task": new_task, "compare": compare}[flow_name]).model_dump()
+    untyped = [k for k, v in schema["properties"].items() if not {"type", "anyOf", "allOf", "$ref"} & set(v)]
+    assert not untyped, untyped
+
+
+def test_compare_form_refuses_bad_values():
+    from pydantic import TypeAdapter, ValidationError
+
+    from flows.compare import DaskAddress, Methods, Seeds
+
+    for kind, value in ((Methods, []), (Methods, ["magic"]), (Seeds, [-1]), (DaskAddress, "10.0.0.5:8786")):
+        with pytest.raises(ValidationError):
+            TypeAdapter(kind).validate_python(value)
+    assert TypeAdapter(DaskAddress).validate_python("tcp://10.0.0.5:8786") == "tcp://10.0.0.5:8786"
+
+
+def test_several_seeds_average_every_number_and_report_the_spread():
+    import polars as pl
+
+    from flows.compare import seed_mean, seeds_markdown
+    from test_compare import fake_result
+    from xbar.compare import accuracy_table, comparison_table
+
+    one, _ = comparison_table([fake_result("xma2@10", [80.0, 70.0], [[80.0], [80.0, 70.0]], 0.1)])
+    two, _ = comparison_table([fake_result("xma2@10", [90.0, 60.0], [[90.0], [90.0, 60.0]], 0.1)])
+    mean = seed_mean([one, two])
+    assert mean.columns == one.columns and mean.height == one.height
+    assert mean["accuracy_final"].to_list() == [85.0, 65.0]
+    assert accuracy_table(mean)["mean"].to_list() == [75.0]
+    text = seeds_markdown([one, two], [3, 7])
+    assert "| seed 3 | seed 7 | mean |" in text and "| xma2@10 | 75     | 75     | 75   | 0   |" in text
+    assert pl.concat([one, two]).height == 4
+
+
+def test_mlflow_link_points_at_the_ui(monkeypatch: pytest.MonkeyPatch):
+    from flows.compare import mlflow_run_url
+
+    monkeypatch.delenv("XBAR_MLFLOW_UI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x/mlflow.db")
+    assert mlflow_run_url("1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
+    assert mlflow_run_url("1", "abc") == "https://mlflow.example.org/#/experiments/1/runs/abc"
+    monkeypatch.setenv("XBAR_MLFLOW_UI", "http://tunnel:5001")
+    assert mlflow_run_url("2", "d") == "http://tunnel:5001/#/experiments/2/runs/d"

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prefect_stack import DEPLOYMENT, learned_task, running_stack, settings, tails, wait_final
+from prefect_stack import DEPLOYMENT, learned_task, mlflow_runs, running_stack, settings, tails, wait_final
 from project import TinyProject, image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # covers the module fixture's start-up too
@@ -112,6 +112,31 @@ def test_a_run_for_a_used_name_or_an_unreadable_dataset_fails_with_one_line_and_
         assert state.is_failed() and words in message and "\n" not in message, (form, state)
     assert project.params.read_bytes() == before
     assert ((project.root / "dvc.lock").read_bytes() if lock_before is not None else None) == lock_before
+
+
+def test_a_comparison_from_the_compare_form_shows_its_table_and_mlflow_link(stack: dict[str, Any]):
+    """The `compare` deployment's form (methods, ratios, seeds) on the tasks learned above: the run's
+    artifacts hold the comparison table (mean over the seeds, and each seed's) and the MLflow run's link."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.deployments import run_deployment
+
+    project: TinyProject = stack["project"]
+    form = {"methods": ["xbm", "xma2"], "ratios": [0.1], "seeds": [0, 1]}
+    with settings(stack["env"]):
+        with pytest.raises(Exception, match="dask_address|pattern"):  # the form checks what it can
+            run_deployment("compare/compare", parameters={**form, "dask_address": "10.0.0.5"}, timeout=0)
+        run = run_deployment("compare/compare", parameters=form, timeout=0)
+    state = wait_final(stack, run.id, 600, "the comparison")
+    assert state.is_completed(), f"{state.message}\n{tails(stack['logs'])}"
+    with settings(stack["env"]), get_client(sync_client=True) as client:
+        artifacts = {a.key: a.data for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
+    runs = mlflow_runs(project, "tags.`xbar.kind` = 'comparison'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.params["seeds"] == "0,1"
+    run_id = runs[0].info.run_id
+    assert "| xma2@10 " in artifacts["comparison"] and "| seed 1 |" in artifacts["comparison"]
+    assert f"/#/experiments/{runs[0].info.experiment_id}/runs/{run_id})" in artifacts["comparison-mlflow-run"]
 
 
 def _prefect(stack: dict[str, Any], *args: str) -> str:

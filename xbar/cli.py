@@ -264,7 +264,8 @@ def add_task(
 @one_line_errors
 def serve(limit: int = typer.Option(1, min=1, help="Flow runs executed at once (the workspace lock "
                                                     "serializes DVC anyway).")) -> None:
-    """Serve the `new-task/add-task` and `continual/pipeline` deployments for the Prefect UI (Ctrl-C stops)."""
+    """Serve the `new-task/add-task`, `compare/compare` and `continual/pipeline` deployments for the Prefect UI
+    (Ctrl-C stops)."""
     from pathlib import Path
 
     from xbar.params import load_params
@@ -292,9 +293,11 @@ def compare(
                                             "scheduler, e.g. tcp://10.0.0.5:8786."),
     workers: int | None = typer.Option(None, min=1, help="Configurations at once (threads or local Dask "
                                        "workers; default: CPU cores / train.threads)."),
+    seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds, repeated or comma-separated: every "
+                                           "configuration runs once per seed (default: params.yaml's seed)."),
 ) -> None:
     """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
-    per configuration; writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
+    per configuration (and seed); writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
     from pathlib import Path
 
     from flows.compare import plan_comparison
@@ -303,12 +306,23 @@ def compare(
         shares = None if ratios is None else [float(r) for r in _list_option(ratios) or []]
     except ValueError:
         raise UserError(f"--ratios: expected shares such as 0.1, got {' '.join(ratios)!r}") from None
+    try:
+        seed_list = None if seeds is None else [int(s) for s in _list_option(seeds) or []]
+    except ValueError:
+        raise UserError(f"--seeds: expected whole numbers such as 0,1,2, got {' '.join(seeds)!r}") from None
+    if seed_list is not None and (not seed_list or min(seed_list) < 0):
+        raise UserError("--seeds: expected one or more whole numbers >= 0")
     names = _list_option(methods)
     plan_comparison(Path.cwd(), names, shares)  # refuse bad input here, before Prefect starts
 
+    from prefect.exceptions import FailedRun
+
     from flows.compare import run_comparison
 
-    result = run_comparison(names, shares, dask, dask_address, workers)
+    try:
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list)
+    except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
+        raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
     print("test accuracy (%) after the last task:")
     print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]))
