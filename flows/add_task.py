@@ -24,7 +24,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workflow.io import atomic_write_bytes
-from xbar.data import check_dataset
 from xbar.errors import UserError
 from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, METHODS, TASK_NAME, DatasetSpec, Params, ParamsError,
                          check_task_name, load_params, parse_params)
@@ -152,7 +151,11 @@ def readable_root(root: str, project: Path) -> Path:
 
 def check_task_dataset(spec: DatasetSpec, project: Path) -> None:
     """The dataset's files, checked before a run starts: its root is readable by policy and holds the data."""
-    if spec.root is not None and spec.source in ("imagefolder", "torchvision"):
+    if spec.source not in ("imagefolder", "torchvision"):
+        return  # built-in: nothing to read (and no torch import in the CLI's quick refusals)
+    from xbar.data import check_dataset
+
+    if spec.root is not None:
         spec = spec.model_copy(update={"root": str(readable_root(spec.root, project))})
     check_dataset(spec)
 
