@@ -7,12 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 # stages run `python -m stages.X` and tests run `dvc`: both must be the venv's
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test install data-packages
+.PHONY: run test install data-packages browser
 
 run: install
 	dvc repro
 
-test: install
+test: install browser
 	python -m pytest -q
 
 install: $(STAMP) data-packages
@@ -31,3 +31,11 @@ data-packages:
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) >/dev/null; \
 	  else echo "note: install the Debian package dataset-fashion-mnist (or set source.dataset.root)"; fi; }
+
+# tests/test_browser.py drives Debian's Chromium through Playwright (Playwright's own browser
+# download needs a network); without it (or without root) the test is skipped, except under CI.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }) >/dev/null; \
+	  else echo "note: install the Debian package chromium for the browser test"; fi; }

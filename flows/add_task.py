@@ -3,10 +3,16 @@
 No Prefect here, so the CLI can refuse bad input at once, before any server starts.
 The task is appended as text (the file's comments and layout stay as they are),
 and the result must parse to exactly the old parameters plus the new task.
+
+A task's dataset is a built-in name, an image folder, or a torchvision class with
+its root. A run reads files the form names, so a root must lie under the project
+directory or under a directory listed in XBAR_DATA_DIRS (os.pathsep-separated, set
+by whoever starts `xbar serve`); symlinks are followed before the check.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,8 +26,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from workflow.io import atomic_write_bytes
 from xbar.errors import UserError
 from xbar.methods import names as method_names
-from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, Params, ParamsError, ShiftLevels, SpareRatio,
-                         check_task_name, load_params, parse_params)
+from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, DatasetSpec, Params, ParamsError, ShiftLevels,
+                         SpareRatio, check_task_name, load_params, parse_params)
+
+DATA_DIRS_ENV = "XBAR_DATA_DIRS"  # directories besides the project a dataset root may lie under
 
 # The form's fields (Prefect renders these types as inputs with choices, bounds and help).
 # The bounds repeat xbar.params.TaskSpec's so the UI refuses bad values before a run
@@ -29,8 +37,42 @@ from xbar.params import (BUILTIN_DATASETS, FIRST_AFTER, TASK_NAME, Params, Param
 # the resulting params.yaml (tests keep the two in sync).
 TaskName = Annotated[str, Field(pattern=TASK_NAME.pattern, description=(
     "A new task's name: a lower-case letter, then up to 31 lower-case letters, digits or '_'."))]
-Dataset = Annotated[Literal[BUILTIN_DATASETS], Field(  # type: ignore[valid-type]
-    description="A built-in offline dataset (torchvision / ImageFolder sources: edit params.yaml)")]
+Root = Annotated[str, Field(min_length=1, description=(
+    f"A directory under the project, or under one listed in {DATA_DIRS_ENV} on the server"))]
+ImageSize = Annotated[int | None, Field(gt=0, description="Side in pixels the images are resized to "
+                                                          "(default: the backbone's, source.dataset.image_size)")]
+Channels = Annotated[Literal[1, 3] | None, Field(description="The images' channels, 1 (grey) or 3 (colour) "
+                                                             "(default: the backbone's, source.dataset.channels)")]
+MaxTrain = Annotated[int | None, Field(gt=0, description="Cap on the training split (stratified); empty: all")]
+
+
+class ImageFolder(BaseModel):
+    """One sub-directory of images per class (torchvision's ImageFolder layout)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="Image folder")
+
+    root: Root
+    image_size: ImageSize = None
+    channels: Channels = None
+    max_train: MaxTrain = None
+
+
+class TorchvisionDataset(BaseModel):
+    """A torchvision.datasets class reading its files (already downloaded) from a root directory."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", title="torchvision dataset")
+
+    name: Annotated[str, Field(pattern=r"^[A-Z][A-Za-z0-9_]*$", description="The class, e.g. CIFAR10 or SVHN")]
+    root: Root
+    image_size: ImageSize = None
+    channels: Channels = None
+    max_train: MaxTrain = None
+
+
+# the form shows the three kinds as buttons named by these titles
+BuiltinDataset = Annotated[Literal[BUILTIN_DATASETS], Field(title="Built-in")]  # type: ignore[valid-type]
+Dataset = Annotated[BuiltinDataset | ImageFolder | TorchvisionDataset, Field(
+    description="A built-in offline dataset, an image folder, or a torchvision class with its root")]
 Method = Annotated[Literal[method_names()], Field(  # type: ignore[valid-type]
     description="How the task is learned on the frozen backbone")]
 Epochs = Annotated[int, Field(gt=0, description="Training epochs of the task")]
@@ -59,14 +101,63 @@ class NewTask(BaseModel):
         try:
             return cls(**fields)
         except ValidationError as err:
-            first = err.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "task"
-            got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
-            raise UserError(f"{field}: {first['msg']}{got}") from None
+            raise UserError(form_error(err)) from None
 
-    def spec(self, after: str) -> dict[str, Any]:
+    def dataset_spec(self, backbone: DatasetSpec) -> str | dict[str, Any]:
+        """What params.yaml records as the dataset: a built-in name, or a mapping with the backbone's image
+        size and channels filled in where the form left them empty."""
+        if isinstance(self.dataset, str):
+            return self.dataset
+        spec = {"source": "imagefolder" if isinstance(self.dataset, ImageFolder) else "torchvision",
+                **self.dataset.model_dump(exclude_none=True)}
+        spec.setdefault("image_size", backbone.image_size)
+        spec.setdefault("channels", backbone.channels)
+        return spec
+
+    def spec(self, after: str, backbone: DatasetSpec) -> dict[str, Any]:
         """The mapping written under `tasks.<name>`: every field explicit, so the file records the run."""
-        return {"after": after, **self.model_dump(exclude={"name"})}
+        return {"after": after, "dataset": self.dataset_spec(backbone), **self.model_dump(exclude={"name", "dataset"})}
+
+
+def form_error(err: ValidationError) -> str:
+    """A form's validation error as one line naming the field. For the dataset (a union) the error of the
+    kind the input was meant as: a name -> the built-in list, a mapping with `name` -> torchvision."""
+    errors = err.errors()
+    first = errors[0]
+    if first["loc"][:1] == ("dataset",) and len(first["loc"]) > 1:
+        given = first.get("input")
+        kind = ("TorchvisionDataset" if isinstance(given, dict) and "name" in given else "ImageFolder")
+        for e in errors:  # loc: ("dataset", <union member>, field...)
+            member = str(e["loc"][1])
+            if (isinstance(given, str) and member.startswith("literal")) or member == kind:
+                first = {**e, "loc": ("dataset", *e["loc"][2:])}
+                break
+    field = ".".join(str(p) for p in first["loc"]) or "task"
+    got = f" (got {first['input']!r})" if "input" in first and first["type"] != "missing" else ""
+    return f"{field}: {first['msg']}{got}"
+
+
+def readable_root(root: str, project: Path) -> Path:
+    """`root` (relative to the project) resolved; UserError unless it lies under the project or XBAR_DATA_DIRS."""
+    path = (project / Path(root).expanduser()).resolve()  # symlinks and `..` resolved before the check
+    allowed = [project.resolve()] + [Path(d).expanduser().resolve()
+                                     for d in os.environ.get(DATA_DIRS_ENV, "").split(os.pathsep) if d.strip()]
+    if not any(path.is_relative_to(a) for a in allowed):
+        raise UserError(f"dataset.root: {root} is outside the directories the server may read (the project"
+                        f"{', ' + ', '.join(map(str, allowed[1:])) if allowed[1:] else ''}); "
+                        f"list its parent in {DATA_DIRS_ENV} where the server starts")
+    return path
+
+
+def check_task_dataset(spec: DatasetSpec, project: Path) -> None:
+    """The dataset's files, checked before a run starts: its root is readable by policy and holds the data."""
+    if spec.source not in ("imagefolder", "torchvision"):
+        return  # built-in: nothing to read (and no torch import in the CLI's quick refusals)
+    from xbar.data import check_dataset
+
+    if spec.root is not None:
+        spec = spec.model_copy(update={"root": str(readable_root(spec.root, project))})
+    check_dataset(spec)
 
 
 @dataclass(frozen=True)
@@ -95,10 +186,12 @@ def plan_new_task(params_path: Path, task: NewTask) -> Plan:
     old_text = params_path.read_text()
     data = yaml.safe_load(old_text)
     after = list(current.tasks)[-1] if current.tasks else FIRST_AFTER
-    data["tasks"] = {**(data.get("tasks") or {}), task.name: task.spec(after)}
+    spec = task.spec(after, current.source.dataset)
+    data["tasks"] = {**(data.get("tasks") or {}), task.name: spec}
     params = parse_params(data, str(params_path))  # the whole result, exactly as stages will read it
+    check_task_dataset(params.tasks[task.name].dataset, params_path.parent.absolute())
 
-    new_text = append_task_text(old_text, task.name, task.spec(after))
+    new_text = append_task_text(old_text, task.name, spec)
     kept = new_text is not None and yaml.safe_load(new_text) == data
     if not kept:  # an unusual layout (e.g. a flow-style mapping): re-dump, losing comments
         new_text = yaml.safe_dump(data, sort_keys=False)
@@ -134,7 +227,12 @@ def append_task_text(text: str, name: str, spec: dict[str, Any]) -> str | None:
     step = (_indent(keys[1])[len(indent):] if len(keys) > 1 and len(_indent(keys[1])) > len(indent) else "  ")
 
     block = [f"{indent}{_scalar(name)}:\n"]
-    block += [f"{indent}{step}{key}: {_scalar(value)}\n" for key, value in spec.items()]
+    for key, value in spec.items():  # one level of nesting (a dataset mapping), in block style
+        if isinstance(value, dict):
+            block.append(f"{indent}{step}{key}:\n")
+            block += [f"{indent}{step * 2}{k}: {_scalar(v)}\n" for k, v in value.items()]
+        else:
+            block.append(f"{indent}{step}{key}: {_scalar(value)}\n")
     if end > 0 and not lines[end - 1].endswith("\n"):
         lines[end - 1] += "\n"
     return "".join(lines[:end] + block + lines[end:])

@@ -16,6 +16,14 @@ accuracy of every task after each new one), accuracy_vs_ratio.png and
 energy.png; and one MLflow run (tag xbar.kind=comparison) with those files and
 metrics acc/<label>/<task> (accuracy after the last task; label "xma2-p10" for
 XMA2 at P = 10%), which `xbar report --json` reads back.
+
+`compare` is the entry point (`xbar compare`, and the deployment `compare/compare`
+that `xbar serve` serves with a typed form): it validates the form, picks the task
+runner, runs the `configurations` flow on it as a subflow, and attaches the
+comparison table (a markdown artifact) and a link to the MLflow run to its own run
+page. With several seeds every configuration runs once per seed (params.yaml's
+`seed` replaced); the tables then hold the mean over the seeds, and table.md adds
+each seed's mean accuracy with the spread.
 """
 
 from __future__ import annotations
@@ -24,11 +32,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import Field
 
 import polars as pl
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Failed, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.continual import prefect_tags
@@ -36,13 +47,29 @@ from flows.lock import workspace_lock
 from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
 from workflow.tracking import comparison_key, git_commit, tracker
 from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, comparison_table,
-                          configuration_params, configurations, energy_table, report_markdown, run_configuration)
+                          configuration_params, configurations, energy_table, markdown, report_markdown,
+                          run_configuration)
 from xbar.errors import UserError
-from xbar.params import Params, load_params
+from xbar.methods import names as method_names
+from xbar.params import Params, SpareRatio, load_params
 from xbar.plots import accuracy_vs_ratio, energy_by_method, png
 from xbar.step import Backbone
 
 COMPARISON = ARTIFACTS / "comparison"
+MLFLOW_UI_ENV = "XBAR_MLFLOW_UI"  # where the MLflow UI is, for the run's link (default: `mlflow ui`'s address)
+MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
+
+# The form's fields (the served deployment's parameters)
+Methods = Annotated[list[Literal[method_names()]], Field(  # type: ignore[valid-type]
+    min_length=1, description="Methods to compare (XMA2 once per spare ratio)")]
+Ratios = Annotated[list[SpareRatio], Field(
+    description="XMA2's spare-PE ratios P, as shares in (0, 1]; at most params.yaml's crossbar.spare_pe_ratio")]
+Seeds = Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(
+    description="Seeds: every configuration runs once per seed; empty: params.yaml's seed")]
+DaskAddress = Annotated[str | None, Field(pattern=r"^(tcp|tls|ucx|inproc)://\S+$", description=(
+    "A running Dask scheduler to fan out over, e.g. tcp://10.0.0.5:8786; empty: threads of the served process"))]
+Workers = Annotated[int | None, Field(gt=0, description="Configurations at once on threads "
+                                                         "(default: CPU cores / train.threads)")]
 
 
 def default_workers(threads: int) -> int:
@@ -76,16 +103,40 @@ def plan_comparison(root: Path, methods: list[str] | None = None,
     return params, configs
 
 
-@task(name="configuration", task_run_name="{config.label}", cache_policy=NO_CACHE, persist_result=False)
-def learn_configuration(params: Params, config: Configuration, backbone: Backbone) -> ConfigurationResult:
-    return run_configuration(params, config, backbone)
+@task(name="configuration", task_run_name="{config.label} seed {seed}", cache_policy=NO_CACHE,
+      persist_result=False)
+def learn_configuration(params: Params, config: Configuration, backbone: Backbone, seed: int) -> ConfigurationResult:
+    return run_configuration(params.model_copy(update={"seed": seed}), config, backbone)
 
 
-def write_comparison(folder: Path, table: pl.DataFrame, matrix: pl.DataFrame) -> list[Path]:
-    """The comparison's files in `folder`; returns their paths."""
+def seed_mean(tables: list[pl.DataFrame]) -> pl.DataFrame:
+    """Per configuration and task, every number averaged over the seeds' tables (strings: the first seed's)."""
+    keys = ["label", "method", "spare_ratio", "task", "order", "dataset"]
+    numbers = [c for c, t in tables[0].schema.items() if c not in keys and t.is_numeric()]
+    rest = [c for c in tables[0].columns if c not in keys and c not in numbers]
+    return (pl.concat(tables).group_by(keys, maintain_order=True)
+            .agg(*(pl.col(c).mean() for c in numbers), *(pl.col(c).first() for c in rest))
+            .select(tables[0].columns))
+
+
+def seeds_markdown(tables: list[pl.DataFrame], seeds: list[int]) -> str:
+    """Each seed's mean accuracy after the last task, per configuration, with the mean and spread."""
+    wide = accuracy_table(tables[0]).select("label")
+    for table, seed in zip(tables, seeds):
+        wide = wide.join(accuracy_table(table).select("label", pl.col("mean").alias(f"seed {seed}")), on="label",
+                         maintain_order="left")
+    columns = [f"seed {s}" for s in seeds]
+    wide = wide.with_columns(mean=pl.mean_horizontal(*columns), std=pl.concat_list(*columns).list.std())
+    return ("## Mean test accuracy (%) after the last task, per seed\n\n"
+            + markdown(wide.with_columns(pl.col(pl.Float64).round(2)), digits=6) + "\n")
+
+
+def write_comparison(folder: Path, table: pl.DataFrame, matrix: pl.DataFrame, extra_markdown: str = "",
+                     rows: pl.DataFrame | None = None) -> list[Path]:
+    """The comparison's files in `folder` (table.csv: `rows` where given, e.g. every seed's); their paths."""
     files = {
-        "table.csv": table.write_csv().encode(),
-        "table.md": report_markdown(table).encode(),
+        "table.csv": (table if rows is None else rows).write_csv().encode(),
+        "table.md": (report_markdown(table) + extra_markdown).encode(),
         "accuracy.csv": accuracy_table(table).write_csv().encode(),
         "matrix.csv": matrix.write_csv().encode(),
         "accuracy_vs_ratio.png": png(accuracy_vs_ratio(table)),
@@ -127,15 +178,18 @@ def closed_run(name: str, tags: dict[str, str]) -> Iterator[str]:
             t.finish(run_id, status)
 
 
-# run_comparison picks the runner; this default (threads, train.threads' default of 2 each) serves a plain call
-@flow(name="compare", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
-def compare(methods: list[str] | None = None, ratios: list[float] | None = None) -> dict[str, Any]:
-    """Every method on every task of params.yaml, one Prefect task per configuration.
+def mlflow_run_url(experiment_id: str, run_id: str) -> str:
+    """The MLflow UI's page of a run: XBAR_MLFLOW_UI, else an http(s) tracking server, else `mlflow ui`'s address."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    base = os.environ.get(MLFLOW_UI_ENV) or (uri if uri.startswith(("http://", "https://")) else MLFLOW_UI_DEFAULT)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
-    Args:
-        methods: Methods to compare (default: all six).
-        ratios: XMA2's spare-PE ratios P, as shares (default: 0.05, 0.1, 0.2, 0.4).
-    """
+
+# `compare` picks the runner; this default (threads, train.threads' default of 2 each) serves a plain call
+@flow(name="configurations", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
+def learn_configurations(methods: list[str] | None = None, ratios: list[float] | None = None,
+                         seeds: list[int] | None = None) -> dict[str, Any]:
+    """Every method on every task of params.yaml, one Prefect task per configuration (and seed)."""
     root = Path.cwd()
     logger = get_run_logger()
     # params.yaml and the two backbone files are read as one consistent set: under the workspace lock, so no
@@ -143,34 +197,80 @@ def compare(methods: list[str] | None = None, ratios: list[float] | None = None)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
         params, configs = plan_comparison(root, methods, ratios)
         backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
+    seeds = list(dict.fromkeys(seeds or [params.seed]))
     labels = [c.label for c in configs]
-    tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare", "xbar.git_commit": git_commit(),
-            "xbar.labels": ",".join(labels), "xbar.tasks": ",".join(params.tasks), **prefect_tags()}
+    tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare",
+            "xbar.git_commit": git_commit(), "xbar.labels": ",".join(labels), "xbar.tasks": ",".join(params.tasks), **prefect_tags()}
     with closed_run("comparison", tags) as run_id:
-        logger.info(f"MLflow run {run_id}: {len(configs)} configurations x {len(params.tasks)} tasks")
-        futures = [learn_configuration.submit(params, c, backbone) for c in configs]
-        table, matrix = comparison_table([f.result() for f in futures])
-        files = write_comparison(root / COMPARISON, table, matrix)
+        logger.info(f"MLflow run {run_id}: {len(configs)} configurations x {len(params.tasks)} tasks x "
+                    f"{len(seeds)} seed(s)")
+        futures = [[learn_configuration.submit(params, c, backbone, seed) for c in configs] for seed in seeds]
+        per_seed = [comparison_table([f.result() for f in row]) for row in futures]
+        tables = [t for t, _ in per_seed]
+        rows = pl.concat([t.with_columns(seed=pl.lit(s)) for t, s in zip(tables, seeds)])
+        matrix = pl.concat([m.with_columns(seed=pl.lit(s)) for (_, m), s in zip(per_seed, seeds)])
+        table = tables[0] if len(seeds) == 1 else seed_mean(tables)
+        extra = "" if len(seeds) == 1 else "\n" + seeds_markdown(tables, seeds)
+        files = write_comparison(root / COMPARISON, table, matrix, extra, rows)
         with tracker() as t:
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
                                   "ratios": ",".join(f"{c.spare_ratio:g}" for c in configs if c.spare_ratio),
-                                  "seed": params.seed, "model": params.model.name, "preset": params.energy.preset,
+                                  "seeds": ",".join(map(str, seeds)), "model": params.model.name,
+                                  "preset": params.energy.preset,
                                   **{f"epochs.{n}": s.epochs for n, s in params.tasks.items()}},
                   metrics=comparison_metrics(table))
             for path in files:
                 t.log_artifact(run_id, path, "comparison")
+            experiment_id = t.experiment_id
     logger.info(f"wrote {root / COMPARISON}")
     accuracy = {r["label"]: {n: r[n] for n in params.tasks} | {"mean": r["mean"]}
                 for r in accuracy_table(table).iter_rows(named=True)}
-    return {"mlflow_run_id": run_id, "folder": str(COMPARISON), "accuracy": accuracy}
+    return {"mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "folder": str(COMPARISON),
+            "accuracy": accuracy, "seeds": seeds, "markdown": (report_markdown(table) + extra)}
+
+
+@flow(name="compare", validate_parameters=True)
+def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIOS), seeds: Seeds = None,  # noqa: B006
+            dask_address: DaskAddress = None, workers: Workers = None,
+            dask: bool = False) -> dict[str, Any] | State:
+    """Compare the methods on every task of params.yaml (the paper's Tables 2-3); needs the backbone.
+
+    Args:
+        methods: Methods to compare; XMA2 runs once per spare-PE ratio.
+        ratios: XMA2's spare-PE ratios P, as shares (0.05 = 5% of the PEs).
+        seeds: Seeds; every configuration runs once per seed (empty: params.yaml's seed).
+        dask_address: A running Dask scheduler (tcp://host:8786) to fan the configurations out over.
+        workers: Configurations at once on threads (or local Dask workers).
+        dask: Start a local Dask cluster of `workers` processes (when no address is given).
+    """
+    try:
+        params, _ = plan_comparison(Path.cwd(), methods, ratios)
+    except UserError as err:  # the run's state is the one line, its log has no traceback
+        return Failed(message=str(err))
+    runner = task_runner(dask, dask_address, workers or default_workers(params.train.threads))
+    result = learn_configurations.with_options(task_runner=runner)(methods=methods, ratios=ratios, seeds=seeds)
+    publish(result)
+    return {k: v for k, v in result.items() if k != "markdown"}
+
+
+def publish(result: dict[str, Any]) -> None:
+    """The comparison on the run's page in the Prefect UI: the tables (markdown) and a link to the MLflow run."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    url = mlflow_run_url(result["mlflow_experiment_id"], result["mlflow_run_id"])
+    create_link_artifact(url, link_text=f"MLflow run {result['mlflow_run_id']}", key="comparison-mlflow-run",
+                         description="The comparison's MLflow run: metrics acc/<label>/<task>, tables, plots")
+    create_markdown_artifact(result["markdown"] + f"\n[MLflow run {result['mlflow_run_id']}]({url}) "
+                             f"(files: `{result['folder']}/`)\n", key="comparison",
+                             description=f"Method comparison, seeds {', '.join(map(str, result['seeds']))}")
 
 
 def run_comparison(methods: list[str] | None = None, ratios: list[float] | None = None, dask: bool = False,
-                   dask_address: str | None = None, workers: int | None = None) -> dict[str, Any]:
-    """The flow on the chosen task runner (what `xbar compare` runs)."""
-    params, _ = plan_comparison(Path.cwd(), methods, ratios)
-    runner = task_runner(dask, dask_address, workers or default_workers(params.train.threads))
-    return compare.with_options(task_runner=runner)(methods=methods, ratios=ratios)
+                   dask_address: str | None = None, workers: int | None = None,
+                   seeds: list[int] | None = None) -> dict[str, Any]:
+    """The `compare` flow in this process (what `xbar compare` runs)."""
+    return compare(methods=methods or list(method_names()), ratios=list(RATIOS) if ratios is None else ratios,
+                   seeds=seeds, dask_address=dask_address, workers=workers, dask=dask)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,20 @@ def tiny_params(tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any
     return data
 
 
+def image_folder(root: Path, classes: list[str], mode: str = "L", per_class: int = 3) -> Path:
+    """A tiny ImageFolder: `per_class` random 8x8 PNGs in a sub-directory per class."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (8, 8, 3) if mode == "RGB" else (8, 8)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(root / c / f"{i}.png")
+    return root
+
+
 @dataclass
 class TinyProject:
     root: Path

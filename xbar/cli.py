@@ -285,31 +285,64 @@ def chip(
 @one_line_errors
 def add_task(
     name: str = typer.Argument(..., help="The new task's name: a lower-case identifier not used yet."),
-    dataset: str = typer.Option(..., "--dataset", help="A built-in dataset: mnist5k, optdigits, lfw_faces, "
-                                "textures, fashion_mnist, animal_mnist."),
+    dataset: str | None = typer.Option(None, "--dataset", help="A built-in dataset (mnist5k, optdigits, lfw_faces, "
+                                       "textures, fashion_mnist, animal_mnist) or an image-folder directory (one "
+                                       "sub-directory of images per class)."),
+    torchvision: str | None = typer.Option(None, "--torchvision", help="A torchvision.datasets class (e.g. CIFAR10) "
+                                           "read from --root, instead of --dataset."),
+    root: str | None = typer.Option(None, "--root", help="The --torchvision class's directory."),
+    image_size: int | None = typer.Option(None, help="Image side in pixels (default: the backbone's)."),
+    channels: int | None = typer.Option(None, help="The images' channels, 1 or 3 (default: the backbone's)."),
+    max_train: int | None = typer.Option(None, help="Cap on the training split (stratified)."),
     spare_ratio: float | None = typer.Option(None, help="Share of PEs replaced by spare PEs, in (0, 1] (default 0.1)."),
     shift_levels: int | None = typer.Option(None, help="Column-mask shift levels 0..3 (default 3)."),
     epochs: int | None = typer.Option(None, help="Training epochs (default 3)."),
     method: str | None = typer.Option(None, help="xma2, xma, xbm, piggyback, finetune_shared, finetune_separate "
                                       "(default xma2)."),
 ) -> None:
-    """Add a task to params.yaml and learn it now (the `new-task` Prefect flow; waits for a running one)."""
+    """Add a task to params.yaml and learn it now (the `new-task` Prefect flow; waits for a running one).
+    Dataset roots must lie under the project or a directory listed in XBAR_DATA_DIRS."""
     from pathlib import Path
 
     from flows.add_task import NewTask, plan_new_task
+    from xbar.params import BUILTIN_DATASETS
 
+    if (dataset is None) == (torchvision is None):
+        raise UserError("give either --dataset (a built-in name or an image folder) or --torchvision CLASS --root DIR")
+    files = {k: v for k, v in dict(image_size=image_size, channels=channels, max_train=max_train).items()
+             if v is not None}
+    if torchvision is not None:
+        if root is None:
+            raise UserError("--torchvision needs --root (the directory holding the class's files)")
+        chosen: str | dict = {"name": torchvision, "root": root, **files}
+    elif root is not None:
+        raise UserError("--root goes with --torchvision; an image folder is given as --dataset DIR")
+    elif dataset in BUILTIN_DATASETS:
+        if files:
+            raise UserError(f"--{next(iter(files)).replace('_', '-')}: applies to an image folder or a torchvision "
+                            f"class, not to the built-in dataset {dataset!r}")
+        chosen = dataset
+    elif "/" in dataset or Path(dataset).is_dir():
+        chosen = {"root": dataset, **files}
+    else:
+        raise UserError(f"--dataset: {dataset!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+                        "nor a directory")
     given = dict(spare_ratio=spare_ratio, shift_levels=shift_levels, epochs=epochs, method=method)
-    task = NewTask.parse(name=name, dataset=dataset, **{k: v for k, v in given.items() if v is not None})
+    task = NewTask.parse(name=name, dataset=chosen, **{k: v for k, v in given.items() if v is not None})
     plan_new_task(Path("params.yaml"), task)  # refuse bad input here, before Prefect starts
+
+    from prefect.exceptions import FailedRun
 
     from flows.dvc import StageFailed
     from flows.new_task import new_task
 
     try:
-        result = new_task(**task.model_dump())
+        result = new_task(**task.model_dump(exclude_none=True))
     except StageFailed as err:  # the run failed and was rolled back: not an input error
         print(f"error: {err} (params.yaml and dvc.lock restored)", file=sys.stderr)
         raise typer.Exit(1) from None
+    except FailedRun as err:  # refused inside the flow (e.g. the name was taken while we waited)
+        raise UserError(str(err)) from None
     print(f"task {result['task']!r} learned after {result['after']!r}; MLflow parent run "
           f"{result['mlflow_parent_run_id']}")
 
@@ -318,7 +351,8 @@ def add_task(
 @one_line_errors
 def serve(limit: int = typer.Option(1, min=1, help="Flow runs executed at once (the workspace lock "
                                                     "serializes DVC anyway).")) -> None:
-    """Serve the `new-task/add-task` and `continual/pipeline` deployments for the Prefect UI (Ctrl-C stops)."""
+    """Serve the `new-task/add-task`, `compare/compare` and `continual/pipeline` deployments for the Prefect UI
+    (Ctrl-C stops)."""
     from pathlib import Path
 
     from xbar.params import load_params
@@ -346,9 +380,11 @@ def compare(
                                             "scheduler, e.g. tcp://10.0.0.5:8786."),
     workers: int | None = typer.Option(None, min=1, help="Configurations at once (threads or local Dask "
                                        "workers; default: CPU cores / train.threads)."),
+    seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds, repeated or comma-separated: every "
+                                           "configuration runs once per seed (default: params.yaml's seed)."),
 ) -> None:
     """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
-    per configuration; writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
+    per configuration (and seed); writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
     from pathlib import Path
 
     from flows.compare import plan_comparison
@@ -357,12 +393,23 @@ def compare(
         shares = None if ratios is None else [float(r) for r in _list_option(ratios) or []]
     except ValueError:
         raise UserError(f"--ratios: expected shares such as 0.1, got {' '.join(ratios)!r}") from None
+    try:
+        seed_list = None if seeds is None else [int(s) for s in _list_option(seeds) or []]
+    except ValueError:
+        raise UserError(f"--seeds: expected whole numbers such as 0,1,2, got {' '.join(seeds)!r}") from None
+    if seed_list is not None and (not seed_list or min(seed_list) < 0):
+        raise UserError("--seeds: expected one or more whole numbers >= 0")
     names = _list_option(methods)
     plan_comparison(Path.cwd(), names, shares)  # refuse bad input here, before Prefect starts
 
+    from prefect.exceptions import FailedRun
+
     from flows.compare import run_comparison
 
-    result = run_comparison(names, shares, dask, dask_address, workers)
+    try:
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list)
+    except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
+        raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
     print("test accuracy (%) after the last task:")
     print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]))

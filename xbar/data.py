@@ -315,6 +315,50 @@ def _open_torchvision(cls: type, root: Path, name: str) -> Dataset:
                     "export it to an image folder and use source: imagefolder")
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
+CHANNEL_SAMPLE = 20  # images per class whose channels check_dataset reads (their headers only)
+COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")  # PIL modes read as 3 channels; others grey
+
+
+def check_dataset(spec: DatasetSpec) -> None:
+    """Cheap checks of a real-scale source before a run starts (the loader re-checks what it reads).
+
+    imagefolder: the root is a directory with at least 2 class sub-directories holding images, and the
+    first CHANNEL_SAMPLE images of each class have `spec.channels` channels. torchvision: the class
+    exists and the root is a directory. Built-in sources need no files. A mistake raises UserError.
+    """
+    if spec.source == "torchvision":
+        import torchvision
+
+        if not isinstance(getattr(torchvision.datasets, spec.name or "", None), type):
+            raise UserError(f"dataset.name: {spec.name!r} is not a torchvision.datasets class (e.g. CIFAR10)")
+    if spec.source not in ("torchvision", "imagefolder"):
+        return
+    root = Path(spec.root or "data")
+    if not root.is_dir():
+        raise UserError(f"dataset.root: {root} is not a directory")
+    if spec.source == "torchvision":
+        return
+    classes = {d: sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+               for d in sorted(root.iterdir()) if d.is_dir()}
+    classes = {d: files for d, files in classes.items() if files}
+    if len(classes) < 2:
+        raise UserError(f"dataset.root: {root} has {len(classes)} class folder(s) with images; an image folder "
+                        "needs at least 2 (one sub-directory of images per class)")
+    from PIL import Image
+
+    for files in classes.values():
+        for path in files[:CHANNEL_SAMPLE]:
+            try:
+                with Image.open(path) as image:
+                    channels = 3 if image.mode in COLOUR_MODES else 1
+            except OSError as err:
+                raise UserError(f"{path}: unreadable image ({_first_line(err)})") from None
+            if channels != spec.channels:
+                raise UserError(f"dataset.channels: {path} has {channels} channel(s) ({image.mode}), "
+                                f"but the dataset declares {spec.channels}")
+
+
 def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
     import torchvision
 

@@ -226,12 +226,12 @@ def check_task_name(name: str) -> str:
 
 def _one_line(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
-    field = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    field = ".".join(str(p) for p in first["loc"])  # empty for a check across fields: its message names them
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key (not a parameter of xbar)"
     more = f" (+{err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    return f"{source}: {field}: {msg}{more}"
+    return f"{source}: {field + ': ' if field else ''}{msg}{more}"
 
 
 def check_value(kind: Any, value: Any, name: str) -> Any:

@@ -20,7 +20,7 @@ from flows.dvc import (PIPELINE_ENV, StageFailed, error_line, pipeline_order, re
                        stage_env)
 from flows.lock import LockTimeout, lock_path, workspace_lock
 from flows.new_task import gate_target
-from project import ROOT
+from project import ROOT, image_folder
 from xbar.errors import UserError
 from xbar.params import TaskSpec, load_params
 
@@ -29,10 +29,16 @@ PER_TASK = ["rank_pes", "train_masks", "program_spares", "simulate_energy", "eva
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    """A copy of the files the flows read and write (no git, no DVC needed here)."""
+    """A copy of the files the flows read and write (no git, no DVC needed here), with three image
+    folders under data/: `grey` (2 classes), `one` (1 class) and `colour` (2 classes of RGB images)."""
+    tmp_path = tmp_path / "project"
+    tmp_path.mkdir()
     for name in ("params.yaml", "dvc.yaml"):
         shutil.copy2(ROOT / name, tmp_path / name)
     (tmp_path / ".dvc" / "tmp").mkdir(parents=True)
+    image_folder(tmp_path / "data" / "grey", ["cat", "dog"])
+    image_folder(tmp_path / "data" / "one", ["cat"])
+    image_folder(tmp_path / "data" / "colour", ["cat", "dog"], mode="RGB")
     return tmp_path
 
 
@@ -48,6 +54,14 @@ BAD = [
     (["fresh", "--dataset", "mnist5k", "--spare-ratio", "1.5"], "spare_ratio"),
     (["fresh", "--dataset", "mnist5k", "--shift-levels", "4"], "shift_levels"),
     (["fresh", "--dataset", "mnist5k", "--epochs", "0"], "epochs"),
+    # the dataset's files: each mistake named before anything runs
+    (["fresh", "--dataset", "data/missing"], "data/missing is not a directory"),
+    (["fresh", "--dataset", "../outside"], "outside the directories the server may read"),
+    (["fresh", "--dataset", "data/one"], "has 1 class folder(s) with images"),
+    (["fresh", "--dataset", "data/colour"], "has 3 channel(s) (RGB), but the dataset declares 1"),
+    (["fresh", "--torchvision", "NoSuchSet", "--root", "data/grey"], "'NoSuchSet' is not a torchvision.datasets class"),
+    (["fresh", "--torchvision", "MNIST"], "--torchvision needs --root"),
+    (["fresh", "--dataset", "mnist5k", "--max-train", "10"], "not to the built-in dataset"),
 ]
 
 
@@ -97,6 +111,56 @@ def test_form_bounds_match_taskspec(field: str, values: list):
         except UserError:
             form_ok = False
         assert form_ok == spec_ok, (field, value)
+
+
+def test_dataset_outside_the_project_is_read_only_from_listed_directories(project: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    """The policy: a root under the project, or under a directory in XBAR_DATA_DIRS; a symlink in the
+    project pointing elsewhere is judged by where it points."""
+    shared = image_folder(tmp_path / "shared" / "faces", ["a", "b"])
+    (project / "data" / "link").symlink_to(shared, target_is_directory=True)
+    params = project / "params.yaml"
+    for root in (str(shared), "data/link"):
+        with pytest.raises(UserError, match="outside the directories the server may read"):
+            plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": root}))
+    monkeypatch.setenv("XBAR_DATA_DIRS", os.pathsep.join(["/nonexistent", str(tmp_path / "shared")]))
+    for root in (str(shared), "data/link"):
+        plan = plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": root}))
+        assert plan.params.tasks["fresh"].dataset.root == root  # recorded as given
+
+
+def test_dataset_forms_are_recorded_in_full(project: Path):
+    """Each kind of dataset lands in params.yaml as the spec the stages read, the backbone's image size
+    and channels filled in where the form left them empty."""
+    params = project / "params.yaml"
+    backbone = load_params(params).source.dataset
+    folder = plan_new_task(params, NewTask.parse(name="fresh", dataset={"root": "data/grey", "max_train": 5}))
+    spec = folder.params.tasks["fresh"].dataset
+    assert (spec.source, spec.root, spec.max_train, spec.image_size, spec.channels) == (
+        "imagefolder", "data/grey", 5, backbone.image_size, backbone.channels)
+    assert folder.kept_comments and "      root: data/grey\n" in folder.new_text  # block style, nested
+    vision = plan_new_task(params, NewTask.parse(name="fresh", dataset={"name": "MNIST", "root": "data"}))
+    spec = vision.params.tasks["fresh"].dataset
+    assert (spec.source, spec.name, spec.root) == ("torchvision", "MNIST", "data")
+    assert plan_new_task(params, NewTask.parse(name="fresh", dataset="optdigits")).params.tasks[
+        "fresh"].dataset.source == "optdigits"
+    with pytest.raises(UserError, match="^dataset.image_size: Input should be greater than 0"):
+        NewTask.parse(name="fresh", dataset={"root": "data/grey", "image_size": 0})
+    with pytest.raises(UserError, match="^dataset: Input should be 'mnist5k'"):
+        NewTask.parse(name="fresh", dataset="cifar1000")
+    with pytest.raises(UserError, match="^dataset.name: String should match"):
+        NewTask.parse(name="fresh", dataset={"name": "cifar10", "root": "data"})
+
+
+def test_image_folder_from_the_form_is_learned_by_the_library(project: Path, monkeypatch: pytest.MonkeyPatch):
+    """What the form records is what xbar.data loads: the classes of the folder, at the backbone's size."""
+    from xbar.data import load_task_data
+
+    monkeypatch.chdir(project)
+    plan = plan_new_task(project / "params.yaml", NewTask.parse(name="fresh", dataset={"root": "data/grey"}))
+    data = load_task_data(plan.params.tasks["fresh"].dataset, seed=0)
+    x, _ = data.train[0]
+    assert data.num_classes == 2 and tuple(x.shape) == (1, 28, 28)
 
 
 # --- the append -------------------------------------------------------------------------------------------------
@@ -410,3 +474,61 @@ def test_a_continual_flow_closes_the_run_its_stages_made(project: Path, store):
     with pipeline_run(project, "continual", {}) as empty:  # nothing to learn: the flow makes the run itself
         pass
     assert len(store()) == 2 and empty.run_id not in (None, parent)
+
+
+# --- the served deployments' forms and the compare flow's tables -------------------------------------------------
+
+
+@pytest.mark.parametrize("flow_name", ["new_task", "compare"])
+def test_deployment_forms_are_typed(flow_name: str):
+    """Every parameter of a served flow reaches the UI with its type (an annotation Prefect cannot resolve,
+    e.g. a return type that is not a class, silently drops them all and the form becomes untyped JSON)."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.compare import compare
+    from flows.new_task import new_task
+
+    schema = parameter_schema({"new_task": new_task, "compare": compare}[flow_name]).model_dump()
+    untyped = [k for k, v in schema["properties"].items() if not {"type", "anyOf", "allOf", "$ref"} & set(v)]
+    assert not untyped, untyped
+
+
+def test_compare_form_refuses_bad_values():
+    from pydantic import TypeAdapter, ValidationError
+
+    from flows.compare import DaskAddress, Methods, Seeds
+
+    for kind, value in ((Methods, []), (Methods, ["magic"]), (Seeds, [-1]), (DaskAddress, "10.0.0.5:8786")):
+        with pytest.raises(ValidationError):
+            TypeAdapter(kind).validate_python(value)
+    assert TypeAdapter(DaskAddress).validate_python("tcp://10.0.0.5:8786") == "tcp://10.0.0.5:8786"
+
+
+def test_several_seeds_average_every_number_and_report_the_spread():
+    import polars as pl
+
+    from flows.compare import seed_mean, seeds_markdown
+    from test_compare import fake_result
+    from xbar.compare import accuracy_table, comparison_table
+
+    one, _ = comparison_table([fake_result("xma2@10", [80.0, 70.0], [[80.0], [80.0, 70.0]], 0.1)])
+    two, _ = comparison_table([fake_result("xma2@10", [90.0, 60.0], [[90.0], [90.0, 60.0]], 0.1)])
+    mean = seed_mean([one, two])
+    assert mean.columns == one.columns and mean.height == one.height
+    assert mean["accuracy_final"].to_list() == [85.0, 65.0]
+    assert accuracy_table(mean)["mean"].to_list() == [75.0]
+    text = seeds_markdown([one, two], [3, 7])
+    assert "| seed 3 | seed 7 | mean |" in text and "| xma2@10 | 75     | 75     | 75   | 0   |" in text
+    assert pl.concat([one, two]).height == 4
+
+
+def test_mlflow_link_points_at_the_ui(monkeypatch: pytest.MonkeyPatch):
+    from flows.compare import mlflow_run_url
+
+    monkeypatch.delenv("XBAR_MLFLOW_UI", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///x/mlflow.db")
+    assert mlflow_run_url("1", "abc") == "http://127.0.0.1:5000/#/experiments/1/runs/abc"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.org/")
+    assert mlflow_run_url("1", "abc") == "https://mlflow.example.org/#/experiments/1/runs/abc"
+    monkeypatch.setenv("XBAR_MLFLOW_UI", "http://tunnel:5001")
+    assert mlflow_run_url("2", "d") == "http://tunnel:5001/#/experiments/2/runs/d"
