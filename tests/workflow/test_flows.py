@@ -315,8 +315,8 @@ def test_repro_commands_are_argument_lists_with_this_interpreter():
 def test_pipeline_order_backbone_then_tasks_in_params_order():
     order = pipeline_order(ROOT / "dvc.yaml", ["b", "a"])
     assert order[:3] == ["pretrain", "quantize", "deploy_backbone"]
-    assert order[4:] == [f"{s}@b" for s in PER_TASK] + [f"{s}@a" for s in PER_TASK]
-    assert pipeline_order(ROOT / "dvc.yaml", []) == order[:4]
+    assert order[3:] == [f"{s}@b" for s in PER_TASK] + [f"{s}@a" for s in PER_TASK]
+    assert pipeline_order(ROOT / "dvc.yaml", []) == order[:3]
 
 
 def test_pipeline_order_runs_trailing_plain_stages_last(tmp_path: Path):
@@ -508,7 +508,7 @@ def test_several_seeds_average_every_number_and_report_the_spread():
     import polars as pl
 
     from flows.compare import seed_mean, seeds_markdown
-    from test_compare import fake_result
+    from library.test_compare import fake_result
     from xbar.compare import accuracy_table, comparison_table
 
     one, _ = comparison_table([fake_result("xma2@10", [80.0, 70.0], [[80.0], [80.0, 70.0]], 0.1)])
