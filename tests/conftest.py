@@ -39,3 +39,12 @@ def backbone() -> tuple:
     from tiny_backbone import tiny_backbone  # torch and the library: only for the tests that use it
 
     return tiny_backbone()
+
+
+@pytest.fixture(scope="session")
+def pretrained() -> tuple:
+    """(params, quant.pt contents, levels.pt contents) of a tiny backbone pretrained on optdigits
+    (tiny_backbone.pretrained_backbone): for tests that train a task and need it to converge."""
+    from tiny_backbone import pretrained_backbone
+
+    return pretrained_backbone()

@@ -33,7 +33,7 @@ class Frozen(BaseModel):
 
 
 PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a learning rate of inf or nan is refused
 # The one range of each method parameter; a number from elsewhere (a command-line option, a form)
 # is checked against the same type (`check_value`, flows.add_task).
 SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replaced by spare PEs (XMA2), in (0, 1]")]
@@ -78,7 +78,7 @@ class TrainParams(Frozen):
 
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 512
-    lr: PositiveFloat = 0.05  # SGD lr for weights (backbone, spare PEs, heads)
+    lr: PositiveFloat = 0.05  # SGD lr for a batch of batch_size: heads, BN, fine-tuned / spare-PE weights (a share)
     # Adam lr for column-mask logits: at 0.05 every mask stayed at 1 on the default benchmark.
     mask_lr: PositiveFloat = 0.5
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9

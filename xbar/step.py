@@ -54,7 +54,7 @@ class Backbone:
 def rank(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> tuple[pl.DataFrame, float]:
     """Tier 1: every backbone PE scored on one seeded mini-batch of the task; the top-P% `selected`.
     Returns (one row per PE, the batch's loss)."""
-    check_spec(spec, len(data.train))
+    check_spec(spec, len(data.train), data.num_classes)
     net = backbone_net(params, backbone.quant)
     deploy_cells(net, backbone.levels, crossbar_spec(params))
     images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
@@ -91,7 +91,7 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     Raises RuntimeError if the model rebuilt from the exported task.pt predicts differently from the
     trained one: a bug, never a task to write.
     """
-    check_spec(spec, len(data.train))
+    check_spec(spec, len(data.train), data.num_classes)
     method = get(spec.method)
     start = previous if method.continues_previous and previous and previous.get("method") == method.name else None
     began = time.perf_counter()

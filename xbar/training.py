@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xbar.errors import UserError
+
+GUARD_WINDOW = 8  # steps whose mean loss the divergence guard checks (all of a shorter run's)
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:
@@ -36,53 +39,139 @@ def progress() -> Progress:
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
 
 
-def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimizer], epochs: int,
-        batch_size: int, seed: int, desc: str, before_step: Callable[[], None] | None = None,
-        after_step: Callable[[], None] | None = None, train_mode: Callable[[nn.Module], None] | None = None) -> float:
-    """Cross-entropy training; returns the last epoch's mean loss.
+class BalancedBatches(Sampler[list[int]]):
+    """Every epoch a fresh seeded permutation, cut into ceil(n / batch_size) batches of nearly equal size.
 
-    Stops with a UserError (and leaves saving to the caller, so nothing is
-    written) as soon as the loss is NaN or infinite. `before_step` runs between
-    backward and the optimizer step (e.g. to zero frozen gradients), `after_step`
-    after it (e.g. an LR schedule). `train_mode` sets which submodules train
-    (e.g. frozen BN); default `model.train()`.
+    A plain loader's last batch can hold a single image: in training mode BN then normalizes with
+    that image's statistics alone (or fails where a feature map is 1x1), and the step weighs as much
+    as a full batch's. Here batch sizes differ by at most one, with the same number of steps per epoch.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        self.n, self.batches = n, math.ceil(n / batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = torch.randperm(self.n, generator=self.generator)
+        yield from (chunk.tolist() for chunk in perm.tensor_split(self.batches))
+
+
+def batch_images(n: int, batch_size: int) -> int:
+    """Images in the smallest training batch of `BalancedBatches` (n < batch_size: all n)."""
+    return n // max(1, math.ceil(n / batch_size))
+
+
+def optimizer_steps(n: int, epochs: int, batch_size: int, min_steps: int = 0) -> int:
+    """Optimizer steps of a run: `epochs` passes of ceil(n / batch_size) steps, and at least `min_steps`
+    (the data is then cycled for more passes); 0 without training images."""
+    return max(epochs * math.ceil(n / batch_size), min_steps) if n > 0 else 0
+
+
+def divergence_limit(start: float, num_classes: int) -> float:
+    """The loss above which a run has diverged: where it started plus log(num_classes).
+
+    log C is the cross-entropy of a uniform guess over C classes, i.e. of a model that knows
+    nothing. A run whose loss rose by more than that above its start has lost more than a
+    chance-level model knows: the steps are too large for where it started. (Healthy runs rise
+    far less: a noisy batch is averaged with its neighbours over the guard's window; the blow-ups
+    this guards against reached losses of tens to hundreds.)
+    """
+    return start + math.log(max(num_classes, 2))
+
+
+@torch.no_grad()
+def starting_loss(model: nn.Module, data: Dataset, batch_size: int, seed: int, batches: int,
+                  train_mode: Callable[[nn.Module], None] | None = None) -> float:
+    """Mean loss of the untrained model over `batches` seeded training batches, in training mode."""
+    (train_mode or nn.Module.train)(model)
+    sampler = BalancedBatches(len(data), batch_size, seed + 1)
+    losses = []
+    while len(losses) < batches:
+        for x, y in DataLoader(data, batch_sampler=sampler, num_workers=0):
+            losses.append(F.cross_entropy(model(as_input(x)), y).item())
+            if len(losses) == batches:
+                break
+    return sum(losses) / len(losses)
+
+
+def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimizer], epochs: int,
+        batch_size: int, seed: int, desc: str, after_step: Callable[[], None] | None = None,
+        train_mode: Callable[[nn.Module], None] | None = None, min_steps: int = 0,
+        hint: str = "lower the learning rate") -> float:
+    """Cross-entropy training; returns the mean loss over the last epoch's worth of steps.
+
+    Batches come from `BalancedBatches`, `optimizer_steps` of them (`min_steps`: cycle the data
+    for at least that many). `after_step` runs after each optimizer step (e.g. an lr schedule);
+    `train_mode` sets which submodules train (e.g. frozen BN), default `model.train()`.
+
+    The divergence guard stops the run with a one-line UserError that names `desc` and what to
+    change (`hint`), before the caller writes anything, when the loss is NaN or infinite, when
+    the mean loss of the last GUARD_WINDOW steps (a shorter run: of all its steps) exceeds
+    `divergence_limit` of the starting loss, or when a parameter is not finite after the last
+    step. The starting loss is measured, not assumed: the mean loss of the untrained model over
+    that many batches, in training mode (Gumbel-sampled masks and batch-statistics BN make it
+    higher than the eval loss: 1.1 against 0.05 for XMA2 on 12 images). The window lets a run
+    recover from a brief excursion (a Piggyback run on 160 images rose from 0.12 to 1.2 for one
+    step, then ended at 0.04).
     """
     optimizers = list(optimizers)
-    dl = loader(data, batch_size, shuffle=True, seed=seed)
-    mean = float("nan")
+    n = len(data)
+    total = optimizer_steps(n, epochs, batch_size, min_steps)
+    if total == 0:
+        raise UserError(f"{desc}: {epochs} epoch(s) over {n} training images at batch size {batch_size} make no "
+                        "optimizer step (the task needs training images); nothing was written")
+    sampler = BalancedBatches(n, batch_size, seed)
+    dl = DataLoader(data, batch_sampler=sampler, num_workers=0)
+    per_epoch = len(sampler)
+    window = min(total, GUARD_WINDOW)
+    recent: deque[float] = deque(maxlen=window)
+    last_epoch: deque[tuple[float, int]] = deque(maxlen=per_epoch)
+    start = starting_loss(model, data, batch_size, seed, window, train_mode)
+    step = 0
     with progress() as bar:
-        job = bar.add_task(desc, total=epochs * len(dl), loss=float("nan"))
-        for epoch in range(epochs):
+        job = bar.add_task(desc, total=total, loss=float("nan"))
+        while step < total:
             (train_mode or nn.Module.train)(model)
-            total, count = 0.0, 0
-            for step, (x, y) in enumerate(dl):
-                loss = F.cross_entropy(model(as_input(x)), y)
-                if not math.isfinite(loss.item()):
-                    raise UserError(f"{desc}: loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                    "(lower the learning rate); nothing was written")
+            for x, y in dl:
+                if step == total:
+                    break
+                logits = model(as_input(x))
+                loss = F.cross_entropy(logits, y)
+                value = loss.item()
+                where = f"epoch {step // per_epoch + 1}, step {step % per_epoch + 1}"
+                if not math.isfinite(value):
+                    raise UserError(f"{desc}: loss is {value} at {where} ({hint}); nothing was written")
+                recent.append(value)
+                mean = sum(recent) / len(recent)
+                limit = divergence_limit(start, logits.shape[1])
+                if len(recent) == window and mean > limit:
+                    raise UserError(f"{desc}: training diverged at {where}, the loss rose from {start:.3g} to "
+                                    f"{mean:.3g} (over start + log {logits.shape[1]} classes = {limit:.3g}; {hint}); "
+                                    "nothing was written")
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if before_step:
-                    before_step()
                 try:
                     for opt in optimizers:
                         opt.step()
                 except RuntimeError as err:  # e.g. lr 1e300: "value cannot be converted to type float without overflow"
                     if "overflow" not in str(err):
                         raise
-                    raise UserError(f"{desc}: the optimizer step overflowed at epoch {epoch + 1}, step {step + 1} "
-                                    "(lower the learning rate); nothing was written") from None
+                    raise UserError(f"{desc}: the optimizer step overflowed at {where} ({hint}); "
+                                    "nothing was written") from None
                 if after_step:
                     after_step()
-                total, count = total + loss.item() * len(y), count + len(y)
-                bar.update(job, advance=1, loss=total / count)
-            mean = total / count
+                step += 1
+                last_epoch.append((value * len(y), len(y)))
+                bar.update(job, advance=1, loss=mean)
     # the last step can still blow a parameter up after a finite loss: never export such a task
     if any(not bool(torch.isfinite(p).all()) for opt in optimizers for g in opt.param_groups for p in g["params"]):
-        raise UserError(f"{desc}: a trained parameter is NaN or infinite after the last step "
-                        "(lower the learning rate); nothing was written")
-    return mean
+        raise UserError(f"{desc}: a trained parameter is NaN or infinite after the last step ({hint}); "
+                        "nothing was written")
+    return sum(v for v, _ in last_epoch) / sum(c for _, c in last_epoch)
 
 
 @torch.no_grad()

@@ -5,10 +5,33 @@
 2. the head is fit in closed form (ridge regression on up to 4096 training
    images' features, `init_head`): SGD from a random head on raw pooled features
    is badly conditioned and cost every mask method tens of points;
-3. SGD (train.lr, cosine) on weights, head, BN, clips; Adam (the method's
-   `mask_lr`) on masks;
+3. SGD (train.lr) on weights, head, BN, clips; Adam (the method's `mask_lr`) on
+   masks; every lr warms up over the first tenth of the optimizer steps, then
+   follows a cosine to zero (`lr_factor`), at least MIN_STEPS steps;
 4. BN statistics are re-estimated once more with the deterministic (eval) masks:
-   during training the column masks are Gumbel samples, the deployed ones are not.
+   during training the column masks are Gumbel samples, the deployed ones are not;
+5. the divergence guard: the trained model's loss on the images the head was fit
+   on must not end above the closed-form head's (`check_converged`); `fit` stops
+   a run whose loss rises far above its start.
+
+What keeps it from diverging on any task size, epochs or backbone (measured on
+tasks of 100-200 images, where the first recipe ended at losses of 20 to 200):
+
+- the closed-form head's logit scale is the one that minimizes *label-smoothed*
+  cross-entropy. Plain cross-entropy is minimized by an infinite scale on any
+  training set the ridge head separates (small tasks: the search hit its bound
+  of 1000), and the gradient every trainable below the head gets grows with that
+  scale: SGD at train.lr then blew up. Label smoothing bounds the logit gap at
+  log(1 + (1 - eps) C / eps) (3 for 2 classes, 7 for 100) whatever the task;
+- warm-up, and a schedule counted in optimizer steps, not epochs;
+- 4-bit weights (fine-tuned, spare PEs) step at CELL_LR_SHARE of train.lr: a
+  weight changes the network only when it crosses half a quantization level
+  (scale / 2, 0.004 in the deep layers of the small ResNet); at the full lr,
+  10-20% of them flipped level in the first four steps of a small task;
+- lr in proportion to the batch (linear scaling) when the training set is
+  smaller than train.batch_size; batches of nearly equal size (`BalancedBatches`);
+- BN statistics from at least MIN_BN_IMAGES images: a smaller task keeps the
+  backbone's statistics, and BN runs on them during training.
 
 Per-task BN (a method's `bn_per_task`): a column mask changes a channel's
 partial sums, so the backbone's BN statistics no longer match; such a method
@@ -28,11 +51,19 @@ from torch import nn
 from xbar.methods.layers import TaskModel
 from xbar.methods.registry import get
 from xbar.params import TaskSpec, TrainParams
-from xbar.training import as_input, fit
+from xbar.errors import UserError
+from xbar.training import as_input, batch_images, fit, optimizer_steps
 
 WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
 HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
 RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches smaller than the feature width
+# label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
+HEAD_LABEL_SMOOTHING = 0.1
+WARMUP_SHARE = 0.1  # of the optimizer steps, lr rising linearly from lr / warm-up steps to lr
+MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is cycled)
+CELL_LR_SHARE = 0.2  # 4-bit weights' SGD lr, as a share of train.lr (module doc)
+MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
+CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
 
 
 def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,20 +79,43 @@ def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     return w.T.to(features.dtype), b.to(features.dtype)
 
 
+def head_images(n: int, seed: int) -> torch.Tensor:
+    """The seeded training images (up to HEAD_INIT_IMAGES) the head is fit on and the guard compares losses on."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+
+
 @torch.no_grad()
-def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> None:  # noqa: ANN001 (Dataset)
-    """Fit the head in closed form on the untrained task model's features (LP-FT's linear probe).
+def image_losses(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512) -> torch.Tensor:  # noqa: ANN001
+    """Cross-entropy of each image `idx` of `data` under the model in eval mode (as deployed)."""
+    net = model.net
+    was_training = net.training
+    net.eval()
+    out = []
+    for chunk in idx.split(batch_size):
+        x, y = zip(*(data[int(i)] for i in chunk))
+        out.append(F.cross_entropy(net(as_input(torch.stack(x))), torch.as_tensor(y, dtype=torch.int64),
+                                   reduction="none"))
+    net.train(was_training)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> torch.Tensor:  # noqa: ANN001 (Dataset)
+    """Fit the head in closed form on the untrained task model's features (LP-FT's linear probe);
+    returns each fit image's loss under the fitted head (`head_images` order).
 
     SGD from a random head on the backbone's raw pooled features (large common
     mean) is badly conditioned and leaves every method tens of points short;
     ridge regression of one-hot labels on up to HEAD_INIT_IMAGES seeded training
-    images, with the logit scale that minimizes cross-entropy, starts the head
-    where a linear probe ends. Same for every method, so the comparison is fair.
+    images starts the head where a linear probe ends. Its logit scale minimizes
+    label-smoothed cross-entropy (HEAD_LABEL_SMOOTHING), which stays finite where
+    the ridge head separates the training images (plain cross-entropy would ask
+    for an unbounded scale). Same for every method, so the comparison is fair.
     """
     net = model.net
     was_training = net.training
     net.eval()
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+    idx = head_images(len(data), seed)
     feats, labels = [], []
     for chunk in idx.split(batch_size):
         x, y = zip(*(data[int(i)] for i in chunk))
@@ -71,12 +125,15 @@ def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> None:
     w, b = ridge_head(f, y, net.head.out_features)
     logits = f @ w.T + b
     scales = torch.logspace(-1, 3, 41)
-    best = min(scales.tolist(), key=lambda s: float(F.cross_entropy(logits * s, y)))
+    best = min(scales.tolist(),
+               key=lambda s: float(F.cross_entropy(logits * s, y, label_smoothing=HEAD_LABEL_SMOOTHING)))
     net.head.weight.copy_(w * best)
     net.head.bias.copy_(b * best)
-    net.head.weight_quant.ready.fill_(False)  # clips start from the fitted weights / real features
+    net.head.weight_quant.ready.fill_(False)  # the 8-bit clips start from the fitted weights / eval features
     net.head.act_quant.ready.fill_(False)
+    losses = image_losses(model, data, idx, batch_size)
     net.train(was_training)
+    return losses
 
 
 def set_trainable(model: TaskModel) -> None:
@@ -132,7 +189,8 @@ def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> 
     During training the column masks are Gumbel samples, so the running
     statistics describe a noisy network; the deployed one has no noise. One
     pass over up to HEAD_INIT_IMAGES seeded training images with every mask in
-    eval mode and BN averaging (momentum None) fixes the mismatch.
+    eval mode and BN averaging (momentum None) fixes the mismatch. The caller
+    asks for it only with at least MIN_BN_IMAGES training images (`bn_statistics`).
     """
     net = model.net
     net.eval()
@@ -143,16 +201,26 @@ def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> 
         bn.momentum = None  # a cumulative average over the pass
         bn.train()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1))[:HEAD_INIT_IMAGES]
-    for chunk in idx.split(batch_size):
+    # chunks of nearly equal size: the cumulative average weighs every chunk alike (a last chunk of
+    # one image would count as much as a full one)
+    for chunk in idx.tensor_split(math.ceil(len(idx) / batch_size)):
         net(as_input(torch.stack([data[int(i)][0] for i in chunk])))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     net.eval()
 
 
-def train_mode(model: TaskModel):  # noqa: ANN201 (a callable for fit)
-    """Training mode, except the BN of a method without per-task BN, which keeps the backbone's statistics."""
-    frozen_bn = not get(model.method).bn_per_task
+def bn_statistics(model: TaskModel, n_train: int) -> bool:
+    """Whether the task estimates its own BN statistics: a method with per-task BN and at least
+    MIN_BN_IMAGES training images (else the backbone's statistics stay, see the module doc)."""
+    return get(model.method).bn_per_task and n_train >= MIN_BN_IMAGES
+
+
+def train_mode(model: TaskModel, batch: int | None = None):  # noqa: ANN201 (a callable for fit)
+    """Training mode, except BN's statistics where they stay fixed: a method without per-task BN
+    (the backbone's), or training batches of fewer than MIN_BN_IMAGES images (`batch`), whose
+    batch statistics would be too noisy; the BN affine still trains where the method trains it."""
+    frozen_bn = not get(model.method).bn_per_task or (batch is not None and batch < MIN_BN_IMAGES)
 
     def apply(net: nn.Module) -> None:
         net.train()
@@ -164,44 +232,124 @@ def train_mode(model: TaskModel):  # noqa: ANN201 (a callable for fit)
     return apply
 
 
-def optimizers(model: TaskModel, train: TrainParams) -> list[torch.optim.Optimizer]:
-    """SGD (lr, momentum) on weights, head, BN and clips; Adam on the real-valued masks
-    (the method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
+def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -> list[torch.optim.Optimizer]:
+    """SGD (momentum) on weights, head, BN and clips; `MaskAdam` on the real-valued masks (the
+    method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
 
-    (Adam on the head and BN was tried: it adapts the head too slowly to the
-    masked features, -1 to -4 points for xma / xma2.)
+    SGD's lr is train.lr for train.batch_size images per step, in proportion for a smaller
+    `batch` (linear scaling: a task smaller than the batch); 4-bit weights get CELL_LR_SHARE of it.
+    (Adam on the head and BN was tried: it adapts the head too slowly to the masked features,
+    -1 to -4 points for xma / xma2.)
     """
     g = parameter_groups(model)
     head_weight = model.net.head.weight
-    groups = [{"params": g.cells + [head_weight], "weight_decay": WEIGHT_DECAY},
+    lr = train.lr * min(1.0, (batch or train.batch_size) / train.batch_size)
+    groups = [{"params": [head_weight], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in g.head if p is not head_weight] + g.digital, "weight_decay": 0.0}]
+    if g.cells:
+        groups.append({"params": g.cells, "weight_decay": WEIGHT_DECAY, "lr": lr * CELL_LR_SHARE})
     opts: list[torch.optim.Optimizer] = [
-        torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, nesterov=train.momentum > 0)]
+        torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.momentum > 0)]
     if g.masks:
-        opts.append(torch.optim.Adam(g.masks, lr=get(model.method).mask_lr(train)))
+        opts.append(MaskAdam(g.masks, lr=get(model.method).mask_lr(train)))
     return opts
 
 
+class MaskAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one number per mask tensor (a layer's mask), not one per entry.
+
+    Per-entry Adam steps every entry whose gradient keeps its sign by the full lr, however small
+    that gradient: on a small task, whose batches repeat the same images, every such entry of a
+    mask then crosses its threshold on the same step (Piggyback's 1e-2 -> 5e-3 after 10 steps at
+    5e-4, a column logit's 2 -> 0 after 4 at 0.5), and the network collapses at once (measured:
+    the loss jumped from 0.05 to 80 on the step the masks flipped). With one second moment per
+    tensor, a tensor's entries still move by about lr (root mean square) per step, as with Adam,
+    but each in proportion to its gradient: the entries with the largest gradients flip first.
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12) -> None:  # noqa: ANN001
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["t"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros((), dtype=p.dtype)
+                state["t"] += 1
+                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
+                state["v"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
+                m_hat = state["m"] / (1 - beta1 ** state["t"])
+                v_hat = state["v"] / (1 - beta2 ** state["t"])
+                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+
+
+def lr_factor(step: int, steps: int) -> float:
+    """The lr multiplier at optimizer step `step` of `steps`: linear warm-up over the first
+    WARMUP_SHARE of the steps, times a cosine from 1 to 0 over all of them."""
+    warmup = max(1, math.ceil(WARMUP_SHARE * steps))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def check_task_data(n_train: int, num_classes: int, who: str) -> None:
+    """Bad input, as one line: a task needs at least one training image per class."""
+    if n_train < num_classes:
+        raise UserError(f"{who}: {n_train} training image(s) for {num_classes} classes (the task needs at least "
+                        "one per class: add images or raise max_train); nothing was written")
+
+
+def check_converged(before: torch.Tensor, after: torch.Tensor, who: str, hint: str) -> None:
+    """The divergence guard's end check: training must not end above the closed-form head's loss.
+
+    `before` / `after`: each head image's loss under the untrained head and the trained model.
+    The mean of their difference may exceed zero by CONVERGED_SE standard errors (the noise of
+    that mean over these images: Gumbel masks and BN re-estimation move it a little), no more.
+    """
+    diff = (after - before).double()
+    noise = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    if float(diff.mean()) > CONVERGED_SE * noise:
+        raise UserError(f"{who}: training ended at loss {float(after.mean()):.3g}, above the untrained closed-form "
+                        f"head's {float(before.mean()):.3g} on the same training images ({hint}); nothing was written")
+
+
 def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, desc: str) -> float:  # noqa: ANN001
-    """Fit the head in closed form, then train the method's trainables; returns the last epoch's mean loss."""
-    bn_per_task = get(model.method).bn_per_task
-    if bn_per_task:  # per-task BN starts from the task's own statistics
+    """Fit the head in closed form, then train the method's trainables; returns the trained model's
+    mean loss (eval mode, as deployed) on the images the head was fit on.
+
+    Raises a one-line UserError, before anything is written, for a task with fewer training images
+    than classes, and when the run diverges (`fit`'s guard, `check_converged`).
+    """
+    method = get(model.method)
+    n, classes = len(data), model.net.head.out_features
+    who = desc if method.name in desc else f"{desc} ({method.name})"
+    check_task_data(n, classes, who)
+    hint = (f"lower train.lr (now {train.lr:g})" + (" or the mask lr" if method.column_masks or method.element_masks
+                                                   else "") + ", or give the task more images")
+    own_bn = bn_statistics(model, n)
+    if own_bn:  # per-task BN starts from the task's own statistics
         recalibrate_bn(model, data, seed)
-    init_head(model, data, seed)
+    before = init_head(model, data, seed)
     noise = torch.Generator().manual_seed(seed)  # Gumbel noise of its own: no other training draws from it
     for layer in model.layers().values():
         if layer.column_mask is not None:
             layer.column_mask.generator = noise
-    opts = optimizers(model, train)
-    steps = spec.epochs * math.ceil(len(data) / train.batch_size)
-    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) for opt in opts]
+    batch = batch_images(n, train.batch_size)
+    opts = optimizers(model, train, batch)
+    steps = optimizer_steps(n, spec.epochs, train.batch_size, MIN_STEPS)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps)) for opt in opts]
 
     def after_step() -> None:
         for s in schedules:
             s.step()
 
-    loss = fit(model.net, data, opts, spec.epochs, train.batch_size, seed, desc,
-               after_step=after_step, train_mode=train_mode(model))
-    if bn_per_task:
+    fit(model.net, data, opts, spec.epochs, train.batch_size, seed, who, after_step=after_step,
+        train_mode=train_mode(model, batch), min_steps=MIN_STEPS, hint=hint)
+    if own_bn:
         recalibrate_bn(model, data, seed)
-    return loss
+    after = image_losses(model, data, head_images(n, seed))
+    check_converged(before, after, who, hint)
+    return float(after.mean())

@@ -1,0 +1,178 @@
+"""The training recipe holds beyond the default benchmark: the divergence guard, tiny tasks, bad input."""
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from project import ROOT
+from tiny_backbone import random_task
+from xbar.errors import UserError
+from xbar.methods import build_task_model, train_task
+from xbar.methods.recipe import HEAD_LABEL_SMOOTHING, MaskAdam, init_head
+from xbar.params import ParamsError, TaskSpec, parse_params
+from xbar.training import BalancedBatches, fit, seed_everything
+
+SPARE = [0, 3]
+
+
+def faces(n: int) -> TensorDataset:
+    """n of scikit-image's LFW crops, half faces (label 1), half not, resized to 28x28."""
+    from xbar.data import load_task_data
+    from xbar.params import DatasetSpec
+
+    train = load_task_data(DatasetSpec(source="lfw_faces"), 0).train
+    x, y = train.tensors
+    pick = torch.cat([torch.nonzero(y == c).flatten()[: n // 2] for c in (0, 1)])
+    return TensorDataset(x[pick], y[pick])
+
+
+def task_model(backbone, method: str, classes: int = 3, epochs: int = 1):
+    params, quant, levels = backbone
+    spec = TaskSpec(dataset="optdigits", method=method, epochs=epochs)
+    seed_everything(0, 1)
+    model = build_task_model(params, spec, quant, levels, classes, spare_pes=SPARE if method == "xma2" else None)
+    return model, spec
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    text = str(err.value)
+    assert "\n" not in text
+    return text
+
+
+def test_guard_stops_a_run_whose_loss_rises_far_above_its_start(backbone):
+    """An absurd (finite) learning rate: the guard stops the run with one line naming the task and the fix."""
+    params, _, _ = backbone
+    model, spec = task_model(backbone, "finetune_separate")
+    with pytest.raises(UserError) as err:
+        train_task(model, random_task(64), spec, params.train.model_copy(update={"lr": 1e4}), 0, "t1 (finetune_separate)")
+    text = one_line(err)
+    assert text.startswith("t1 (finetune_separate): ") and "lower train.lr (now 10000)" in text
+    assert "nothing was written" in text
+
+
+def test_fit_guard_on_a_rising_loss():
+    """fit alone (pretraining, QAT): a loss that climbs past start + log C stops the run."""
+    seed_everything(0, 1)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    data = TensorDataset(torch.randint(0, 255, (32, 1, 2, 2), dtype=torch.uint8), torch.tensor([0, 1] * 16))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    # gradient ascent: every step makes the loss worse, as a far too large lr does
+    ascent = lambda: [p.data.add_(p.grad, alpha=2.0) for p in net.parameters()]  # noqa: E731
+    opt.step = ascent
+    with pytest.raises(UserError) as err:
+        fit(net, data, [opt], 50, 8, 0, "pretrain")
+    assert "pretrain: training diverged" in one_line(err) and "log 2 classes" in str(err.value)
+
+
+def test_a_diverging_task_writes_nothing(tmp_path: Path, backbone):
+    """The stage process: exit code 2, one line on stderr, no task.pt, no metrics."""
+    params, quant, levels = backbone
+    raw = params.model_dump()
+    raw["train"]["lr"] = 1e4
+    raw["tasks"] = {"t": {"after": "backbone", "dataset": {"source": "optdigits", "max_train": 60},
+                          "method": "xma", "epochs": 1, "rank_batch_size": 16}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    (tmp_path / "artifacts" / "backbone").mkdir(parents=True)
+    torch.save(quant, tmp_path / "artifacts" / "backbone" / "quant.pt")
+    torch.save(levels, tmp_path / "artifacts" / "backbone" / "levels.pt")
+    done = subprocess.run([sys.executable, "-m", "stages.train_masks", "--task", "t"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+                          timeout=300)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: t (xma): ") and "train.lr" in lines[0]
+    written = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert written == {"params.yaml", "artifacts/backbone/quant.pt", "artifacts/backbone/levels.pt"}
+
+
+@pytest.mark.parametrize("method", ["xma2", "xma", "piggyback", "finetune_separate"])
+def test_a_task_smaller_than_a_batch_trains_in_one_epoch(pretrained, method):
+    """12 images (batch 128), 1 epoch: trains (at least MIN_STEPS steps) and ends at or below the head's loss."""
+    params = pretrained[0]
+    model, spec = task_model(pretrained, method, classes=2)
+    loss = train_task(model, faces(12), spec, params.train, 0, "tiny")  # the guard raises if it diverged
+    assert math.isfinite(loss) and loss < math.log(2)
+
+
+def test_the_head_logit_scale_is_bounded_on_a_separable_task(backbone):
+    """The root cause of the blow-ups: on a task the ridge head separates, plain cross-entropy asks for an
+    unbounded logit scale. Label smoothing bounds the gap between the top two logits near
+    log(1 + (1 - eps) C / eps), the gap that minimizes the label-smoothed loss."""
+    model, _ = task_model(backbone, "piggyback")
+    data = random_task(24, seed=1)  # 24 images, 8 features: separable
+    init_head(model, data, 0)
+    model.net.eval()
+    with torch.no_grad():
+        logits = model.net(torch.stack([x for x, _ in data]).float() / 255)
+    top2 = logits.topk(2, dim=1).values
+    gap = float((top2[:, 0] - top2[:, 1]).mean())
+    classes, eps = 3, HEAD_LABEL_SMOOTHING
+    assert gap < 2 * math.log(1 + (1 - eps) * classes / eps)  # 2 x 3.3; the unbounded search gave up to 1000x
+
+
+def test_mask_adam_moves_entries_in_proportion_to_their_gradients():
+    """Per-entry Adam moves every entry with a steady gradient by lr per step, so all of a mask's entries
+    reach a threshold on the same step; MaskAdam keeps their order (the largest gradient moves first)."""
+    grads = torch.tensor([1e-4, 1e-3, 1e-2])
+    moved = {}
+    for name, cls in (("adam", torch.optim.Adam), ("mask", MaskAdam)):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = cls([p], lr=0.1)
+        for _ in range(5):
+            p.grad = grads.clone()
+            opt.step()
+        moved[name] = -p.detach()
+    assert torch.allclose(moved["adam"], moved["adam"][0].expand(3), rtol=1e-3)  # lockstep
+    assert moved["mask"][0] < moved["mask"][1] < moved["mask"][2]
+    assert float(moved["mask"].pow(2).mean().sqrt()) == pytest.approx(0.5, rel=0.05)  # rms: lr per step
+
+
+def test_balanced_batches_never_leave_a_single_image():
+    sizes = [len(b) for b in BalancedBatches(129, 128, 0)]
+    assert sorted(sizes) == [64, 65]
+    assert sorted(i for b in BalancedBatches(129, 128, 0) for i in b) == list(range(129))
+
+
+# --- bad input: one line, nothing trained ----------------------------------------------------------
+
+
+def test_zero_optimizer_steps_are_refused():
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    empty = TensorDataset(torch.zeros(0, 1, 2, 2, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(UserError) as err:
+        fit(net, empty, [opt], 3, 128, 0, "t")
+    assert "make no optimizer step" in one_line(err)
+    data = TensorDataset(torch.zeros(8, 1, 2, 2, dtype=torch.uint8), torch.tensor([0, 1] * 4))
+    with pytest.raises(UserError) as err:
+        fit(net, data, [opt], 0, 128, 0, "t")
+    assert "0 epoch(s) over 8 training images" in one_line(err)
+
+
+def test_fewer_training_images_than_classes_are_refused(backbone):
+    params, _, _ = backbone
+    model, spec = task_model(backbone, "xma", classes=3)
+    data = random_task(2, classes=2)
+    with pytest.raises(UserError) as err:
+        train_task(model, data, spec, params.train, 0, "t")
+    assert "2 training image(s) for 3 classes" in one_line(err)
+
+
+@pytest.mark.parametrize("field", ["train.lr", "train.mask_lr", "quant.lr", "source.lr"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_learning_rate_that_is_not_finite_is_refused(field, value):
+    from project import tiny_params
+
+    raw = tiny_params()
+    section, key = field.split(".")
+    raw[section][key] = value
+    with pytest.raises(ParamsError) as err:
+        parse_params(raw, "params.yaml")
+    assert one_line(err).startswith(f"params.yaml: {field}: ") and "finite" in str(err.value)
