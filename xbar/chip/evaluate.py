@@ -98,13 +98,13 @@ def chip_mode(model, instance: ChipInstance, adc: AdcConfig,  # noqa: ANN001 (a 
                 instance.program_pe(p, spare=False)
     read_sigma = instance.device.read_sigma * instance.device.noise_scale * (2**spec.cell_bits - 1)
     chips = {}
-    for name, layer in layers.items():
-        levels, _, spare, rewritten = setup[name]
-        cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
-        chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
-                                layer.column_multipliers(), read_sigma, instance.read)
-        layer.forward = MethodType(_chip_forward(chips[name]), layer)
     try:
+        for name, layer in layers.items():
+            levels, _, spare, rewritten = setup[name]
+            cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
+            chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
+                                    layer.column_multipliers(), read_sigma, instance.read)
+            layer.forward = MethodType(_chip_forward(chips[name]), layer)
         yield chips
     finally:
         for layer in layers.values():
