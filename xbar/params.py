@@ -160,6 +160,8 @@ class ChipParams(Frozen):
     instances: PositiveInt = 5  # seeded chip instances: seed .. seed + instances - 1
     time_s: Annotated[float, Field(ge=0)] = 0.0  # seconds since programming (drift, relaxation)
     adc_range: Literal["full", "calibrated"] = "calibrated"
+    # calibrated range: this percentile of each bit slice's |partial sums| (100: the largest seen)
+    adc_clip_percentile: Annotated[float, Field(ge=50, le=100)] = 100.0
 
 
 class Params(Frozen):

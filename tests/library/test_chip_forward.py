@@ -141,6 +141,24 @@ def test_low_bit_adc_clips_and_rounds():
     assert not torch.allclose(saturated, ideal, atol=1.0)
 
 
+def test_calibration_sets_each_slice_range_to_a_percentile_of_its_partial_sums():
+    shape = (8, 8, 3, 3)  # 72 rows: one row tile
+    lm = layer_of(shape, 1, SPEC)
+    levels, g = random_case(shape, seed=3)
+    codes = codes_for(shape, 1, g, n=4)
+    cells = target_cells(levels, SPEC)[0].float()  # [8, 8, 3, 3, K]
+    psums = torch.stack([torch.stack([F.conv2d(((codes.long() >> j) & 1).float(), cells[..., s], None, 1, 1)
+                                      for j in range(ACT_BITS)]) for s in range(2)])  # [K, cycles, N, 8, H, W]
+    for pct in (100.0, 90.0):
+        chip, _ = chip_of(lm, levels, AdcConfig(5, "calibrated", clip_percentile=pct))
+        chip.start_calibration()
+        chip(codes, ACT_BITS, (1, 1, 1, 1))
+        chip.finish_calibration()
+        want = [float(torch.quantile(psums[s].flatten(), pct / 100, interpolation="higher")) for s in range(2)]
+        assert chip.clip.tolist() == want
+    assert want[1] < psums[1].max()  # the 90th percentile clips the largest sums
+
+
 def test_the_column_mask_acts_on_the_digitized_partial_sum():
     """At a coarse ADC, masking a column scales its digitized output exactly; scaling the weights instead
     (what the ideal mode does) would digitize different partial sums."""
@@ -272,10 +290,13 @@ def test_bad_device_input_is_one_line(name, overrides, words):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("bits", [0, 17, 2.5, True])
-def test_bad_adc_bits_is_one_line(bits):
-    with pytest.raises(UserError, match="adc_bits") as err:
-        AdcConfig(bits).check()
+@pytest.mark.parametrize(("adc", "words"), [(AdcConfig(0), "adc_bits"), (AdcConfig(17), "adc_bits"),
+                                             (AdcConfig(2.5), "adc_bits"), (AdcConfig(True), "adc_bits"),
+                                             (AdcConfig(5, "auto"), "adc_range"), (AdcConfig(5, signed="x"), "signed"),
+                                             (AdcConfig(5, clip_percentile=101), "percentile")])
+def test_bad_adc_settings_are_one_line(adc, words):
+    with pytest.raises(UserError, match=words) as err:
+        adc.check()
     assert "\n" not in str(err.value)
 
 

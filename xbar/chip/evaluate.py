@@ -98,13 +98,13 @@ def chip_mode(model, instance: ChipInstance, adc: AdcConfig,  # noqa: ANN001 (a 
                 instance.program_pe(p, spare=False)
     read_sigma = instance.device.read_sigma * instance.device.noise_scale * (2**spec.cell_bits - 1)
     chips = {}
-    for name, layer in layers.items():
-        levels, _, spare, rewritten = setup[name]
-        cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
-        chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
-                                layer.column_multipliers(), read_sigma, instance.read)
-        layer.forward = MethodType(_chip_forward(chips[name]), layer)
     try:
+        for name, layer in layers.items():
+            levels, _, spare, rewritten = setup[name]
+            cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
+            chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
+                                    layer.column_multipliers(), read_sigma, instance.read)
+            layer.forward = MethodType(_chip_forward(chips[name]), layer)
         yield chips
     finally:
         for layer in layers.values():
@@ -114,9 +114,9 @@ def chip_mode(model, instance: ChipInstance, adc: AdcConfig,  # noqa: ANN001 (a 
 @torch.no_grad()
 def calibrate_adcs(model, chips: dict[str, ChipLayer], images: torch.Tensor,  # noqa: ANN001
                    batch_size: int = 256) -> None:
-    """Set every calibrated ADC's range to the largest partial sum its slice sees on `images` (uint8)."""
+    """Set every calibrated ADC's range from the partial sums its slice sees on `images` (uint8)."""
     for chip in chips.values():
-        chip.calibrating, chip.seen = True, torch.zeros_like(chip.seen)
+        chip.start_calibration()
     model.net.eval()
     try:
         for i in range(0, len(images), batch_size):
@@ -183,7 +183,8 @@ def chip_settings(params, adc_bits: int | None = None, device: str | None = None
     given = params.chip.overrides if overrides is None else {**params.chip.overrides, **overrides}
     preset = resolve_device(params.chip.device if device is None else device, given)
     bits = params.crossbar.adc_bits if adc_bits is None else adc_bits
-    return preset, AdcConfig(bits, adc_range or params.chip.adc_range, signed or params.crossbar.signed).check()
+    return preset, AdcConfig(bits, adc_range or params.chip.adc_range, signed or params.crossbar.signed,
+                             params.chip.adc_clip_percentile).check()
 
 
 def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, device: DevicePreset,  # noqa: ANN001

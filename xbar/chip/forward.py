@@ -18,11 +18,11 @@ column multiplier) in floating point. The chip computes, per output position:
    finer step would only add fractional digits). R, the ADC's range:
    * `full`: the full scale of the column, rows in the tile x top cell level
      (data-independent, no clipping: a 5-bit ADC then steps 216 / 31 ~ 7 levels);
-   * `calibrated`: the largest partial sum each bit slice of the layer saw on a
-     calibration batch (NeuroSim's inference wrapper scales its ADC to the
+   * `calibrated`: the largest partial sum each bit slice of the layer saw on
+     calibration images (NeuroSim's inference wrapper scales its ADC to the
      min..max of the partial sums of every batch -- `LinearQuantizeOut`; here
-     the range is fixed once, on calibration images, as a chip would), larger
-     sums saturate.
+     the range is fixed once, on calibration images, as a chip would), or the
+     `clip_percentile`-th percentile of them; larger sums saturate.
 4. **Shift-add.** value x 2**j (cycle) x B**(K-1-k) (slice, B = 2**cell_bits),
    summed per column; the column mask multiplies this digitized sum (the
    shift-adder's shift, or 0 / 1), as the paper's Figure 3 places it.
@@ -69,10 +69,14 @@ class AdcConfig:
     bits: int = 5
     range: str = "calibrated"
     signed: str = "offset"
+    clip_percentile: float = 100.0  # calibrated range: this percentile of |partial sums| (100: the largest)
 
     def check(self) -> AdcConfig:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
             raise UserError(f"adc_bits: expected an integer in 1..16, got {self.bits!r}")
+        if isinstance(self.clip_percentile, bool) or not isinstance(self.clip_percentile, int | float) \
+                or not 50 <= self.clip_percentile <= 100:
+            raise UserError(f"adc_clip_percentile: expected a percentile in 50..100, got {self.clip_percentile!r}")
         if self.range not in ADC_RANGES:
             raise UserError(f"adc_range: {self.range!r} is not an ADC range (one of {', '.join(ADC_RANGES)})")
         check_scheme(self.signed)
@@ -139,7 +143,8 @@ class ChipLayer:
         top = self.base - 1
         self.full_scale = plan.rows * top  # [T]
         self.clip: torch.Tensor | None = None  # calibrated range per slice [K]
-        self.seen = torch.zeros(self.k)  # largest |partial sum| per slice while calibrating
+        self.bins = int(self.full_scale.max()) + 1
+        self.seen = torch.zeros(self.k, self.bins, dtype=torch.int64)  # |partial sum| histogram per slice
         self.calibrating = False
 
     def _conv_weight(self, g: torch.Tensor) -> torch.Tensor:
@@ -164,9 +169,14 @@ class ChipLayer:
             r = self.full_scale.view(-1, 1).expand(-1, self.k)
         return (r / max(top, 1)).clamp_min(1.0).view(self.plan.tiles, 1, self.k, 1, 1)
 
+    def start_calibration(self) -> None:
+        self.calibrating, self.seen = True, torch.zeros_like(self.seen)
+
     def finish_calibration(self) -> None:
+        """The range of each slice's ADC: the clip_percentile-th percentile of the |partial sums| seen."""
         self.calibrating = False
-        self.clip = self.seen.clamp_min(1.0)
+        cdf = self.seen.cumsum(1).double() / self.seen.sum(1, keepdim=True).clamp_min(1)
+        self.clip = (cdf < self.adc.clip_percentile / 100 - 1e-12).sum(1).float().clamp_min(1.0)
 
     def __call__(self, codes: torch.Tensor, act_bits: int, conv_args: tuple | None) -> torch.Tensor:
         """Integer-domain output sum_t m_t * sum_rows w * code, [N, Cout, (Ho, Wo)], for input codes."""
@@ -210,8 +220,10 @@ class ChipLayer:
             if self.read_sigma:
                 noise = torch.randn(psum.shape, generator=self.generator)
                 psum.add_(noise.mul_((self.read_sigma * (self.arrays * pop).sqrt()).unsqueeze(3)))
-            if self.calibrating:
-                self.seen = torch.maximum(self.seen, psum.abs().amax((0, 1, 2, 4, 5)))
+            if self.calibrating:  # a histogram of the rounded |partial sums| of each slice
+                seen = psum.abs().round().clamp_max(self.bins - 1).long()
+                for s in range(k):
+                    self.seen[s] += torch.bincount(seen[:, :, :, s].flatten(), minlength=self.bins)
             elif not exact:  # the ADC: codes
                 psum.div_(step).round_().clamp_(lowest, top)
             if acc is None:
