@@ -1,4 +1,4 @@
-"""Piggyback (Mallya et al., 2018): a binary mask per weight on every mapped layer, the backbone's BN frozen."""
+"""Piggyback (Mallya et al., 2018): a binary mask per weight on every mapped layer."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ MASK_LR = 5e-4
 
 class Piggyback(Method):
     name = "piggyback"
-    trains = "element-wise binary mask on every mapped layer, head (BN frozen: the backbone's)"
+    trains = "element-wise binary mask on every mapped layer, head (BN: train.bn)"
     element_masks = True
-    bn_per_task = False
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
         for layer in model.layers().values():

@@ -50,7 +50,7 @@ def build_task_model(params: Params, spec: TaskSpec, quant: dict, levels: dict, 
     mapping = deploy_cells(net, levels, crossbar_spec(params))
     if body is not None:
         net.load_state_dict(body, strict=False)
-    model = TaskModel(net, method.name, mapping)
+    model = TaskModel(net, method.name, mapping, bn=params.bn_rule(spec))
     if method.spare_pes:
         if spare_pes is None:
             raise ValueError(f"{method.name} needs the ranked spare PEs")
@@ -82,6 +82,7 @@ def export_task(model: TaskModel, num_classes: int, channels: int, dataset_diges
     layers = model.layers()
     task = {
         "method": model.method,
+        "bn": model.bn,
         "levels": {n: l.task_levels().to(torch.int8).contiguous() for n, l in layers.items()},
         "scales": {n: l.scale.detach().clone() for n, l in layers.items()},
         "spare_pes": model.spare_pes.clone(),
@@ -114,7 +115,7 @@ def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
     cells = {k: {"levels": task["levels"][k], "scale": task["scales"][k]} for k in task["levels"]}
     mapping = deploy_cells(net, cells, crossbar_spec(params))
     spare_pes = task["spare_pes"].to(torch.int64)
-    model = TaskModel(net, method, mapping, spare_pes)
+    model = TaskModel(net, method, mapping, spare_pes, bn=task["bn"])
     for name, layer in model.layers().items():
         if keeps_backbone:
             _check_backbone_cells(name, layer, levels, spare_pes)
