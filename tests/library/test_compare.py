@@ -30,6 +30,24 @@ def test_configurations_one_per_method_and_xma2_per_ratio():
             configurations(methods, ratios)
 
 
+def test_the_bn_ablation_runs_every_mask_method_once_more():
+    """--bn-ablation per_task: each configuration whose method can use the rule again, with it; a fine-tune
+    (its BN is always its own) once. The ablation's tasks learn with that rule, the others with train.bn."""
+    from project import tiny_params
+
+    params = parse_params(tiny_params({"digits": {"method": "xma", "bn": "per_task"}, "faces": {"dataset": "lfw_faces"}}))
+    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task")
+    assert [c.label for c in configs] == ["finetune_separate", "xma2@10", "piggyback", "xma2@10+bn_per_task",
+                                          "piggyback+bn_per_task"]
+    rules = {c.label: {params_bn(configuration_params(params, c), t) for t in params.tasks} for c in configs}
+    assert rules == {"finetune_separate": {"per_task"}, "xma2@10": {"frozen"}, "piggyback": {"frozen"},
+                     "xma2@10+bn_per_task": {"per_task"}, "piggyback+bn_per_task": {"per_task"}}
+
+
+def params_bn(params, task: str) -> str:
+    return params.bn_rule(params.tasks[task])
+
+
 def test_configuration_params_set_every_task_and_refuse_a_ratio_beyond_the_chip():
     from project import tiny_params
 

@@ -13,7 +13,7 @@ import torch
 
 from xbar.crossbar import Mapping
 from xbar.errors import UserError
-from xbar.memory import column_mask_bytes
+from xbar.memory import TaskStorage, column_mask_bytes, task_storage
 from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar_spec, deploy_cells, new_head, quantized_net
 from xbar.methods.recipe import set_trainable
 from xbar.methods.registry import get, names
@@ -177,7 +177,13 @@ def layer_mask_levels(task: dict, mapping: Mapping) -> dict[str, torch.Tensor]:
 
 
 def mask_report(task: dict, mapping: Mapping) -> dict:
-    """Mask level histogram and mask memory (bytes) of a task.pt.
+    """Mask level histogram, mask memory and all-in storage (bytes: `stored_bytes`) of a task.pt."""
+    return _masks(task, mapping) | {"bn": task["bn"], "task_bytes": stored_bytes(task, mapping).total,
+                                    "task_bytes_unpacked": stored_bytes(task, mapping, packed=False).total}
+
+
+def _masks(task: dict, mapping: Mapping) -> dict:
+    """Mask level histogram and mask memory (bytes) of a task.pt (`mask_report`).
 
     Column masks count the columns of frozen PEs only (a spare PE's columns
     carry no mask): K = len(mask_values) values per column, unpacked =
@@ -198,3 +204,14 @@ def mask_report(task: dict, mapping: Mapping) -> dict:
                 "mask_bytes_unpacked": column_mask_bytes(total, 2, packed=False),
                 "mask_bytes_packed": column_mask_bytes(total, 2, packed=False)}  # 1 bit a weight: nothing to pack
     return {"mask_histogram": {}, "masked_units": 0, "mask_bytes_unpacked": 0, "mask_bytes_packed": 0}
+
+
+def stored_bytes(task: dict, mapping: Mapping, packed: bool = True) -> TaskStorage:
+    """A learned task's all-in storage (xbar.memory.task_storage) from its task.pt: its masks, spare PEs,
+    BN rule, head and BN channels."""
+    state = task["model_state"]
+    head = sum(v.numel() for k, v in state.items() if k in ("head.weight", "head.bias"))
+    bn = sum(2 * v.numel() for k, v in state.items() if k.endswith(".running_mean"))  # folded scale + shift
+    shift_levels = len(task["mask_values"]) - 2 if task["column_masks"] else 0
+    return task_storage(task["method"], mapping, shift_levels=shift_levels, spare_pes=task["spare_pes"],
+                        bn_rule=task["bn"], head_params=head, bn_params=bn, packed=packed)
