@@ -153,7 +153,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
 
         # the chip: program this task, then switch to every earlier task (its evaluation) and back
         programming = learn_on_chip(chip, layout, learned, backbone.cells, preset)
-        now = step.evaluate(run, learned, backbone.levels, loaded)
+        now = step.evaluate_chip(run, chip, layout, learned, backbone, loaded, preset)
         matrix += [{"label": config.label, "after": name, "task": t, "accuracy": a} for t, a in now.items()]
 
         inference_j = step.inference(run, mapping, task, spec.dataset.image_size, preset).energy.per_image_j \

@@ -68,6 +68,7 @@ class Chip:
     backbone_key: str = BACKBONE  # which image the backbone PEs hold
     serving: str | None = None  # the task the chip is set up for
     masks: str | None = None  # whose column masks sit in the mask buffers
+    buffer: dict[str, torch.Tensor] = field(default_factory=dict)  # their codes by layer (not saved: reloaded)
     history: list[dict] = field(default_factory=list)  # one summary per programming event
 
     def endurance(self) -> dict:
@@ -201,7 +202,7 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
     mask_bits = 0
     if image.mask_bits and chip.masks != image.task:
         mask_bits = image.mask_bits
-        chip.masks = image.task
+        chip.masks, chip.buffer = image.task, dict(image.masks)
     chip.serving = image.task
 
     table = pl.DataFrame(rows, schema=ROW_SCHEMA)
@@ -345,6 +346,7 @@ def load_chip(path: Path, layout: ChipLayout, backbone_levels: dict[str, torch.T
             raise UserError(f"{tensors}: unreadable deployment tensors ({type(err).__name__}); "
                             "re-run program_spares") from None
     chip.slots = list(meta["slots"])
-    chip.backbone_key, chip.serving, chip.masks = meta["backbone_image"], meta["serving"], meta["masks_in_buffer"]
+    # the mask buffers' contents are not saved: the next task to run loads its masks (a new task does anyway)
+    chip.backbone_key, chip.serving, chip.masks = meta["backbone_image"], meta["serving"], None
     chip.history = list(meta.get("history", []))
     return chip

@@ -42,4 +42,15 @@ class Piggyback(Method):
                       for layer, w in backbone.items()}
 
 
+    def from_chip(self, task: dict, read: dict, backbone: dict) -> dict:
+        """A masked-out weight reads as the zero weight's level: the mask is where the cells read 0 and the
+        backbone's do not (where the backbone's weight is 0 the mask changes nothing). Cells that read
+        neither the backbone's level nor 0 stay as read: the backbone check then refuses them."""
+        import torch
+
+        levels = {k: torch.where(v == 0, backbone[k].to(v.dtype), v) for k, v in read.items()}
+        masks = {k: (read[k] != 0) | (backbone[k] == 0) for k in task["element_masks"]}
+        return task | {"levels": levels, "element_masks": masks}
+
+
 register(Piggyback())

@@ -19,7 +19,8 @@ Hooks with a default here: `attach` (its trainables on a fresh task model),
 `mask_lr`, `export_masks` (task.pt's mask entries), `chip_view` (which
 weights a learned task runs on once later tasks exist), `backbone_image`
 (what the backbone PEs must hold to run a task: the chip programs it), and
-`mask_shift_levels`. A task's spare PEs and column masks reach the chip from
+`mask_shift_levels`, and `from_chip` (a task decoded from the cells its
+image put on the chip: what the no-forgetting gate evaluates). A task's spare PEs and column masks reach the chip from
 its task.pt alone (xbar.chip.image), whatever the method.
 
 Plugins: a module named in params.yaml's `plugins:` list is imported before
@@ -93,6 +94,11 @@ class Method:
         task of `tasks` is learned; None: the backbone's own levels (`backbone`), never rewritten.
         Two tasks with the same key share the image: switching between them writes nothing."""
         return None if self.keeps_backbone else (name, tasks[name]["levels"])
+
+    def from_chip(self, task: dict, read: dict, backbone: dict) -> dict:
+        """Task.pt `task` with what the chip holds for it: `read` (weight levels by layer decoded from its
+        cells, xbar.chip.readback) in place of what `backbone_image` and its spare PEs put there."""
+        return task | {"levels": read}
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"
