@@ -51,7 +51,7 @@ from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_t
                           run_configuration)
 from xbar.errors import UserError
 from xbar.methods import names as method_names
-from xbar.params import Params, SpareRatio, load_params
+from xbar.params import Params, ShiftLevels, SpareRatio, load_params
 from xbar.plots import accuracy_vs_ratio, energy_by_method, png
 from xbar.step import Backbone
 
@@ -70,6 +70,8 @@ DaskAddress = Annotated[str | None, Field(pattern=r"^(tcp|tls|ucx|inproc)://\S+$
     "A running Dask scheduler to fan out over, e.g. tcp://10.0.0.5:8786; empty: threads of the served process"))]
 BnAblation = Annotated[Literal["frozen", "per_task"] | None, Field(
     description="Also run every mask method with this BN rule (the ablation); empty: only params.yaml's train.bn")]
+ShiftSweep = Annotated[list[ShiftLevels] | None, Field(
+    description="The paper's Table 2: run XMA and XMA2 once per number of shift levels N (0..3); empty: each task's own")]
 Workers = Annotated[int | None, Field(gt=0, description="Configurations at once on threads "
                                                          "(default: CPU cores / train.threads)")]
 
@@ -93,12 +95,13 @@ def task_runner(dask: bool = False, dask_address: str | None = None, workers: in
 
 
 def plan_comparison(root: Path, methods: list[str] | None = None, ratios: list[float] | None = None,
-                    bn_ablation: str | None = None) -> tuple[Params, list[Configuration]]:
+                    bn_ablation: str | None = None,
+                    shift_levels: list[int] | None = None) -> tuple[Params, list[Configuration]]:
     """params.yaml and the configurations, every one validated, and the backbone present; else UserError."""
     params = load_params(root / "params.yaml")
     if bn_ablation == params.train.bn:
         bn_ablation = None  # the ablation is the other rule; the same one adds nothing
-    configs = configurations(methods or None, RATIOS if ratios is None else ratios, bn_ablation)
+    configs = configurations(methods or None, RATIOS if ratios is None else ratios, bn_ablation, shift_levels or ())
     for config in configs:
         configuration_params(params, config)  # e.g. an XMA2 ratio above crossbar.spare_pe_ratio
     for name in ("quant.pt", "levels.pt"):
@@ -192,14 +195,15 @@ def mlflow_run_url(experiment_id: str, run_id: str) -> str:
 # `compare` picks the runner; this default (threads, train.threads' default of 2 each) serves a plain call
 @flow(name="configurations", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
 def learn_configurations(methods: list[str] | None = None, ratios: list[float] | None = None,
-                         seeds: list[int] | None = None, bn_ablation: str | None = None) -> dict[str, Any]:
+                         seeds: list[int] | None = None, bn_ablation: str | None = None,
+                         shift_levels: list[int] | None = None) -> dict[str, Any]:
     """Every method on every task of params.yaml, one Prefect task per configuration (and seed)."""
     root = Path.cwd()
     logger = get_run_logger()
     # params.yaml and the two backbone files are read as one consistent set: under the workspace lock, so no
     # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
-        params, configs = plan_comparison(root, methods, ratios, bn_ablation)
+        params, configs = plan_comparison(root, methods, ratios, bn_ablation, shift_levels)
         backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
     seeds = list(dict.fromkeys(seeds or [params.seed]))
     labels = [c.label for c in configs]
@@ -222,6 +226,7 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
                                   "seeds": ",".join(map(str, seeds)), "model": params.model.name,
                                   "preset": params.energy.preset, "bn": params.train.bn,
                                   "bn_ablation": bn_ablation or "",
+                                  "shift_levels": ",".join(map(str, shift_levels or [])),
                                   **{f"epochs.{n}": s.epochs for n, s in params.tasks.items()}},
                   metrics=comparison_metrics(table))
             for path in files:
@@ -237,7 +242,8 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
 @flow(name="compare", validate_parameters=True)
 def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIOS), seeds: Seeds = None,  # noqa: B006
             dask_address: DaskAddress = None, workers: Workers = None,
-            dask: bool = False, bn_ablation: BnAblation = None) -> dict[str, Any] | State:
+            dask: bool = False, bn_ablation: BnAblation = None,
+            shift_levels: ShiftSweep = None) -> dict[str, Any] | State:
     """Compare the methods on every task of params.yaml (the paper's Tables 2-3); needs the backbone.
 
     Args:
@@ -248,14 +254,16 @@ def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIO
         workers: Configurations at once on threads (or local Dask workers).
         dask: Start a local Dask cluster of `workers` processes (when no address is given).
         bn_ablation: Also run every mask method with this BN rule (frozen or per_task).
+        shift_levels: Run XMA and XMA2 once per number of shift levels N (the paper's Table 2).
     """
     try:
-        params, _ = plan_comparison(Path.cwd(), methods, ratios, bn_ablation)
+        params, _ = plan_comparison(Path.cwd(), methods, ratios, bn_ablation, shift_levels)
     except UserError as err:  # the run's state is the one line, its log has no traceback
         return Failed(message=str(err))
     runner = task_runner(dask, dask_address, workers or default_workers(params.train.threads))
     result = learn_configurations.with_options(task_runner=runner)(methods=methods, ratios=ratios, seeds=seeds,
-                                                                         bn_ablation=bn_ablation)
+                                                                         bn_ablation=bn_ablation,
+                                                                         shift_levels=shift_levels)
     publish(result)
     return {k: v for k, v in result.items() if k != "markdown"}
 
@@ -274,10 +282,12 @@ def publish(result: dict[str, Any]) -> None:
 
 def run_comparison(methods: list[str] | None = None, ratios: list[float] | None = None, dask: bool = False,
                    dask_address: str | None = None, workers: int | None = None,
-                   seeds: list[int] | None = None, bn_ablation: str | None = None) -> dict[str, Any]:
+                   seeds: list[int] | None = None, bn_ablation: str | None = None,
+                   shift_levels: list[int] | None = None) -> dict[str, Any]:
     """The `compare` flow in this process (what `xbar compare` runs)."""
     return compare(methods=methods or list(method_names()), ratios=list(RATIOS) if ratios is None else ratios,
-                   seeds=seeds, dask_address=dask_address, workers=workers, dask=dask, bn_ablation=bn_ablation)
+                   seeds=seeds, dask_address=dask_address, workers=workers, dask=dask, bn_ablation=bn_ablation,
+                   shift_levels=shift_levels)
 
 
 if __name__ == "__main__":

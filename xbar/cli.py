@@ -389,6 +389,8 @@ def compare(
                                            "configuration runs once per seed (default: params.yaml's seed)."),
     bn_ablation: str | None = typer.Option(None, "--bn-ablation", help="Also run every mask method with this BN "
                                            "rule (frozen or per_task), next to params.yaml's train.bn."),
+    shift_levels: list[str] | None = typer.Option(None, "--shift-levels", help="The paper's Table 2: XMA and XMA2 "
+                                                  "once per number of shift levels N, e.g. 0,1,2,3."),
 ) -> None:
     """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
     per configuration (and seed); writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
@@ -411,14 +413,18 @@ def compare(
         from xbar.params import BnRule, check_value
 
         check_value(BnRule, bn_ablation, "--bn-ablation")
-    plan_comparison(Path.cwd(), names, shares, bn_ablation)  # refuse bad input here, before Prefect starts
+    try:
+        levels = None if shift_levels is None else [int(n) for n in _list_option(shift_levels) or []]
+    except ValueError:
+        raise UserError(f"--shift-levels: expected whole numbers 0..3, got {' '.join(shift_levels)!r}") from None
+    plan_comparison(Path.cwd(), names, shares, bn_ablation, levels)  # refuse bad input here, before Prefect starts
 
     from prefect.exceptions import FailedRun
 
     from flows.compare import run_comparison
 
     try:
-        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation)
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels)
     except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
         raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]

@@ -44,6 +44,18 @@ def test_the_bn_ablation_runs_every_mask_method_once_more():
                      "xma2@10+bn_per_task": {"per_task"}, "piggyback+bn_per_task": {"per_task"}}
 
 
+def test_the_shift_level_sweep_runs_xma_and_xma2_once_per_n():
+    """The paper's Table 2: XMA and XMA2 (at each P) once per N; XBM's mask is binary (N = 0) whatever the sweep."""
+    from project import tiny_params
+
+    configs = configurations(["xbm", "xma", "xma2"], [0.1], shift_levels=[0, 3])
+    assert [c.label for c in configs] == ["xbm", "xma/N0", "xma/N3", "xma2@10/N0", "xma2@10/N3"]
+    params = parse_params(tiny_params({"digits": {"method": "xma"}}))
+    assert {s.shift_levels for s in configuration_params(params, configs[1]).tasks.values()} == {0}
+    with pytest.raises(UserError, match="shift_levels: .*less than or equal to 3"):
+        configurations(["xma"], [], shift_levels=[4])
+
+
 def params_bn(params, task: str) -> str:
     return params.bn_rule(params.tasks[task])
 
