@@ -18,7 +18,7 @@ def run(params: Params, task: str) -> None:
     spec = params.tasks[task]
     seed_everything(params.seed, params.train.threads)
     data = load_task_data(spec.dataset, params.seed)
-    check_spec(spec, len(data.train))  # before reading the backbone: a user's mistake comes first
+    check_spec(spec, len(data.train), data.num_classes)  # before reading the backbone: a user's mistake comes first
     backbone = step.Backbone(load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt"))
     start = time.perf_counter()
     table, loss = step.rank(params, spec, backbone, data)

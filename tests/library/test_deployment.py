@@ -224,7 +224,8 @@ def test_save_load_roundtrip_and_mismatch(tmp_path, small):
     (tmp_path / "deployment.json").write_text(json.dumps(meta))
     again = load_chip(tmp_path / "deployment.json", layout, levels)
     assert torch.equal(again.levels, chip.levels) and torch.equal(again.writes, chip.writes)
-    assert again.slots == chip.slots and again.serving == "t1" and again.masks == "t1"
+    assert again.slots == chip.slots and again.serving == "t1" and meta["masks_in_buffer"] == "t1"
+    assert again.masks is None and not again.buffer  # the buffers' contents are not saved: reloaded on use
     other = ChipLayout(map_layers([("a", "conv", (36, 8, 3, 3), 1), ("b", "conv", (72, 72, 1, 1), 1),
                                    ("c", "conv", (36, 16, 3, 3), 1)], CrossbarSpec(rows=36)))
     with pytest.raises(UserError, match="another crossbar mapping"):

@@ -118,7 +118,7 @@ def test_piggyback_exports_element_masks(backbone):
 
 def test_spec_checks_and_spare_count():
     with pytest.raises(UserError, match="larger than the task's training set"):
-        check_spec(TaskSpec(dataset="optdigits", rank_batch_size=100), n_train=99)
+        check_spec(TaskSpec(dataset="optdigits", rank_batch_size=100), n_train=99, num_classes=10)
     # the ranges are params' to check, once: a TaskSpec cannot hold them
     for bad in (dict(shift_levels=4), dict(spare_ratio=0.0), dict(spare_ratio=1.5), dict(method="dropout")):
         with pytest.raises(ValueError):

@@ -25,10 +25,13 @@ tasks of 100-200 images, where the first recipe ended at losses of 20 to 200):
   scale: SGD at train.lr then blew up. Label smoothing bounds the logit gap at
   log(1 + (1 - eps) C / eps) (3 for 2 classes, 7 for 100) whatever the task;
 - warm-up, and a schedule counted in optimizer steps, not epochs;
-- 4-bit weights (fine-tuned, spare PEs) step at CELL_LR_SHARE of train.lr: a
-  weight changes the network only when it crosses half a quantization level
-  (scale / 2, 0.004 in the deep layers of the small ResNet); at the full lr,
-  10-20% of them flipped level in the first four steps of a small task;
+- 4-bit weights (fine-tuned, spare PEs) train with Adam at CELL_STEP_LEVELS of
+  their layer's quantization step per optimizer step: a weight changes the
+  network only when it crosses half a level, whatever the layer's scale or the
+  size of its gradient. SGD at train.lr flipped 10-20% of them in the first
+  four steps of a small task, and under frozen BN (no batch statistics to
+  renormalize a spare PE's output) it diverged on the default benchmark's
+  first task;
 - lr in proportion to the batch (linear scaling) when the training set is
   smaller than train.batch_size; batches of nearly equal size (`BalancedBatches`);
 - BN statistics from at least MIN_BN_IMAGES images: a smaller task keeps the
@@ -64,7 +67,7 @@ RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches small
 HEAD_LABEL_SMOOTHING = 0.1
 WARMUP_SHARE = 0.1  # of the optimizer steps, lr rising linearly from lr / warm-up steps to lr
 MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is cycled)
-CELL_LR_SHARE = 0.2  # 4-bit weights' SGD lr, as a share of train.lr (module doc)
+CELL_STEP_LEVELS = 0.1  # Adam's step on a 4-bit weight, in quantization levels of its layer (module doc)
 MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
 CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
 
@@ -161,7 +164,7 @@ def set_trainable(model: TaskModel) -> None:
 class ParameterGroups:
     """The trainables by optimizer role."""
 
-    cells: list[nn.Parameter]  # crossbar weights: fine-tuned or spare-PE weights (SGD, decay)
+    cells: list[nn.Parameter]  # crossbar weights: fine-tuned or spare-PE weights (Adam, in levels)
     head: list[nn.Parameter]  # the task head (weight decay on its weight)
     digital: list[nn.Parameter]  # BN affine, activation clips (no decay)
     masks: list[nn.Parameter]  # real-valued masks (Adam)
@@ -239,7 +242,8 @@ def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -
     method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
 
     SGD's lr is train.lr for train.batch_size images per step, in proportion for a smaller
-    `batch` (linear scaling: a task smaller than the batch); 4-bit weights get CELL_LR_SHARE of it.
+    `batch` (linear scaling: a task smaller than the batch). 4-bit weights (fine-tuned, spare PEs):
+    Adam, CELL_STEP_LEVELS of the layer's quantization step per step (module doc).
     (Adam on the head and BN was tried: it adapts the head too slowly to the masked features,
     -1 to -4 points for xma / xma2.)
     """
@@ -248,10 +252,12 @@ def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -
     lr = train.lr * min(1.0, (batch or train.batch_size) / train.batch_size)
     groups = [{"params": [head_weight], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in g.head if p is not head_weight] + g.digital, "weight_decay": 0.0}]
-    if g.cells:
-        groups.append({"params": g.cells, "weight_decay": WEIGHT_DECAY, "lr": lr * CELL_LR_SHARE})
     opts: list[torch.optim.Optimizer] = [
         torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.momentum > 0)]
+    if g.cells:
+        cells = [{"params": [layer.latent], "lr": CELL_STEP_LEVELS * float(layer.scale)}
+                 for layer in model.layers().values() if layer.latent is not None]
+        opts.append(torch.optim.Adam(cells, lr=CELL_STEP_LEVELS))
     if g.masks:
         opts.append(MaskAdam(g.masks, lr=get(model.method).mask_lr(train)))
     return opts

@@ -20,9 +20,9 @@ from xbar.methods.registry import get, names
 from xbar.params import Params, TaskSpec
 
 
-def check_spec(spec: TaskSpec, n_train: int, num_classes: int | None = None) -> None:
+def check_spec(spec: TaskSpec, n_train: int, num_classes: int) -> None:
     """What params.yaml cannot check: the task against its training set (one line)."""
-    if num_classes is not None and n_train < num_classes:
+    if n_train < num_classes:
         raise UserError(f"dataset: {n_train} training image(s) for {num_classes} classes (a task needs at least "
                         "one per class: add images or raise max_train)")
     if spec.rank_batch_size > n_train:
