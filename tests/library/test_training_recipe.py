@@ -14,7 +14,7 @@ from project import ROOT
 from tiny_backbone import random_task
 from xbar.errors import UserError
 from xbar.methods import build_task_model, train_task
-from xbar.methods.recipe import HEAD_LABEL_SMOOTHING, MaskAdam, init_head
+from xbar.methods.recipe import HEAD_LABEL_SMOOTHING, TensorAdam, init_head
 from xbar.params import ParamsError, TaskSpec, parse_params
 from xbar.training import BalancedBatches, fit, seed_everything
 
@@ -119,10 +119,10 @@ def test_the_head_logit_scale_is_bounded_on_a_separable_task(backbone):
 
 def test_mask_adam_moves_entries_in_proportion_to_their_gradients():
     """Per-entry Adam moves every entry with a steady gradient by lr per step, so all of a mask's entries
-    reach a threshold on the same step; MaskAdam keeps their order (the largest gradient moves first)."""
+    reach a threshold on the same step; TensorAdam keeps their order (the largest gradient moves first)."""
     grads = torch.tensor([1e-4, 1e-3, 1e-2])
     moved = {}
-    for name, cls in (("adam", torch.optim.Adam), ("mask", MaskAdam)):
+    for name, cls in (("adam", torch.optim.Adam), ("mask", TensorAdam)):
         p = torch.nn.Parameter(torch.zeros(3))
         opt = cls([p], lr=0.1)
         for _ in range(5):

@@ -25,10 +25,12 @@ tasks of 100-200 images, where the first recipe ended at losses of 20 to 200):
   scale: SGD at train.lr then blew up. Label smoothing bounds the logit gap at
   log(1 + (1 - eps) C / eps) (3 for 2 classes, 7 for 100) whatever the task;
 - warm-up, and a schedule counted in optimizer steps, not epochs;
-- 4-bit weights (fine-tuned, spare PEs) train with Adam at CELL_STEP_LEVELS of
-  their layer's quantization step per optimizer step: a weight changes the
-  network only when it crosses half a level, whatever the layer's scale or the
-  size of its gradient. SGD at train.lr flipped 10-20% of them in the first
+- 4-bit weights (fine-tuned, spare PEs) train with `TensorAdam` at
+  CELL_STEP_LEVELS of their layer's quantization step per optimizer step (root
+  mean square over the layer, each weight in proportion to its gradient): a
+  weight changes the network only when it crosses half a level, whatever the
+  layer's scale or the size of its gradients. (Per-weight Adam moves every
+  weight by the full step: a fine-tune of 12 images diverged.) SGD at train.lr flipped 10-20% of them in the first
   four steps of a small task, and under frozen BN (no batch statistics to
   renormalize a spare PE's output) it diverged on the default benchmark's
   first task;
@@ -238,7 +240,7 @@ def train_mode(model: TaskModel, batch: int | None = None):  # noqa: ANN201 (a c
 
 
 def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -> list[torch.optim.Optimizer]:
-    """SGD (momentum) on weights, head, BN and clips; `MaskAdam` on the real-valued masks (the
+    """SGD (momentum) on weights, head, BN and clips; `TensorAdam` on the real-valued masks (the
     method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
 
     SGD's lr is train.lr for train.batch_size images per step, in proportion for a smaller
@@ -257,14 +259,14 @@ def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -
     if g.cells:
         cells = [{"params": [layer.latent], "lr": CELL_STEP_LEVELS * float(layer.scale)}
                  for layer in model.layers().values() if layer.latent is not None]
-        opts.append(torch.optim.Adam(cells, lr=CELL_STEP_LEVELS))
+        opts.append(TensorAdam(cells, lr=CELL_STEP_LEVELS))
     if g.masks:
-        opts.append(MaskAdam(g.masks, lr=get(model.method).mask_lr(train)))
+        opts.append(TensorAdam(g.masks, lr=get(model.method).mask_lr(train)))
     return opts
 
 
-class MaskAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one number per mask tensor (a layer's mask), not one per entry.
+class TensorAdam(torch.optim.Optimizer):
+    """Adam whose second moment is one number per tensor (a layer's mask or 4-bit weights), not one per entry.
 
     Per-entry Adam steps every entry whose gradient keeps its sign by the full lr, however small
     that gradient: on a small task, whose batches repeat the same images, every such entry of a
