@@ -83,8 +83,8 @@ class TrainParams(Frozen):
 
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 512
-    lr: PositiveFloat = 0.05  # SGD lr for a batch of batch_size: heads, BN, fine-tuned / spare-PE weights (a share)
-    # Adam lr for column-mask logits: at 0.05 every mask stayed at 1 on the default benchmark.
+    lr: PositiveFloat = 0.05  # SGD lr for a batch of batch_size: heads, BN (4-bit weights: recipe.CELL_STEP_LEVELS)
+    # TensorAdam lr for column-mask logits: at 0.05 every mask stayed at 1 on the default benchmark.
     mask_lr: PositiveFloat = 0.5
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     temperature: PositiveFloat = 1.0  # Gumbel-sigmoid temperature of the column mask
