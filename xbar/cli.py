@@ -167,6 +167,8 @@ def energy(
     preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
     spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
     inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),
+    adc_bits: int = typer.Option(5, "--adc-bits", help="ADC bits per conversion, 1..16 (crossbar.adc_bits' "
+                                 "default, 5; the preset's ADC is booked at it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Energy of fine-tuning, Piggyback, XBM, XMA and XMA2 for one new task on a model (no weights needed):
@@ -176,14 +178,16 @@ def energy(
     from rich.table import Table
 
     from xbar.energy.named import named_energy
-    from xbar.params import SpareRatio, check_value
+    from xbar.params import AdcBits, SpareRatio, check_value
 
-    result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences)
+    check_value(AdcBits, adc_bits, "--adc-bits")
+    result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences,
+                          adc_bits=adc_bits)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     a = result["assumptions"]
-    table = Table(title=f"{model}, preset {preset}, {a['spare_pes']} spare PEs of {a['pes']}, "
+    table = Table(title=f"{model}, preset {preset}, {adc_bits}-bit ADC, {a['spare_pes']} spare PEs of {a['pes']}, "
                         f"{inferences} inference(s) per task")
     for col in ("method", "inference J", "re-programming J", "total J", "cells written", "total / XMA2"):
         table.add_column(col, justify="left" if col == "method" else "right")

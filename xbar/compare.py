@@ -34,7 +34,7 @@ from xbar.chip.deployment import learn_on_chip, new_chip
 from xbar.chip.layout import ChipLayout
 from xbar.crossbar import spare_pe_count
 from xbar.data import TaskData, load_task_data
-from xbar.energy.presets import resolve_preset
+from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
 from xbar.params import Params, SpareRatio, check_value, parse_params
@@ -127,7 +127,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
     chip = new_chip(layout, backbone.cells, spare_pe_count(run.crossbar.spare_pe_ratio, mapping.n_pes))
-    preset = resolve_preset(run.energy.preset, run.energy.overrides)
+    preset = energy_preset(run)
     loaded: dict[str, TaskData] = {}
     learned: dict[str, dict] = {}  # task -> task.pt contents, in learning order
     rows, matrix = [], []
