@@ -219,10 +219,12 @@ def chip(
     switches: int = typer.Option(0, "--switches", help="Also run each task again after N switches of the chip "
                                  "back to it (fresh spare-PE programming each): device-caused forgetting."),
     sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the numbers to each task's MLflow run."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Every learned task on M seeded chip instances (ADC, device noise, stuck cells, drift) next to its
-    ideal accuracy; needs the pipeline's artifacts (artifacts/backbone/levels.pt, artifacts/tasks/*/task.pt)."""
+    ideal accuracy; needs the pipeline's artifacts (artifacts/backbone/levels.pt, artifacts/tasks/*/task.pt).
+    The numbers also go to each task's MLflow run (metrics chip/<device>-adc<bits>/...)."""
     import json
     import math
     from pathlib import Path
@@ -267,6 +269,14 @@ def chip(
     else:
         result = {"adc_bits": adc.bits, **head,
                   "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t, switches)}
+    if mlflow:
+        from workflow.tracking import file_digest, log_chip, tracker
+
+        with tracker() as tr:
+            runs = log_chip(tr, result, {n: file_digest(task_dir(n) / "task.pt") for n in learned})
+        missing = [n for n, run in runs.items() if run is None]
+        if missing:
+            print(f"note: no MLflow run of {', '.join(missing)} for its task.pt (numbers not logged)", file=sys.stderr)
     if as_json:
         print(json.dumps(result, indent=2))
         return
