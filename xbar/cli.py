@@ -396,6 +396,12 @@ def compare(
                                        "workers; default: CPU cores / train.threads)."),
     seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds, repeated or comma-separated: every "
                                            "configuration runs once per seed (default: params.yaml's seed)."),
+    chip_instances: int = typer.Option(2, "--chip-instances", help="Chip instances per configuration for the chip "
+                                       "column (5-bit ADC, params.yaml's device); 0: no chip column."),
+    chip_images: int = typer.Option(200, "--chip-images", help="Test images per task on the chip (a seeded "
+                                    "subset; the chip forward is ~12x the ideal one); 0: the whole test split."),
+    chip_sweeps: bool = typer.Option(False, "--chip-sweeps", help="Also accuracy on the chip against ADC bits "
+                                     "4..8, device noise and time since programming (chip_sweeps.png)."),
 ) -> None:
     """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
     per configuration (and seed); writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
@@ -413,6 +419,10 @@ def compare(
         raise UserError(f"--seeds: expected whole numbers such as 0,1,2, got {' '.join(seeds)!r}") from None
     if seed_list is not None and (not seed_list or min(seed_list) < 0):
         raise UserError("--seeds: expected one or more whole numbers >= 0")
+    if chip_instances < 0:
+        raise UserError(f"--chip-instances: {chip_instances} is below 0 (0: no chip column)")
+    if chip_images < 0:
+        raise UserError(f"--chip-images: {chip_images} is below 0 (0: the whole test split)")
     names = _list_option(methods)
     plan_comparison(Path.cwd(), names, shares)  # refuse bad input here, before Prefect starts
 
@@ -421,14 +431,20 @@ def compare(
     from flows.compare import run_comparison
 
     try:
-        result = run_comparison(names, shares, dask, dask_address, workers, seed_list)
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, chip_instances,
+                                chip_images or None, chip_sweeps)
     except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
         raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
     print("test accuracy (%) after the last task:")
-    print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]))
+    chip = result.get("chip") or {}
+    print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]) + (f"{'chip mean':>12s}" if chip else ""))
     for label, accs in result["accuracy"].items():
-        print(f"{label:20s}" + "".join(f"{accs[t]:12.2f}" for t in [*tasks, "mean"]))
+        print(f"{label:20s}" + "".join(f"{accs[t]:12.2f}" for t in [*tasks, "mean"])
+              + (f"{chip[label]:12.2f}" if label in chip else ""))
+    if chip:
+        print(f"chip mean: on {chip_instances} chip instance(s), 5-bit ADC, params.yaml's device, "
+              f"{chip_images or 'all'} test images per task (ideal on the same images: table.md)")
     print(f"tables and plots in {result['folder']}/; MLflow run {result['mlflow_run_id']}")
 
 
