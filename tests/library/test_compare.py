@@ -305,7 +305,8 @@ def test_cli_refuses_bad_comparison_input_before_the_flow_starts(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(flows.compare, "run_comparison", lambda *a, **k: pytest.fail("the flow started"))
     for args, words in ((["--methods", "magic"], "unknown"), (["--ratios", "0.5"], "spare_pe_ratio"),
-                        (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing")):
+                        (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing"),
+                        (["--chip-instances", "-1"], "--chip-instances"), (["--chip-images", "-5"], "--chip-images")):
         out = CliRunner().invoke(app, ["compare", *args])
         assert out.exit_code == 2, out.output
         lines = out.stderr.strip().splitlines()
