@@ -229,12 +229,10 @@ def chip(
     import math
     from pathlib import Path
 
-    from workflow.io import BACKBONE, load_torch, task_dir
+    from workflow.chip import run_chip
     from xbar.chip.devices import parse_settings
-    from xbar.chip.evaluate import chip_settings, evaluate_tasks
-    from xbar.data import load_task_data
+    from xbar.chip.evaluate import chip_settings
     from xbar.params import load_params
-    from xbar.training import seed_everything
 
     if adc_bits is not None and not 1 <= adc_bits <= 16:
         raise UserError(f"--adc-bits: {adc_bits} is outside 1..16")
@@ -248,35 +246,7 @@ def chip(
     preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range)
     m = params.chip.instances if instances is None else instances
     t = params.chip.time_s if time_s is None else time_s
-    learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]
-    if not learned:
-        raise UserError("no learned task (artifacts/tasks/<task>/task.pt): run the pipeline first (dvc repro)")
-    seed_everything(params.seed, params.train.threads)
-    levels = load_torch(BACKBONE / "levels.pt")
-    tasks = {n: load_torch(task_dir(n) / "task.pt") for n in learned}
-    data = {}
-    for n in learned:
-        data[n] = load_task_data(params.tasks[n].dataset, params.seed)
-        if data[n].digest != tasks[n]["dataset_digest"]:
-            raise UserError(f"task {n}: its data changed since it was learned (digest {data[n].digest} != "
-                            f"{tasks[n]['dataset_digest']}); restore the dataset")
-    head = {"device": preset.name, "instances": m, "time_s": t, "adc_range": adc.range, "signed": adc.signed}
-    if sweep:
-        from dataclasses import replace
-
-        result = {**head, "adc_bits": list(range(4, 9)), "sweep": {
-            str(b): evaluate_tasks(params, tasks, levels, data, preset, replace(adc, bits=b), m, t) for b in range(4, 9)}}
-    else:
-        result = {"adc_bits": adc.bits, **head,
-                  "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t, switches)}
-    if mlflow:
-        from workflow.tracking import file_digest, log_chip, tracker
-
-        with tracker() as tr:
-            runs = log_chip(tr, result, {n: file_digest(task_dir(n) / "task.pt") for n in learned})
-        missing = [n for n, run in runs.items() if run is None]
-        if missing:
-            print(f"note: no MLflow run of {', '.join(missing)} for its task.pt (numbers not logged)", file=sys.stderr)
+    result = run_chip(params, preset, adc, m, t, switches, sweep, mlflow)
     if as_json:
         print(json.dumps(result, indent=2))
         return
