@@ -118,7 +118,7 @@ def plan_comparison(root: Path, methods: list[str] | None = None,
       persist_result=False)
 def learn_configuration(params: Params, config: Configuration, backbone: Backbone, seed: int,
                         chip: ChipPlan | None = None) -> ConfigurationResult:
-    return run_configuration(params.model_copy(update={"seed": seed}), config, backbone, chip=chip)
+    return run_configuration(params.model_copy(update={"seed": seed}), config, backbone, chip_plan=chip)
 
 
 def seed_mean(tables: list[pl.DataFrame]) -> pl.DataFrame:

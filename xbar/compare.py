@@ -108,7 +108,8 @@ class ConfigurationResult:
     config: Configuration
     tasks: pl.DataFrame  # TASK_SCHEMA, one row per task in learning order
     matrix: pl.DataFrame  # MATRIX_SCHEMA: accuracy of `task` after `after` was learned
-    chip: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CHIP_SCHEMA))  # every task on the chip after the last (xbar.chip.sweep)
+    # every task on the chip after the last task (xbar.chip.sweep); none unless a ChipPlan was given
+    chip: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CHIP_SCHEMA))
 
 
 def mask_digest(task: dict) -> str:
@@ -123,9 +124,10 @@ def mask_digest(task: dict) -> str:
 
 
 def run_configuration(params: Params, config: Configuration, backbone: Backbone,
-                      data: Mapping[str, TaskData] | None = None, chip: ChipPlan | None = None) -> ConfigurationResult:
+                      data: Mapping[str, TaskData] | None = None,
+                      chip_plan: ChipPlan | None = None) -> ConfigurationResult:
     """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None.
-    `chip`: then evaluate every task on the chip (the chip column, and the sweeps if asked)."""
+    `chip_plan`: then evaluate every task on the chip (the chip column, and the sweeps if asked)."""
     run = configuration_params(params, config)
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
@@ -162,7 +164,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
             "total_j": inference_j + programming.reprogram_j, "test_images": len(task_data.test),
             "mask_digest": mask_digest(task), "seconds": seconds,
         })
-    on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip) if chip else None
+    on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
     return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),
                                *([] if on_chip is None else [on_chip]))
 
