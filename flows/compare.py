@@ -57,7 +57,7 @@ from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_t
                           report_markdown, run_configuration)
 from xbar.errors import UserError
 from xbar.methods import names as method_names
-from xbar.params import Params, SpareRatio, load_params
+from xbar.params import Params, ShiftLevels, SpareRatio, load_params
 from xbar.plots import accuracy_vs_ratio, chip_sweeps, energy_by_method, png
 from xbar.step import Backbone
 
@@ -75,6 +75,10 @@ Seeds = Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(
     description="Seeds: every configuration runs once per seed; empty: params.yaml's seed")]
 DaskAddress = Annotated[str | None, Field(pattern=r"^(tcp|tls|ucx|inproc)://\S+$", description=(
     "A running Dask scheduler to fan out over, e.g. tcp://10.0.0.5:8786; empty: threads of the served process"))]
+BnAblation = Annotated[Literal["frozen", "per_task"] | None, Field(
+    description="Also run every mask method with this BN rule (the ablation); empty: only params.yaml's train.bn")]
+ShiftSweep = Annotated[list[ShiftLevels] | None, Field(
+    description="The paper's Table 2: run XMA and XMA2 once per number of shift levels N (0..3); empty: each task's own")]
 Workers = Annotated[int | None, Field(gt=0, description="Configurations at once on threads "
                                                          "(default: CPU cores / train.threads)")]
 ChipInstances = Annotated[int, Field(ge=0, description="Chip instances per configuration for the chip column "
@@ -101,11 +105,14 @@ def task_runner(dask: bool = False, dask_address: str | None = None, workers: in
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-def plan_comparison(root: Path, methods: list[str] | None = None,
-                    ratios: list[float] | None = None) -> tuple[Params, list[Configuration]]:
+def plan_comparison(root: Path, methods: list[str] | None = None, ratios: list[float] | None = None,
+                    bn_ablation: str | None = None,
+                    shift_levels: list[int] | None = None) -> tuple[Params, list[Configuration]]:
     """params.yaml and the configurations, every one validated, and the backbone present; else UserError."""
     params = load_params(root / "params.yaml")
-    configs = configurations(methods or None, RATIOS if ratios is None else ratios)
+    if bn_ablation == params.train.bn:
+        bn_ablation = None  # the ablation is the other rule; the same one adds nothing
+    configs = configurations(methods or None, RATIOS if ratios is None else ratios, bn_ablation, shift_levels or ())
     for config in configs:
         configuration_params(params, config)  # e.g. an XMA2 ratio above crossbar.spare_pe_ratio
     for name in ("quant.pt", "levels.pt"):
@@ -219,14 +226,15 @@ def mlflow_run_url(experiment_id: str, run_id: str) -> str:
 # `compare` picks the runner; this default (threads, train.threads' default of 2 each) serves a plain call
 @flow(name="configurations", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
 def learn_configurations(methods: list[str] | None = None, ratios: list[float] | None = None,
-                         seeds: list[int] | None = None, chip: ChipPlan | None = None) -> dict[str, Any]:
+                         seeds: list[int] | None = None, bn_ablation: str | None = None,
+                         shift_levels: list[int] | None = None, chip: ChipPlan | None = None) -> dict[str, Any]:
     """Every method on every task of params.yaml, one Prefect task per configuration (and seed)."""
     root = Path.cwd()
     logger = get_run_logger()
     # params.yaml and the two backbone files are read as one consistent set: under the workspace lock, so no
     # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
-        params, configs = plan_comparison(root, methods, ratios)
+        params, configs = plan_comparison(root, methods, ratios, bn_ablation, shift_levels)
         backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
     seeds = list(dict.fromkeys(seeds or [params.seed]))
     labels = [c.label for c in configs]
@@ -249,8 +257,12 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
                                   "ratios": ",".join(f"{c.spare_ratio:g}" for c in configs if c.spare_ratio),
                                   "seeds": ",".join(map(str, seeds)), "model": params.model.name,
-                                  "preset": params.energy.preset, "chip_instances": chip.instances if chip else 0,
-                                  "chip_images": (chip.images or "all") if chip else "", "chip_sweeps": bool(chip and chip.sweeps),
+                                  "preset": params.energy.preset, "bn": params.train.bn,
+                                  "bn_ablation": bn_ablation or "",
+                                  "shift_levels": ",".join(map(str, shift_levels or [])),
+                                  "chip_instances": chip.instances if chip else 0,
+                                  "chip_images": (chip.images or "all") if chip else "",
+                                  "chip_sweeps": bool(chip and chip.sweeps),
                                   **{f"epochs.{n}": s.epochs for n, s in params.tasks.items()}},
                   metrics=comparison_metrics(table))
             for path in files:
@@ -267,7 +279,8 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
 @flow(name="compare", validate_parameters=True)
 def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIOS), seeds: Seeds = None,  # noqa: B006
             dask_address: DaskAddress = None, workers: Workers = None,
-            dask: bool = False, chip_instances: ChipInstances = 2, chip_images: ChipImages = 200,
+            dask: bool = False, bn_ablation: BnAblation = None, shift_levels: ShiftSweep = None,
+            chip_instances: ChipInstances = 2, chip_images: ChipImages = 200,
             chip_sweeps: bool = False) -> dict[str, Any] | State:
     """Compare the methods on every task of params.yaml (the paper's Tables 2-3); needs the backbone.
 
@@ -278,18 +291,21 @@ def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIO
         dask_address: A running Dask scheduler (tcp://host:8786) to fan the configurations out over.
         workers: Configurations at once on threads (or local Dask workers).
         dask: Start a local Dask cluster of `workers` processes (when no address is given).
+        bn_ablation: Also run every mask method with this BN rule (frozen or per_task).
+        shift_levels: Run XMA and XMA2 once per number of shift levels N (the paper's Table 2).
         chip_instances: Chip instances per configuration for the chip column; 0: none.
         chip_images: Test images per task on the chip (a seeded subset); empty: all.
         chip_sweeps: Also accuracy on the chip against ADC bits 4..8, device noise and time (plots).
     """
     try:
-        params, _ = plan_comparison(Path.cwd(), methods, ratios)
+        params, _ = plan_comparison(Path.cwd(), methods, ratios, bn_ablation, shift_levels)
     except UserError as err:  # the run's state is the one line, its log has no traceback
         return Failed(message=str(err))
     runner = task_runner(dask, dask_address, workers or default_workers(params.train.threads))
     chip = ChipPlan(chip_instances, chip_images, chip_sweeps) if chip_instances else None
     result = learn_configurations.with_options(task_runner=runner)(methods=methods, ratios=ratios, seeds=seeds,
-                                                                   chip=chip)
+                                                                   bn_ablation=bn_ablation,
+                                                                   shift_levels=shift_levels, chip=chip)
     publish(result)
     return {k: v for k, v in result.items() if k != "markdown"}
 
@@ -308,12 +324,14 @@ def publish(result: dict[str, Any]) -> None:
 
 def run_comparison(methods: list[str] | None = None, ratios: list[float] | None = None, dask: bool = False,
                    dask_address: str | None = None, workers: int | None = None,
-                   seeds: list[int] | None = None, chip_instances: int = 2, chip_images: int | None = 200,
+                   seeds: list[int] | None = None, bn_ablation: str | None = None,
+                   shift_levels: list[int] | None = None, chip_instances: int = 2, chip_images: int | None = 200,
                    chip_sweeps: bool = False) -> dict[str, Any]:
     """The `compare` flow in this process (what `xbar compare` runs)."""
     return compare(methods=methods or list(method_names()), ratios=list(RATIOS) if ratios is None else ratios,
-                   seeds=seeds, dask_address=dask_address, workers=workers, dask=dask, chip_instances=chip_instances,
-                   chip_images=chip_images, chip_sweeps=chip_sweeps)
+                   seeds=seeds, dask_address=dask_address, workers=workers, dask=dask, bn_ablation=bn_ablation,
+                   shift_levels=shift_levels, chip_instances=chip_instances, chip_images=chip_images,
+                   chip_sweeps=chip_sweeps)
 
 
 if __name__ == "__main__":

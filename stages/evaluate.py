@@ -1,8 +1,9 @@
 """Stage evaluate (per task): the no-forgetting gate.
 
 Evaluates every task learned so far on the chip as it stands after this task
-(its test split, the model rebuilt from its task.pt over the backbone's
-cells), writes the accuracy-matrix row, and hands the record to the tracking
+(its test split, the model rebuilt from what the chip's cells and mask
+buffers hold once switched to it: xbar.chip.readback), writes the
+accuracy-matrix row, and hands the record to the tracking
 service (workflow/tracking.py: the task's MLflow run). It
 FAILS, naming the task and both accuracies, if an earlier task's accuracy
 differs from its `accuracy_at_learn` recorded in MLflow. `finetune_shared`
@@ -20,7 +21,10 @@ from workflow.io import (BACKBONE, METRICS, atomic_write_bytes, load_torch, read
                          write_json)
 from workflow.tracking import TaskRecord, accuracy_at_learn, file_digest, log_task, tracker
 from xbar import step
+from xbar.chip.deployment import load_chip
+from xbar.chip.layout import ChipLayout
 from xbar.data import TaskData, load_task_data
+from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.methods import get
 from xbar.params import Params
@@ -35,10 +39,13 @@ class GateFailed(Exception):
 def accuracies_now(params: Params, upto: str) -> tuple[dict[str, float], TaskData]:
     """Accuracy of every task up to `upto` on the chip as it stands after `upto`, and `upto`'s data."""
     names = list(params.tasks)[: list(params.tasks).index(upto) + 1]
-    levels = load_torch(BACKBONE / "levels.pt")
+    backbone = step.Backbone({}, load_torch(BACKBONE / "levels.pt"))
+    layout = ChipLayout(backbone.mapping(params))
+    chip = load_chip(task_dir(upto) / "deployment.json", layout, backbone.cells)
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
     data = {name: load_task_data(params.tasks[name].dataset, params.seed) for name in names}
-    return step.evaluate(params, tasks, levels, data), data[upto]
+    preset = energy_preset(params)
+    return step.evaluate_chip(params, chip, layout, tasks, backbone, data, preset), data[upto]
 
 
 def evaluate(params: Params, task: str) -> None:

@@ -317,7 +317,8 @@ def _log_task_run(t: Tracker, run_id: str, params: Params, record: TaskRecord) -
                    "spare_pes": train["spare_pes_used"], "mask_bytes": train["mask_bytes_packed"],
                    "mask_bytes_unpacked": train["mask_bytes_unpacked"],
                    "energy_j": energy["total_j"], "inference_j": energy["inference_j"],
-                   "reprogram_j": energy["reprogram_j"], "cells_written": program["cells_written"]})
+                   "reprogram_j": energy["reprogram_j"], "switch_j": energy["switch_j"],
+                   "cells_written": program["cells_written"], "task_bytes": train["task_bytes"]})
     t.log(run_id, metrics={f"acc/{n}": a for n, a in now.items()}, step=record.order)
     t.log_dataset(run_id, spec.dataset.source, record.train_digest, task, "train")
     t.log_dataset(run_id, spec.dataset.source, record.test_digest, task, "test")
@@ -386,7 +387,8 @@ def report(t: Tracker) -> dict:
         tasks.append({"name": name, "order": int(run.data.tags["xbar.order"]), "dataset": run.data.tags["xbar.dataset"],
                       "method": run.data.tags["xbar.method"], "accuracy_at_learn": m.get("accuracy_at_learn"),
                       "accuracy_now": now, "forgetting": None if now is None else m["accuracy_at_learn"] - now,
-                      "spare_pes": m.get("spare_pes"), "mask_bytes": m.get("mask_bytes"), "energy_j": m.get("energy_j"),
+                      "spare_pes": m.get("spare_pes"), "mask_bytes": m.get("mask_bytes"), "task_bytes": m.get("task_bytes"),
+                      "energy_j": m.get("energy_j"), "reprogram_j": m.get("reprogram_j"), "switch_j": m.get("switch_j"),
                       "gate": run.data.tags.get("xbar.gate"), "run_id": run.info.run_id})
     matrix = [[run.data.metrics.get(f"acc/{n}") for n in names] for run in ordered]
     return {"tasks": tasks, "accuracy_matrix": matrix, "comparison": comparison(t)}

@@ -89,13 +89,14 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
         return
     table = Table(title="xbar tasks (MLflow)")
     for col in ("#", "task", "dataset", "method", "acc now %", "acc at learn %", "forgetting", "spare PEs",
-                "mask bytes", "energy J", "gate"):
+                "mask bytes", "task bytes", "energy J", "program J", "eval switch J", "gate"):
         table.add_column(col)
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     for r in rep["tasks"]:
         table.add_row(str(r["order"]), r["name"], r["dataset"], r["method"], fmt(r["accuracy_now"]),
                       fmt(r["accuracy_at_learn"]), fmt(r["forgetting"]), fmt(r["spare_pes"], "{:.0f}"),
-                      fmt(r["mask_bytes"], "{:.0f}"), fmt(r["energy_j"], "{:.3g}"), r["gate"] or "-")
+                      fmt(r["mask_bytes"], "{:.0f}"), fmt(r["task_bytes"], "{:.0f}"), fmt(r["energy_j"], "{:.3g}"),
+                      fmt(r["reprogram_j"], "{:.3g}"), fmt(r["switch_j"], "{:.3g}"), r["gate"] or "-")
     console().print(table)
     if rep["comparison"]:  # the newest `xbar compare`
         names = list(next(iter(rep["comparison"].values())))
@@ -117,22 +118,28 @@ def memory(
     weight_bits: int = typer.Option(4, help="Bits per weight (weight_bits / cell_bits cells each)."),
     shift_levels: int = typer.Option(3, help="Shift levels N of the column shift mask (N + 2 values)."),
     spare_ratio: float = typer.Option(0.1, help="Share of PEs replaced by spare PEs (XMA2)."),
+    bn: str = typer.Option("frozen", "--bn", help="train.bn: frozen (the backbone's BN) or per_task (counted)."),
+    classes: int = typer.Option(None, "--classes", help="Classes of the new task's head (default: the model's)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
-    """Per-task mask memory of Piggyback, XBM, XMA and XMA2 for a model mapped onto crossbars (no weights needed)."""
+    """Per-task storage of every method for a model mapped onto crossbars (no weights needed): the masks
+    alone (the paper's Table 2) and all in (masks + re-programmed cells + BN + head, docs/accounting.md)."""
     import json
 
     from rich.table import Table
 
     from xbar.crossbar import CrossbarSpec
-    from xbar.memory import named_model_report
-    from xbar.params import CrossbarParams, ShiftLevels, SpareRatio, check_value
+    from xbar.memory import named_model_report, task_storage
+    from xbar.params import BnRule, CrossbarParams, PositiveInt, ShiftLevels, SpareRatio, check_value
 
     check_value(ShiftLevels, shift_levels, "--shift-levels")  # the ranges of params.yaml's task fields
     check_value(SpareRatio, spare_ratio, "--spare-ratio")
+    check_value(BnRule, bn, "--bn")
+    if classes is not None:
+        check_value(PositiveInt, classes, "--classes")
     crossbar = dict(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
     spec = CrossbarSpec.from_params(check_value(CrossbarParams, crossbar, "crossbar"))
-    mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio)
+    mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio, bn, classes)
     if as_json:
         print(json.dumps({"model": model, "rows": rows, "cols": cols, "cell_bits": cell_bits,
                           "utilization": round(mapping.utilization, 6)} | rep.as_dict(), indent=2))
@@ -142,21 +149,19 @@ def memory(
     out.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
               f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
               f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
-    table = Table(title=f"mask memory per task ({shift_levels} shift levels, spare ratio {spare_ratio:g})")
-    for col in ("method", "what a task stores", "bytes", "size", "vs Piggyback"):
-        table.add_column(col, justify="right" if col in ("bytes", "size", "vs Piggyback") else "left")
-    rows_out = [
-        ("Piggyback", "1 bit / weight", rep.piggyback_bytes),
-        ("XBM", "1 bit / column", rep.column_binary_bytes),
-        ("XMA", f"{rep.shift_values} values / column", rep.column_shift_bytes),
-        ("XMA", f"{rep.shift_values} values / column, packed", rep.column_shift_packed_bytes),
-        ("XMA2", "PE mask + frozen shift mask", rep.xma2_pe_mask_bytes + rep.xma2_column_shift_bytes),
-        ("XMA2", f"{rep.spare_pes} spare PEs' weights", rep.xma2_spare_weight_bytes),
-        ("any", "head + BN (fp32)", rep.head_bytes + rep.bn_bytes),
-        ("XMA2", "total (+ head, BN)", rep.xma2_bytes),
-    ]
-    for method, what, b in rows_out:
-        table.add_row(method, what, f"{b:,}", size(b), f"{b / max(1, rep.piggyback_bytes):.1%}")
+    out.print(f"masks alone (the paper's Table 2): Piggyback {size(rep.piggyback_bytes)}, XBM "
+              f"{size(rep.column_binary_bytes)}, XMA {size(rep.column_shift_packed_bytes)} packed "
+              f"({rep.shift_packed_vs_piggyback:.1%} of Piggyback)")
+    table = Table(title=f"all-in storage per task ({shift_levels} shift levels, spare ratio {spare_ratio:g}, "
+                        f"BN {bn}, head {rep.head_params:,} parameters)")
+    for col in ("method", "masks", "cells", "BN", "head", "total", "unpacked", "vs Piggyback"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for name, total in rep.per_task_bytes.items():
+        parts = task_storage(name, mapping, shift_levels=shift_levels, spare_ratio=spare_ratio, bn_rule=bn,
+                             head_params=rep.head_params, bn_params=rep.bn_params)
+        table.add_row(name, *(size(b) for b in (parts.masks, parts.cells, parts.bn, parts.head, total,
+                                                rep.per_task_bytes_unpacked[name])),
+                      f"{total / max(1, rep.per_task_bytes['piggyback']):.1%}")
     out.print(table)
 
 
@@ -366,6 +371,10 @@ def compare(
                                        "workers; default: CPU cores / train.threads)."),
     seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds, repeated or comma-separated: every "
                                            "configuration runs once per seed (default: params.yaml's seed)."),
+    bn_ablation: str | None = typer.Option(None, "--bn-ablation", help="Also run every mask method with this BN "
+                                           "rule (frozen or per_task), next to params.yaml's train.bn."),
+    shift_levels: list[str] | None = typer.Option(None, "--shift-levels", help="The paper's Table 2: XMA and XMA2 "
+                                                  "once per number of shift levels N, e.g. 0,1,2,3."),
     chip_instances: int = typer.Option(2, "--chip-instances", help="Chip instances per configuration for the chip "
                                        "column (5-bit ADC, params.yaml's device); 0: no chip column."),
     chip_images: int = typer.Option(200, "--chip-images", help="Test images per task on the chip (a seeded "
@@ -394,15 +403,23 @@ def compare(
     if chip_images < 0:
         raise UserError(f"--chip-images: {chip_images} is below 0 (0: the whole test split)")
     names = _list_option(methods)
-    plan_comparison(Path.cwd(), names, shares)  # refuse bad input here, before Prefect starts
+    if bn_ablation is not None:
+        from xbar.params import BnRule, check_value
+
+        check_value(BnRule, bn_ablation, "--bn-ablation")
+    try:
+        levels = None if shift_levels is None else [int(n) for n in _list_option(shift_levels) or []]
+    except ValueError:
+        raise UserError(f"--shift-levels: expected whole numbers 0..3, got {' '.join(shift_levels)!r}") from None
+    plan_comparison(Path.cwd(), names, shares, bn_ablation, levels)  # refuse bad input here, before Prefect starts
 
     from prefect.exceptions import FailedRun
 
     from flows.compare import run_comparison
 
     try:
-        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, chip_instances,
-                                chip_images or None, chip_sweeps)
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels,
+                                chip_instances, chip_images or None, chip_sweeps)
     except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
         raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]

@@ -38,7 +38,7 @@ from xbar.data import TaskData, load_task_data
 from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
-from xbar.params import Params, SpareRatio, check_value, parse_params
+from xbar.params import Params, ShiftLevels, SpareRatio, check_value, parse_params
 from xbar.step import Backbone
 from xbar.training import seed_everything
 
@@ -47,8 +47,8 @@ RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for a m
 # one row per (configuration, task); accuracy_final and forgetting are added by comparison_table
 TASK_SCHEMA = {
     "label": pl.String, "method": pl.String, "spare_ratio": pl.Float64, "task": pl.String, "order": pl.Int64,
-    "dataset": pl.String, "accuracy_at_learn": pl.Float64, "spare_pes": pl.Int64, "mask_bytes": pl.Int64,
-    "mask_bytes_unpacked": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
+    "dataset": pl.String, "bn": pl.String, "shift_levels": pl.Int64, "accuracy_at_learn": pl.Float64, "spare_pes": pl.Int64,
+    "mask_bytes": pl.Int64, "mask_bytes_unpacked": pl.Int64, "task_bytes": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
     "reprogram_j": pl.Float64, "inference_j": pl.Float64, "total_j": pl.Float64, "test_images": pl.Int64,
     "mask_digest": pl.String, "seconds": pl.Float64,
 }
@@ -64,16 +64,27 @@ def percent(ratio: float) -> str:
 class Configuration:
     method: str
     spare_ratio: float | None = None  # a method with spare PEs only: the share P of PEs replaced by spare PEs
+    bn: str | None = None  # a BN rule other than train.bn (the ablation); None: train.bn
+    shift_levels: int | None = None  # a column-mask method in the shift-level sweep; None: each task's own
 
     @property
     def label(self) -> str:
-        """"xma2@10" for XMA2 with P = 10%, the plain method name otherwise."""
-        return self.method if self.spare_ratio is None else f"{self.method}@{percent(self.spare_ratio)}"
+        """"xma2@10" for XMA2 with P = 10%, the plain method name otherwise; "/N2" for N = 2 shift levels in
+        the sweep, "+bn_per_task" for the BN ablation."""
+        label = self.method if self.spare_ratio is None else f"{self.method}@{percent(self.spare_ratio)}"
+        label += "" if self.shift_levels is None else f"/N{self.shift_levels}"
+        return label if self.bn is None else f"{label}+bn_{self.bn}"
 
 
-def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float] = RATIOS) -> list[Configuration]:
+def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float] = RATIOS,
+                   bn_ablation: str | None = None, shift_levels: Iterable[int] = ()) -> list[Configuration]:
     """One configuration per method (default: every registered one), a method with spare PEs once per
-    spare-PE ratio (in the given order, duplicates dropped)."""
+    spare-PE ratio (in the given order, duplicates dropped); with `shift_levels` (the paper's Table 2 sweep),
+    a method with column masks once per N; with `bn_ablation` (a BN rule), each configuration whose method
+    can use that rule once more with it."""
+    levels = list(dict.fromkeys(int(n) for n in shift_levels))
+    for n in levels:
+        check_value(ShiftLevels, n, "shift_levels")
     methods = list(dict.fromkeys(names() if methods is None else methods))
     ratios = list(dict.fromkeys(float(r) for r in ratios))
     unknown = [m for m in methods if m not in names()]
@@ -88,7 +99,13 @@ def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float]
         raise UserError(f"ratios: {spare[0]} needs at least one spare-PE ratio")
     out = []
     for m in methods:
-        out += [Configuration(m, r) for r in ratios] if get(m).spare_pes else [Configuration(m)]
+        # the sweep applies to a method whose column mask takes the task's N (XMA, XMA2; not XBM's N = 0)
+        sweep = levels if levels and get(m).column_masks and get(m).mask_shift_levels(3) == 3 else [None]
+        out += [Configuration(m, r, shift_levels=n) for r in (ratios if get(m).spare_pes else [None])
+                for n in sweep]
+    if bn_ablation is not None:
+        out += [Configuration(c.method, c.spare_ratio, bn_ablation, c.shift_levels) for c in list(out)
+                if bn_ablation in get(c.method).bn_rules and len(get(c.method).bn_rules) > 1]
     return out
 
 
@@ -96,10 +113,15 @@ def configuration_params(params: Params, config: Configuration) -> Params:
     """`params` with every task learned by the configuration's method (and spare ratio), validated as
     params.yaml is (an XMA2 ratio above crossbar.spare_pe_ratio is refused)."""
     raw = params.model_dump()
+    if config.bn is not None:
+        raw["train"]["bn"] = config.bn
     for spec in raw["tasks"].values():
         spec["method"] = config.method
+        spec["bn"] = None  # the configuration's rule, one for every task
         if config.spare_ratio is not None:
             spec["spare_ratio"] = config.spare_ratio
+        if config.shift_levels is not None:
+            spec["shift_levels"] = config.shift_levels
     return parse_params(raw, f"configuration {config.label}")
 
 
@@ -148,7 +170,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
 
         # the chip: program this task, then switch to every earlier task (its evaluation) and back
         programming = learn_on_chip(chip, layout, learned, backbone.cells, preset)
-        now = step.evaluate(run, learned, backbone.levels, loaded)
+        now = step.evaluate_chip(run, chip, layout, learned, backbone, loaded, preset)
         matrix += [{"label": config.label, "after": name, "task": t, "accuracy": a} for t, a in now.items()]
 
         inference_j = step.inference(run, mapping, task, spec.dataset.image_size, preset).energy.per_image_j \
@@ -156,9 +178,11 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
         masks, s, switch = mask_report(task, mapping), programming.program.summary, programming.switch
         rows.append({
             "label": config.label, "method": config.method, "spare_ratio": config.spare_ratio, "task": name,
-            "order": order, "dataset": spec.dataset.source, "accuracy_at_learn": now[name],
+            "order": order, "dataset": spec.dataset.source, "bn": task["bn"],
+            "shift_levels": len(task["mask_values"]) - 2 if task["column_masks"] else None, "accuracy_at_learn": now[name],
             "spare_pes": int(task["spare_pes"].numel()), "mask_bytes": masks["mask_bytes_packed"],
-            "mask_bytes_unpacked": masks["mask_bytes_unpacked"], "cells_written": s["cells_written"],
+            "mask_bytes_unpacked": masks["mask_bytes_unpacked"], "task_bytes": masks["task_bytes"],
+            "cells_written": s["cells_written"],
             "program_j": s["energy_j"] + s["mask_load_j"], "switch_j": switch["energy_j"] + switch["mask_load_j"],
             "reprogram_j": programming.reprogram_j, "inference_j": inference_j,
             "total_j": inference_j + programming.reprogram_j, "test_images": len(task_data.test),
@@ -222,8 +246,8 @@ def energy_table(table: pl.DataFrame) -> pl.DataFrame:
     """Per configuration: mean mask memory per task, spare PEs, and energy summed over its tasks."""
     return table.group_by("label", maintain_order=True).agg(
         pl.col("method").first(), pl.col("spare_ratio").first(),
-        pl.col("mask_bytes").mean(), pl.col("spare_pes").mean(), pl.col("cells_written").sum(),
-        pl.col("inference_j").sum(), pl.col("reprogram_j").sum(), pl.col("total_j").sum(),
+        pl.col("mask_bytes").mean(), pl.col("task_bytes").mean(), pl.col("spare_pes").mean(), pl.col("cells_written").sum(),
+        pl.col("inference_j").sum(), pl.col("reprogram_j").sum(), pl.col("total_j").sum(), pl.col("switch_j").sum(),
     ).with_columns(reprogram_over_inference=pl.col("reprogram_j") / pl.col("inference_j"))
 
 
@@ -267,7 +291,8 @@ def report_markdown(table: pl.DataFrame, chip: pl.DataFrame | None = None) -> st
         "## Test accuracy (%) when learned", points("accuracy_at_learn"),
         "## Forgetting (points: when learned - after the last task)", points("forgetting"),
         *([chip_markdown(table, chip)] if chip is not None and chip.height else []),
-        "## Mask memory (bytes per task, packed) and energy (summed over the tasks; inference over each "
+        "## Mask memory and all-in storage (bytes per task, packed: masks + re-programmed cells + per-task "
+        "BN + head) and energy (summed over the tasks; inference over each "
         "task's test set)", markdown(energy.drop("method", "spare_ratio")),
         "## Every configuration and task (energy in joules)", markdown(table.drop("mask_digest")),
     ]) + "\n"

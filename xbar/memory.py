@@ -13,6 +13,12 @@ What a task stores beyond the frozen backbone cells (bits; bytes = ceil(bits / 8
   the frozen PEs only, the spare PEs' weights at weight_bits each, and the
   task's head and BN parameters at `param_bits` (fp32, digital).
 
+All-in per-task storage (`task_storage`, one definition for every registered
+method): masks + re-programmed cells (spare PEs, or every weight of a
+fine-tune, at weight_bits) + the task's BN when its rule is `per_task` (a folded
+scale and shift per channel, fp32) + the head (fp32). Under `bn: frozen` the
+task stores no BN: it runs on the backbone's.
+
 The backbone's `head` is not mapped; `head_params` / `bn_params` are counted
 by the caller (BN as a folded scale and shift per channel). Which PEs become
 spare PEs is a per-task ranking; without it, the estimate takes the
@@ -102,6 +108,9 @@ class MemoryReport:
     head_bytes: int
     bn_bytes: int
     xma2_bytes: int
+    bn_rule: str  # train.bn the all-in figures below assume
+    per_task_bytes: dict[str, int]  # every registered method: all in, masks packed (`task_storage`)
+    per_task_bytes_unpacked: dict[str, int]
 
     @property
     def shift_packed_vs_piggyback(self) -> float:
@@ -111,17 +120,61 @@ class MemoryReport:
         return asdict(self) | {"shift_packed_vs_piggyback": round(self.shift_packed_vs_piggyback, 6)}
 
 
+@dataclass(frozen=True)
+class TaskStorage:
+    """One task's storage beyond the frozen backbone cells (bytes), the same definition for every method."""
+
+    masks: int  # column masks of the frozen PEs' columns, element masks, the tier-1 PE mask
+    cells: int  # re-programmed weights at weight_bits: the spare PEs', or every weight of a fine-tune
+    bn: int  # per-task BN (a folded scale and shift per channel, fp32); 0 under `bn: frozen`
+    head: int  # the task head (fp32)
+
+    @property
+    def total(self) -> int:
+        return self.masks + self.cells + self.bn + self.head
+
+
+def _spare(mapping: Mapping, spare_ratio: float, spare_pes: list[int] | torch.Tensor | None) -> torch.Tensor:
+    if spare_pes is None:  # upper bound: the fullest PEs
+        return fullest_pes(mapping, spare_pe_count(spare_ratio, mapping.n_pes))
+    spare = torch.as_tensor(spare_pes, dtype=torch.int64).unique()
+    if spare.numel() and (spare.min() < 0 or spare.max() >= mapping.n_pes):
+        raise UserError(f"spare PEs: ids must lie in [0, {mapping.n_pes}), got {spare.tolist()}")
+    return spare
+
+
+def task_storage(method: str, mapping: Mapping, *, shift_levels: int = 3, spare_ratio: float = 0.1,
+                 spare_pes: list[int] | torch.Tensor | None = None, bn_rule: str = "frozen", head_params: int = 0,
+                 bn_params: int = 0, packed: bool = True, param_bits: int = 32) -> TaskStorage:
+    """All-in storage of one task of `method` on `mapping` (module doc); `bn_rule` is train.bn (a method
+    that cannot use it has its own, `Method.bn_rule`), `spare_pes` the ranked PEs when known."""
+    from xbar.methods.registry import get  # the registry imports no torch; the methods package imports this
+
+    m = get(method)
+    columns_pe, weights_pe = mapping.pe_counts()
+    spare = _spare(mapping, spare_ratio, spare_pes) if m.spare_pes else torch.zeros(0, dtype=torch.int64)
+    masks = 0
+    if m.column_masks:
+        frozen_columns = int(columns_pe.sum() - columns_pe[spare].sum())
+        masks += column_mask_bytes(frozen_columns, shift_values(m.mask_shift_levels(shift_levels)), packed)
+    if m.element_masks:
+        masks += to_bytes(mapping.n_weights)
+    if m.spare_pes:
+        masks += to_bytes(mapping.n_pes)  # the tier-1 PE mask: one bit per PE
+    weights = mapping.n_weights if m.trains_all else int(weights_pe[spare].sum())
+    own_bn = m.bn_rule(None, bn_rule) == "per_task"
+    return TaskStorage(masks=masks, cells=to_bytes(weights * mapping.spec.weight_bits),
+                       bn=to_bytes(bn_params * param_bits) if own_bn else 0, head=to_bytes(head_params * param_bits))
+
+
 def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 0.1, head_params: int = 0,
                   bn_params: int = 0, spare_pes: list[int] | torch.Tensor | None = None,
-                  param_bits: int = 32) -> MemoryReport:
+                  param_bits: int = 32, bn_rule: str = "frozen") -> MemoryReport:
     """Mask memory of one task on `mapping`; `spare_pes` (global PE ids) when the ranking is known."""
+    from xbar.methods.registry import names
+
     columns_pe, weights_pe = mapping.pe_counts()
-    if spare_pes is None:  # upper bound: the fullest PEs
-        spare = fullest_pes(mapping, spare_pe_count(spare_ratio, mapping.n_pes))
-    else:
-        spare = torch.as_tensor(spare_pes, dtype=torch.int64).unique()
-        if spare.numel() and (spare.min() < 0 or spare.max() >= mapping.n_pes):
-            raise UserError(f"spare PEs: ids must lie in [0, {mapping.n_pes}), got {spare.tolist()}")
+    spare = _spare(mapping, spare_ratio, spare_pes)
     frozen_columns = int(columns_pe.sum() - columns_pe[spare].sum())
     spare_weights = int(weights_pe[spare].sum())
     wb = mapping.spec.weight_bits
@@ -152,6 +205,11 @@ def memory_report(mapping: Mapping, shift_levels: int = 3, spare_ratio: float = 
         column_shift_packed_bytes=column_mask_bytes(mapping.n_columns, shift_values(shift_levels), packed=True),
         **parts,
         xma2_bytes=sum(parts.values()),
+        bn_rule=bn_rule,
+        **{key: {m: task_storage(m, mapping, shift_levels=shift_levels, spare_pes=spare, bn_rule=bn_rule,
+                                 head_params=head_params, bn_params=bn_params, packed=packed,
+                                 param_bits=param_bits).total for m in names()}
+           for key, packed in (("per_task_bytes", True), ("per_task_bytes_unpacked", False))},
     )
 
 
@@ -193,9 +251,10 @@ def build_named_model(name: str) -> nn.Module:
             return torchvision.models.get_model(name, weights=None)
 
 
-def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3,
-                       spare_ratio: float = 0.1) -> tuple[Mapping, MemoryReport]:
-    """Map a model by name (its classifier head excluded) and account one task's mask memory."""
+def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3, spare_ratio: float = 0.1,
+                       bn_rule: str = "frozen", classes: int | None = None) -> tuple[Mapping, MemoryReport]:
+    """Map a model by name (its classifier head excluded) and account one task's mask memory; the task's
+    head has `classes` outputs (None: the model's own head, e.g. ImageNet's 1000)."""
     model = build_named_model(name)
     head = tuple(n for n, _ in model.named_children() if n in HEAD_NAMES)
     aux = tuple(n for n, _ in model.named_children() if n in AUX_NAMES)
@@ -203,4 +262,7 @@ def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3,
     if not mapping.layers:
         raise UserError(f"--model: {name} has no Conv2d / Linear layer to map")
     head_params, bn_params = head_and_bn_params(model, head, skip=aux)
-    return mapping, memory_report(mapping, shift_levels, spare_ratio, head_params, bn_params)
+    if classes is not None:
+        linear = [m for n, m in model.named_modules() if _under(n, head) and isinstance(m, nn.Linear)][-1]
+        head_params += (classes - linear.out_features) * (linear.in_features + 1)
+    return mapping, memory_report(mapping, shift_levels, spare_ratio, head_params, bn_params, bn_rule=bn_rule)

@@ -37,6 +37,11 @@ PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]  # a learning
 # The one range of each method parameter; a number from elsewhere (a command-line option, a form)
 # is checked against the same type (`check_value`, flows.add_task).
 SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replaced by spare PEs (XMA2), in (0, 1]")]
+# What a task's BN is (docs/accounting.md): "frozen" keeps the backbone's statistics and affine, folded into
+# the backbone's deployment as the paper's chip has it (Figure 3: mask buffers and the shift-adder, no per-task
+# per-channel affine); "per_task" trains and re-estimates the task's own, a digital per-channel affine after the
+# adder tree whose bytes and energy the task is charged.
+BnRule = Literal["frozen", "per_task"]
 ShiftLevels = Annotated[int, Field(ge=0, le=3, description="Column-mask shift levels 0..3 (0 = binary mask, XBM)")]
 AdcBits = Annotated[int, Field(ge=1, le=16, description="ADC bits per column conversion, 1..16")]
 
@@ -84,6 +89,7 @@ class TrainParams(Frozen):
     mask_lr: PositiveFloat = 0.5
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     temperature: PositiveFloat = 1.0  # Gumbel-sigmoid temperature of the column mask
+    bn: BnRule = "frozen"  # every method that can use it (a fine-tune rewrites its own BN with every weight)
     threads: PositiveInt = 2
 
 
@@ -137,6 +143,7 @@ class TaskSpec(Frozen):
     spare_ratio: SpareRatio = 0.1  # share of PEs re-programmed as spare PEs
     shift_levels: ShiftLevels = 3  # 0 = binary column mask (XBM)
     rank_batch_size: PositiveInt = 64  # the ONE mini-batch that ranks the PEs
+    bn: BnRule | None = None  # this task's BN rule (None: train.bn)
 
     @field_validator("method")
     @classmethod
@@ -189,6 +196,21 @@ class Params(Frozen):
                 raise ValueError(f"tasks.{name}.spare_ratio {spec.spare_ratio} exceeds crossbar.spare_pe_ratio "
                                  f"{self.crossbar.spare_pe_ratio} (the spare PEs the chip is built with)")
         return self
+
+    @model_validator(mode="after")
+    def _bn_rules_fit(self) -> "Params":
+        for name, spec in self.tasks.items():
+            try:
+                self.bn_rule(spec)
+            except ValueError as err:
+                raise ValueError(f"tasks.{name}.bn: {err}") from None
+        return self
+
+    def bn_rule(self, spec: TaskSpec) -> str:
+        """The BN rule a task learns with: its own `bn`, else train.bn where its method can use it."""
+        from xbar.methods import get
+
+        return get(spec.method).bn_rule(spec.bn, self.train.bn)
 
     @model_validator(mode="after")
     def _inputs_fit(self) -> "Params":

@@ -18,7 +18,9 @@ from functools import cached_property
 import polars as pl
 import torch
 
-from xbar.chip.layout import backbone_mapping
+from xbar.chip.deployment import Chip
+from xbar.chip.layout import ChipLayout, backbone_mapping
+from xbar.chip.readback import read_back
 from xbar.crossbar import Mapping
 from xbar.data import TaskData
 from xbar.energy.inference import TaskInference, task_inference
@@ -128,6 +130,13 @@ def evaluate(params: Params, tasks: dict[str, dict], levels: dict, data: Mapping
         model = load_task_model(task, levels, params)
         result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size)
     return result
+
+
+def evaluate_chip(params: Params, chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbone: Backbone,
+                  data: MappingABC[str, TaskData], preset: EnergyPreset) -> dict[str, float]:
+    """The no-forgetting gate's accuracies: every task of `tasks` as read back from `chip` (switched to it in
+    turn, `xbar.chip.readback`), so a bug in programming the chip changes them."""
+    return evaluate(params, read_back(chip, layout, tasks, backbone.cells, preset), backbone.levels, data)
 
 
 # --- energy -----------------------------------------------------------------------------------------

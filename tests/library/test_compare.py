@@ -30,6 +30,36 @@ def test_configurations_one_per_method_and_xma2_per_ratio():
             configurations(methods, ratios)
 
 
+def test_the_bn_ablation_runs_every_mask_method_once_more():
+    """--bn-ablation per_task: each configuration whose method can use the rule again, with it; a fine-tune
+    (its BN is always its own) once. The ablation's tasks learn with that rule, the others with train.bn."""
+    from project import tiny_params
+
+    params = parse_params(tiny_params({"digits": {"method": "xma", "bn": "per_task"}, "faces": {"dataset": "lfw_faces"}}))
+    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task")
+    assert [c.label for c in configs] == ["finetune_separate", "xma2@10", "piggyback", "xma2@10+bn_per_task",
+                                          "piggyback+bn_per_task"]
+    rules = {c.label: {params_bn(configuration_params(params, c), t) for t in params.tasks} for c in configs}
+    assert rules == {"finetune_separate": {"per_task"}, "xma2@10": {"frozen"}, "piggyback": {"frozen"},
+                     "xma2@10+bn_per_task": {"per_task"}, "piggyback+bn_per_task": {"per_task"}}
+
+
+def test_the_shift_level_sweep_runs_xma_and_xma2_once_per_n():
+    """The paper's Table 2: XMA and XMA2 (at each P) once per N; XBM's mask is binary (N = 0) whatever the sweep."""
+    from project import tiny_params
+
+    configs = configurations(["xbm", "xma", "xma2"], [0.1], shift_levels=[0, 3])
+    assert [c.label for c in configs] == ["xbm", "xma/N0", "xma/N3", "xma2@10/N0", "xma2@10/N3"]
+    params = parse_params(tiny_params({"digits": {"method": "xma"}}))
+    assert {s.shift_levels for s in configuration_params(params, configs[1]).tasks.values()} == {0}
+    with pytest.raises(UserError, match="shift_levels: .*less than or equal to 3"):
+        configurations(["xma"], [], shift_levels=[4])
+
+
+def params_bn(params, task: str) -> str:
+    return params.bn_rule(params.tasks[task])
+
+
 def test_configuration_params_set_every_task_and_refuse_a_ratio_beyond_the_chip():
     from project import tiny_params
 

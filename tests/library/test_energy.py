@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from xbar.cli import app
 from xbar.crossbar import CrossbarSpec, map_layers, map_model
-from xbar.energy.inference import COMPONENTS, ColumnUse, inference_energy
+from xbar.energy.inference import BN_AFFINE_J, COMPONENTS, ColumnUse, inference_energy
 from xbar.energy.layer_io import layer_io
 from xbar.energy.named import named_energy
 from xbar.energy.presets import MAY_BE_ZERO, PRESETS, _sar_cell, _sar_static, energy_preset, resolve_preset
@@ -180,6 +180,18 @@ def test_per_layer_and_per_pe_energies_add_up(small):
     assert sum(e.breakdown().values()) == pytest.approx(total)
     for comp in COMPONENTS:
         assert float(e.layers[comp].sum()) == pytest.approx(float(e.pes[comp].sum()))
+
+
+def test_per_task_bn_pays_one_affine_per_conv_output(small):
+    """bn: per_task adds the task's own per-channel affine (one multiply-add per conv output activation);
+    frozen BN is the backbone's, folded into its deployment: no extra energy."""
+    mapping, io = small
+    frozen = inference_energy(mapping, io, PRESETS["paper"], act_bits=4)
+    own = inference_energy(mapping, io, PRESETS["paper"], act_bits=4, bn_affine=True)
+    outputs = sum(io[lm.name].out_elems for lm in mapping.layers if lm.kind == "conv")
+    assert outputs > 0 and float(frozen.layers["bn_j"].sum()) == 0
+    assert own.per_image_j - frozen.per_image_j == pytest.approx(outputs * 4.6e-12)  # fp32 mul + add, 45 nm
+    assert own.breakdown()["bn_j"] == pytest.approx(outputs * BN_AFFINE_J)
 
 
 def test_columns_switched_off_save_energy_and_masks_cost_reads(small):

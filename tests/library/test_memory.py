@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from xbar.cli import app
 from xbar.crossbar import CrossbarSpec, map_layers, spare_pe_count
 from xbar.errors import UserError
-from xbar.memory import build_named_model, column_mask_bytes, memory_report, named_model_report
+from xbar.memory import build_named_model, column_mask_bytes, memory_report, named_model_report, task_storage
 
 SPEC = CrossbarSpec()  # 72x72, 2-bit cells, 4-bit weights
 
@@ -46,6 +46,24 @@ def test_report_of_one_layer_by_hand():
     assert r.xma2_bytes == 2 + r.xma2_column_shift_bytes + 1296 + 2600 + 512
     with pytest.raises(UserError):
         memory_report(m, spare_pes=[16])
+
+
+@pytest.mark.parametrize("bn", ["frozen", "per_task"])
+def test_all_in_task_storage_by_hand(bn):
+    """One definition for every method: masks + re-programmed cells + per-task BN + head (same layer as above)."""
+    m = map_layers([("conv", "conv", (64, 64, 3, 3), 1)], SPEC)
+    own = 128 * 4 if bn == "per_task" else 0  # 64 channels x (scale, shift), fp32; frozen: the backbone's
+    def total(method):
+        return task_storage(method, m, spare_pes=[0], bn_rule=bn, head_params=650, bn_params=128).total
+    assert total("piggyback") == 4608 + own + 2600
+    assert total("xbm") == math.ceil(171 * 3 / 8) + own + 2600  # packed: 3 binary codes in 3 bits
+    assert total("xma") == math.ceil(171 * 7 / 8) + own + 2600
+    assert total("xma2") == 2 + math.ceil(math.ceil(476 / 3) * 7 / 8) + 2592 * 4 // 8 + own + 2600
+    # a fine-tune rewrites every weight and always has its own BN, whatever train.bn says
+    assert total("finetune_separate") == 64 * 64 * 9 * 4 // 8 + 128 * 4 + 2600
+    report = memory_report(m, head_params=650, bn_params=128, spare_pes=[0], bn_rule=bn)
+    assert report.per_task_bytes["xma2"] == total("xma2")
+    assert report.per_task_bytes_unpacked["xma"] == 512 * 3 // 8 + own + 2600
 
 
 def test_spare_estimate_is_an_upper_bound():
@@ -90,11 +108,15 @@ def test_cli_json_and_table():
     wider = json.loads(runner.invoke(app, ["memory", "--model", "small_resnet", "--json", "--rows", "144"]).stdout)
     assert wider["crossbars"] < out["crossbars"] and wider["conv_weights"] == out["conv_weights"]
     table = runner.invoke(app, ["memory", "--model", "small_resnet"])
-    assert table.exit_code == 0 and "Piggyback" in table.stdout and "XMA2" in table.stdout
+    assert table.exit_code == 0 and "Piggyback" in table.stdout
+    assert all(method in table.stdout for method in out["per_task_bytes"])  # one row per registered method
+    per_task = json.loads(runner.invoke(app, ["memory", "--model", "small_resnet", "--json", "--bn", "per_task"]).stdout)
+    assert per_task["per_task_bytes"]["xma"] - out["per_task_bytes"]["xma"] == math.ceil(out["bn_params"] * 32 / 8)
 
 
 @pytest.mark.parametrize("args", [["--rows", "0"], ["--cell-bits", "3"], ["--spare-ratio", "2"],
-                                  ["--shift-levels", "-1"], ["--model", "no_such_net"]])
+                                  ["--shift-levels", "-1"], ["--model", "no_such_net"], ["--bn", "sometimes"],
+                                  ["--classes", "0"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
     argv = ["memory", "--json"] + (args if "--model" in args else ["--model", "small_resnet"] + args)
     result = CliRunner().invoke(app, argv)

@@ -16,9 +16,9 @@ from xbar.params import TaskSpec
 from xbar.training import predict, seed_everything
 
 
-def model_of(backbone, method: str, spare=None):
+def model_of(backbone, method: str, spare=None, bn=None):
     params, quant, levels = backbone
-    spec = TaskSpec(dataset="optdigits", method=method, epochs=1)
+    spec = TaskSpec(dataset="optdigits", method=method, epochs=1, bn=bn)
     seed_everything(0)
     return build_task_model(params, spec, quant, levels, 3, spare_pes=spare), spec
 
@@ -46,14 +46,16 @@ def kinds(names: set[str]) -> set[str]:
     ("finetune_separate", {"head", "weights", "act_clip", "bn"}),
     ("finetune_shared", {"head", "weights", "act_clip", "bn"}),
     ("piggyback", {"head", "element_mask"}),
-    ("xbm", {"head", "column_mask", "bn"}),
-    ("xma", {"head", "column_mask", "bn"}),
-    ("xma2", {"head", "column_mask", "bn", "weights"}),
+    ("xbm", {"head", "column_mask"}),
+    ("xma", {"head", "column_mask"}),
+    ("xma2", {"head", "column_mask", "weights"}),
 ])
-def test_trainables_per_method(backbone, method, expected):
-    model, _ = model_of(backbone, method, spare=[0, 3] if method == "xma2" else None)
+@pytest.mark.parametrize("bn", [None, "per_task"])
+def test_trainables_per_method(backbone, method, expected, bn):
+    """train.bn (default frozen) or a task's `bn`: per-task BN trains the BN affine of every mask method alike."""
+    model, _ = model_of(backbone, method, spare=[0, 3] if method == "xma2" else None, bn=bn)
     names = trainable_names(model)
-    assert kinds(names) == expected
+    assert kinds(names) == (expected | {"bn"} if bn == "per_task" else expected)
     layers = model.layers()
     if method == "xma2":  # trainable weights only where a spare PE lives
         with_latent = {n for n, l in layers.items() if l.latent is not None}

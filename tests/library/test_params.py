@@ -35,8 +35,8 @@ def test_dataset_shorthand_and_defaults():
     assert 0 < task.spare_ratio <= 1 and 0 <= task.shift_levels <= 3
 
 
-def _with(path: str, value):
-    data = copy.deepcopy(GOOD)
+def _with(path: str, value, base: dict | None = None):
+    data = copy.deepcopy(GOOD if base is None else base)
     *parents, last = path.split(".")
     node = data
     for key in parents:
@@ -60,6 +60,8 @@ def _with(path: str, value):
     ("tasks.mnist.method", "magic", "tasks.mnist.method", "xma2"),
     ("tasks.mnist.dataset", {"source": "imagefolder"}, "tasks.mnist.dataset", "needs 'root'"),
     ("source.dataset", {"source": "torchvision"}, "source.dataset", "needs 'name'"),
+    ("train.bn", "sometimes", "train.bn", "'frozen' or 'per_task'"),
+    ("tasks.mnist.bn", "sometimes", "tasks.mnist.bn", "'frozen' or 'per_task'"),
 ])
 def test_bad_params_give_one_line_naming_the_field(path, value, field, words):
     with pytest.raises(ParamsError) as info:
@@ -68,6 +70,17 @@ def test_bad_params_give_one_line_naming_the_field(path, value, field, words):
     assert "\n" not in message
     assert message.startswith(f"params.yaml: {field}")
     assert words in message
+
+
+def test_a_bn_rule_the_method_cannot_use_is_refused():
+    """A fine-tune rewrites every weight, its BN included: a task cannot ask it to freeze BN; train.bn
+    frozen (the default) applies to the methods that can use it."""
+    data = _with("tasks.mnist.method", "finetune_separate")
+    assert parse_params(data).bn_rule(parse_params(data).tasks["mnist"]) == "per_task"
+    with pytest.raises(ParamsError) as info:
+        parse_params(_with("tasks.mnist.bn", "frozen", data), "params.yaml")
+    assert str(info.value) == ("params.yaml: tasks.mnist.bn: finetune_separate cannot learn with BN 'frozen' "
+                               "(it can with: per_task)")
 
 
 @pytest.mark.parametrize("kind, value, words", [

@@ -176,3 +176,49 @@ def test_a_learning_rate_that_is_not_finite_is_refused(field, value):
     with pytest.raises(ParamsError) as err:
         parse_params(raw, "params.yaml")
     assert one_line(err).startswith(f"params.yaml: {field}: ") and "finite" in str(err.value)
+
+
+# --- the BN rule and the head refit ------------------------------------------------------------------
+
+
+def bn_state(state: dict) -> dict:
+    return {k: v for k, v in state.items() if ".bn" in k or k.startswith("bn")}
+
+
+@pytest.mark.parametrize("bn", ["frozen", "per_task"])
+def test_frozen_bn_keeps_the_backbones_bn_exactly(pretrained, bn):
+    """Under bn: frozen a mask method's task.pt holds the backbone's BN bit for bit; per_task trains its own."""
+    from xbar.methods import export_task
+
+    params, quant, _ = pretrained
+    model, spec = task_model(pretrained, "xma")
+    model.bn = bn
+    from xbar.methods.recipe import set_trainable
+
+    set_trainable(model)
+    train_task(model, faces(64), spec, params.train, 0, "t")
+    task = export_task(model, 2, 1)
+    ours, backbone = bn_state(task["model_state"]), bn_state(quant["state_dict"])
+    assert ours and set(ours) <= set(backbone) and task["bn"] == bn
+    same = all(torch.equal(v, backbone[k]) for k, v in ours.items())
+    assert same == (bn == "frozen")
+
+
+def test_refit_head_keeps_the_better_head(pretrained):
+    """The repair before the end check fails: a head refit in closed form replaces a worse trained head,
+    and leaves a better one in place."""
+    from xbar.methods.recipe import head_images, image_losses, refit_head
+
+    model, _ = task_model(pretrained, "xma", classes=2)
+    data = faces(40)
+    init_head(model, data, 0)
+    idx = head_images(len(data), 0)
+    with torch.no_grad():
+        model.net.head.weight.mul_(-1.0)  # a head that ended up wrong
+    wrong = image_losses(model, data, idx)
+    kept = refit_head(model, data, 0, wrong)
+    assert float(kept.mean()) < float(wrong.mean())
+    assert torch.allclose(kept, image_losses(model, data, idx))  # the returned losses are the kept head's
+    head = {k: v.clone() for k, v in model.net.head.state_dict().items()}
+    refit_head(model, data, 0, torch.zeros_like(kept))  # a trained head at loss 0 beats any refit
+    assert all(torch.equal(v, model.net.head.state_dict()[k]) for k, v in head.items())

@@ -21,7 +21,7 @@ class HeadOnly(Method):
 
     name = "head_only"
     trains = "the task head only"
-    bn_per_task = False
+    bn_rules = ("frozen",)
 
     def attach(self, model, spec, train) -> None:  # noqa: ANN001
         pass  # every task model gets a fresh head; nothing else trains

@@ -17,7 +17,9 @@ compared cell by cell.
 the cells whose level differs from what is already there. A task's spare PEs
 are assigned to physical spare PEs so that the fewest level steps are written
 (HA3M's idea: re-use programmed weights -- a spare PE holding an earlier
-version of the same PE is the cheap place for it). Every written cell's write
+version of the same PE is the cheap place for it), among the spare PEs that
+no other live task holds: a task evicts another's spare PE only when the
+blank, stale and its own ones run out (`assign_slots`). Every written cell's write
 count goes up by one (endurance). Switching back to an earlier task, e.g. to
 evaluate it, is the same operation.
 
@@ -66,6 +68,7 @@ class Chip:
     backbone_key: str = BACKBONE  # which image the backbone PEs hold
     serving: str | None = None  # the task the chip is set up for
     masks: str | None = None  # whose column masks sit in the mask buffers
+    buffer: dict[str, torch.Tensor] = field(default_factory=dict)  # their codes by layer (not saved: reloaded)
     history: list[dict] = field(default_factory=list)  # one summary per programming event
 
     def endurance(self) -> dict:
@@ -105,14 +108,17 @@ def _pairwise_steps(targets: torch.Tensor, care: torch.Tensor, slots: torch.Tens
     return cost.round().numpy()
 
 
-def assign_slots(targets: torch.Tensor, care: torch.Tensor, slots: torch.Tensor,
-                 levels: int) -> tuple[np.ndarray, np.ndarray]:
+def assign_slots(targets: torch.Tensor, care: torch.Tensor, slots: torch.Tensor, levels: int,
+                 taken: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HA3M-style placement: the spare PE (slot) for each target minimising the total level steps
-    written over the targets' cells. Returns (slot of each target, the cost matrix)."""
+    written over the targets' cells, first among the slots not `taken` (bool per slot: another live
+    task's spare PE). Returns (slot of each target, the cost matrix in level steps)."""
     from scipy.optimize import linear_sum_assignment
 
     cost = _pairwise_steps(targets, care, slots, levels)
-    rows, cols = linear_sum_assignment(cost)
+    # an eviction costs more than any placement without one: the fewest evictions, then the fewest steps
+    penalty = np.zeros(len(slots)) if taken is None else taken.numpy() * (cost.sum() + 1.0)
+    rows, cols = linear_sum_assignment(cost + penalty[None, :])
     order = np.empty(len(targets), dtype=np.int64)
     order[rows] = cols
     return order, cost
@@ -132,8 +138,9 @@ ROW_SCHEMA = {"phase": pl.String, "task": pl.String, "kind": pl.String, "pe": pl
 
 
 def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tensor,
-            phase: str = "program") -> ProgramReport:
-    """Bring `chip` to `image`, writing only the cells that change.
+            phase: str = "program", live: frozenset[str] = frozenset()) -> ProgramReport:
+    """Bring `chip` to `image`, writing only the cells that change; the spare PEs of the `live` tasks
+    (learned and still served) are evicted only when no other spare PE is left.
 
     `used` (ChipLayout.used: bool [n_pes, cells_per_pe]) marks the cells that hold a weight. Only
     those matter: a cell outside them sits in a row that gets no input or a column that is not
@@ -173,7 +180,8 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
         targets = torch.stack([image.spares[p] for p in pes])
         held = [None if s is None else s.get("pe") for s in chip.slots]  # which PE each spare PE held before
         care = used[pes]
-        order, cost = assign_slots(targets, care, chip.levels[n_pes:], 2**chip.spec.cell_bits)
+        taken = torch.tensor([s is not None and s["task"] != image.task and s["task"] in live for s in chip.slots])
+        order, cost = assign_slots(targets, care, chip.levels[n_pes:], 2**chip.spec.cell_bits, taken)
         in_order = float(cost[np.arange(len(pes)), np.arange(len(pes))].sum())  # spare PE i -> slot i
         for i, p in enumerate(pes):
             slot = int(order[i])
@@ -184,16 +192,17 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
         written = sum(r["cells_written"] for r in spare_rows)
         assigned = sum(r["level_steps"] for r in spare_rows)
         reused = sum(1 for i, p in enumerate(pes) if held[int(order[i])] == p)
+        evicted = sum(1 for i in range(len(pes)) if bool(taken[int(order[i])]))
         saving = {"spare_pes": len(pes), "cells_in_spare_pes": cells_in, "spare_cells_written": written,
                   "cells_saved_share": 1 - written / cells_in if cells_in else 0.0,
                   "level_steps_in_order": in_order, "level_steps_assigned": assigned,
                   "steps_saved_by_placement_share": 1 - assigned / in_order if in_order else 0.0,
-                  "spare_pes_reusing_same_pe": reused}
+                  "spare_pes_reusing_same_pe": reused, "live_spare_pes_evicted": evicted}
 
     mask_bits = 0
     if image.mask_bits and chip.masks != image.task:
         mask_bits = image.mask_bits
-        chip.masks = image.task
+        chip.masks, chip.buffer = image.task, dict(image.masks)
     chip.serving = image.task
 
     table = pl.DataFrame(rows, schema=ROW_SCHEMA)
@@ -225,9 +234,10 @@ class TaskProgramming:
 
     @property
     def reprogram_j(self) -> float:
-        """Cell writes and mask loads of the programming and of the switches."""
-        s, w = self.program.summary, self.switch
-        return s["energy_j"] + s["mask_load_j"] + w["energy_j"] + w["mask_load_j"]
+        """The task's own re-programming: cell writes and mask load of programming it. The switches made to
+        evaluate earlier tasks are the harness's, not the task's (the paper does not count them): `switch`."""
+        s = self.program.summary
+        return s["energy_j"] + s["mask_load_j"]
 
     @property
     def rows(self) -> pl.DataFrame:
@@ -247,25 +257,25 @@ def learn_on_chip(chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbo
     def image(name: str) -> TaskImage:
         return task_image(name, tasks, layout, backbone_levels)
 
-    used, task = layout.used(), names[-1]
-    programmed = program(chip, image(task), preset, used, "program")
-    switches = [program(chip, image(earlier), preset, used, "switch") for earlier in names[:-1]]
+    used, task, live = layout.used(), names[-1], frozenset(names)
+    programmed = program(chip, image(task), preset, used, "program", live)
+    switches = [program(chip, image(earlier), preset, used, "switch", live) for earlier in names[:-1]]
     if switches:
-        switches.append(program(chip, image(task), preset, used, "switch_back"))
+        switches.append(program(chip, image(task), preset, used, "switch_back", live))
     return TaskProgramming(programmed, switches)
 
 
 def programming_energy(events: list[dict]) -> dict[str, float]:
     """Energy of learning one task on the chip, from its programming events in a deployment state's
-    history (`Chip.history`: the "program" event, then the switches for evaluation): program_j,
-    switch_j and reprogram_j (their sum), each cell writes + mask loads, added as TaskProgramming adds."""
+    history (`Chip.history`: the "program" event, then the switches for evaluation): program_j and
+    switch_j, each cell writes + mask loads; reprogram_j is the task's own, program_j (TaskProgramming)."""
     program = [e for e in events if e["phase"] == "program"]
     if len(program) != 1:
         raise UserError(f"deployment history: expected one programming event for the task, found {len(program)}")
     p, switches = program[0], [e for e in events if e["phase"] != "program"]
     switch_energy, switch_masks = sum(e["energy_j"] for e in switches), sum(e["mask_load_j"] for e in switches)
     return {"program_j": p["energy_j"] + p["mask_load_j"], "switch_j": switch_energy + switch_masks,
-            "reprogram_j": p["energy_j"] + p["mask_load_j"] + switch_energy + switch_masks}
+            "reprogram_j": p["energy_j"] + p["mask_load_j"]}
 
 
 # --- saving and loading ----------------------------------------------------------------------------
@@ -336,6 +346,7 @@ def load_chip(path: Path, layout: ChipLayout, backbone_levels: dict[str, torch.T
             raise UserError(f"{tensors}: unreadable deployment tensors ({type(err).__name__}); "
                             "re-run program_spares") from None
     chip.slots = list(meta["slots"])
-    chip.backbone_key, chip.serving, chip.masks = meta["backbone_image"], meta["serving"], meta["masks_in_buffer"]
+    # the mask buffers' contents are not saved: the next task to run loads its masks (a new task does anyway)
+    chip.backbone_key, chip.serving, chip.masks = meta["backbone_image"], meta["serving"], None
     chip.history = list(meta.get("history", []))
     return chip

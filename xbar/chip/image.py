@@ -24,6 +24,7 @@ class TaskImage:
     backbone: torch.Tensor | None  # that image (uint8 [n_pes, cells_per_pe]); None: the backbone's own
     spares: dict[int, torch.Tensor] = field(default_factory=dict)  # backbone PE -> its spare PE's cells
     mask_bits: int = 0  # column mask bits to load into the mask buffers
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)  # the column mask codes by layer (the buffers)
 
 
 def task_image(name: str, tasks: dict[str, dict], layout: ChipLayout,
@@ -52,4 +53,5 @@ def task_image(name: str, tasks: dict[str, dict], layout: ChipLayout,
     frozen_columns = sum(int((~torch.isin(lm.placement.column_pe, spare)).sum()) for lm in mapping.layers
                          if lm.name in task.get("column_masks", {}))
     bits = mask_bits_for(len(task.get("mask_values", ())))
-    return TaskImage(name, method.name, key, backbone, spares, frozen_columns * bits)
+    return TaskImage(name, method.name, key, backbone, spares, frozen_columns * bits,
+                     dict(task.get("column_masks", {})))

@@ -12,7 +12,11 @@ conv, 1 for a linear layer), with the input applied bit-serially over
                     + columns * psum_bits)                                   (x interconnect_j_per_bit)
 
 and per layer: the input and output feature maps through the buffer
-(`buffer_j_per_bit`). A column whose mask is 0 is switched off (XBM's "off"
+(`buffer_j_per_bit`), and, for a task with per-task BN (`bn: per_task`), one
+digital multiply-add per output activation of a conv layer: the task's own
+per-channel affine after the adder tree (`BN_AFFINE_J`). Under `bn: frozen` the
+task runs on the backbone's BN, folded into the backbone's deployment as the
+paper's chip has it (Figure 3: no per-task per-channel affine). A column whose mask is 0 is switched off (XBM's "off"
 column): its cells and its ADC do nothing. A spare PE's columns carry no mask.
 """
 
@@ -30,6 +34,12 @@ from xbar.energy.layer_io import LayerIO
 from xbar.energy.presets import EnergyPreset
 from xbar.errors import UserError
 from xbar.memory import mask_bits_for
+
+
+# one fp32 multiply (3.7 pJ) + one fp32 add (0.9 pJ) at 45 nm (M. Horowitz, "Computing's energy problem",
+# ISSCC 2014, Figure 1.1.9): the per-task BN affine on one output activation, stored as fp32 (xbar.memory);
+# not scaled to smaller nodes, so an upper bound there
+BN_AFFINE_J = 3.7e-12 + 0.9e-12
 
 
 @dataclass(frozen=True)
@@ -138,11 +148,12 @@ class InferenceEnergy:
         return float(self.layers["total_j"].sum())
 
     def breakdown(self) -> dict[str, float]:
-        return {c: float(self.layers[c].sum()) for c in (*COMPONENTS, "buffer_j")}
+        return {c: float(self.layers[c].sum()) for c in (*COMPONENTS, "buffer_j", "bn_j")}
 
 
 def inference_energy(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPreset, act_bits: int,
-                     columns: dict[str, ColumnUse] | None = None, mask_bits: int = 0) -> InferenceEnergy:
+                     columns: dict[str, ColumnUse] | None = None, mask_bits: int = 0,
+                     bn_affine: bool = False) -> InferenceEnergy:
     use = crossbar_use(mapping, io, columns)
     energy = component_energy(use, mapping.spec, preset, act_bits, mask_bits)
     xb = pl.DataFrame({"layer": use.layer.astype(str), "pe": use.pe, "crossbar": np.arange(len(use.pe)),
@@ -153,11 +164,12 @@ def inference_energy(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPre
     sums = xb.group_by("layer", maintain_order=True).agg(
         pl.col("pe").n_unique().alias("pes"), pl.len().alias("crossbars"), pl.col("positions").first(),
         *[pl.col(c).sum() for c in COMPONENTS])
+    bn = [io[lm.name].out_elems * BN_AFFINE_J if bn_affine and lm.kind == "conv" else 0.0 for lm in mapping.layers]
     layers = pl.DataFrame({"layer": [lm.name for lm in mapping.layers],
-                           "buffer_j": buffer_energy(mapping, io, preset, act_bits)})
+                           "buffer_j": buffer_energy(mapping, io, preset, act_bits), "bn_j": bn})
     layers = (layers.join(sums, on="layer", how="left", maintain_order="left")
-              .with_columns(total_j=pl.sum_horizontal(*COMPONENTS, "buffer_j"))
-              .select("layer", "pes", "crossbars", "positions", *COMPONENTS, "buffer_j", "total_j"))
+              .with_columns(total_j=pl.sum_horizontal(*COMPONENTS, "buffer_j", "bn_j"))
+              .select("layer", "pes", "crossbars", "positions", *COMPONENTS, "buffer_j", "bn_j", "total_j"))
     pes = (xb.group_by("pe", maintain_order=True)
            .agg(pl.col("layer").first(), pl.len().alias("crossbars"), *[pl.col(c).sum() for c in COMPONENTS])
            .with_columns(total_j=pl.sum_horizontal(*COMPONENTS))
@@ -176,7 +188,9 @@ class TaskInference:
 
 def task_inference(task: dict, mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPreset,
                    act_bits: int) -> TaskInference:
-    """Inference energy of a task.pt: a column with mask 0 is off, frozen PEs read their mask code."""
+    """Inference energy of a task.pt: a column with mask 0 is off, frozen PEs read their mask code, and a
+    task with its own BN pays its per-channel affine."""
     columns = column_use(task, mapping)
     bits = mask_bits_for(len(task.get("mask_values", ()))) if columns else 0
-    return TaskInference(inference_energy(mapping, io, preset, act_bits, columns, bits), columns, bits)
+    own_bn = task.get("bn") == "per_task"
+    return TaskInference(inference_energy(mapping, io, preset, act_bits, columns, bits, own_bn), columns, bits)

@@ -32,7 +32,7 @@ _LAZY = {
     "recipe": ("init_head", "optimizers", "parameter_groups", "recalibrate_bn", "ridge_head", "set_trainable",
                "train_task", "trainable_names"),
     "task": ("build_task_model", "check_spec", "chip_view", "export_task", "layer_mask_levels", "load_task_model",
-             "mask_report"),
+             "mask_report", "stored_bytes"),
 }
 _HOME = {name: module for module, exported in _LAZY.items() for name in exported}
 

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
 class ColumnMaskMethod(Method):
     column_masks = True
-    bn_per_task = True
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
         model.shift_levels = self.mask_shift_levels(spec.shift_levels)

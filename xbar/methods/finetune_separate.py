@@ -16,6 +16,7 @@ class FinetuneSeparate(Method):
     name = "finetune_separate"
     trains = "every weight (4-bit QAT), activation clips, BN, head; from the backbone"
     trains_all = True
+    bn_rules = ("per_task",)  # its BN belongs to the network it rewrites (folded into its own weights' deployment)
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
         for layer in model.layers().values():

@@ -17,6 +17,7 @@ class FinetuneShared(Method):
     name = "finetune_shared"
     trains = "every weight (4-bit QAT), activation clips, BN, head; from the previous shared task"
     trains_all = True
+    bn_rules = ("per_task",)  # its BN belongs to the network it rewrites (folded into its own weights' deployment)
     continues_previous = True
     gated = False
 

@@ -141,6 +141,7 @@ class TaskModel:
     mapping: Mapping
     spare_pes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     shift_levels: int | None = None  # column-mask methods only
+    bn: str = "frozen"  # the task's BN rule (xbar.params.BnRule)
 
     def layers(self) -> dict[str, CrossbarLayer]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, CrossbarLayer)}

@@ -1,4 +1,4 @@
-"""Piggyback (Mallya et al., 2018): a binary mask per weight on every mapped layer, the backbone's BN frozen."""
+"""Piggyback (Mallya et al., 2018): a binary mask per weight on every mapped layer."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ MASK_LR = 5e-4
 
 class Piggyback(Method):
     name = "piggyback"
-    trains = "element-wise binary mask on every mapped layer, head (BN frozen: the backbone's)"
+    trains = "element-wise binary mask on every mapped layer, head (BN: train.bn)"
     element_masks = True
-    bn_per_task = False
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
         for layer in model.layers().values():
@@ -41,6 +40,17 @@ class Piggyback(Method):
         keep = tasks[name]["element_masks"]
         return name, {layer: w if layer not in keep else torch.where(keep[layer].bool(), w, torch.zeros_like(w))
                       for layer, w in backbone.items()}
+
+
+    def from_chip(self, task: dict, read: dict, backbone: dict) -> dict:
+        """A masked-out weight reads as the zero weight's level: the mask is where the cells read 0 and the
+        backbone's do not (where the backbone's weight is 0 the mask changes nothing). Cells that read
+        neither the backbone's level nor 0 stay as read: the backbone check then refuses them."""
+        import torch
+
+        levels = {k: torch.where(v == 0, backbone[k].to(v.dtype), v) for k, v in read.items()}
+        masks = {k: (read[k] != 0) | (backbone[k] == 0) for k in task["element_masks"]}
+        return task | {"levels": levels, "element_masks": masks}
 
 
 register(Piggyback())

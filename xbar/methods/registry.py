@@ -8,7 +8,7 @@ asks the registry what a method does, never compares its name:
 | field | meaning |
 |---|---|
 | `trains` | what it trains (documentation, `xbar report`) |
-| `bn_per_task` | trains and re-estimates its own BN for each task (else the backbone's BN, frozen) |
+| `bn_rules` | the BN rules it can learn with (`train.bn`: `frozen` keeps the backbone's BN, `per_task` trains its own) |
 | `trains_all` | trains every weight (fine-tuning: the backbone PEs are rewritten) |
 | `column_masks` / `element_masks` | a column mask per column of the frozen PEs / a binary mask per weight |
 | `spare_pes` | re-programs the top-P% ranked PEs as spare PEs (tier 1); one comparison configuration per P |
@@ -19,7 +19,8 @@ Hooks with a default here: `attach` (its trainables on a fresh task model),
 `mask_lr`, `export_masks` (task.pt's mask entries), `chip_view` (which
 weights a learned task runs on once later tasks exist), `backbone_image`
 (what the backbone PEs must hold to run a task: the chip programs it), and
-`mask_shift_levels`. A task's spare PEs and column masks reach the chip from
+`mask_shift_levels`, and `from_chip` (a task decoded from the cells its
+image put on the chip: what the no-forgetting gate evaluates). A task's spare PEs and column masks reach the chip from
 its task.pt alone (xbar.chip.image), whatever the method.
 
 Plugins: a module named in params.yaml's `plugins:` list is imported before
@@ -47,7 +48,7 @@ class Method:
 
     name: ClassVar[str]
     trains: ClassVar[str]
-    bn_per_task: ClassVar[bool] = True
+    bn_rules: ClassVar[tuple[str, ...]] = ("frozen", "per_task")
     trains_all: ClassVar[bool] = False
     column_masks: ClassVar[bool] = False
     element_masks: ClassVar[bool] = False
@@ -59,6 +60,15 @@ class Method:
     def keeps_backbone(self) -> bool:
         """The backbone PEs' cells never change (outside the task's spare PEs)."""
         return not self.trains_all
+
+    def bn_rule(self, asked: str | None, default: str) -> str:
+        """The BN rule of a task that asks for `asked` (None: the default, train.bn, where this method
+        can use it; else the method's own). Raises ValueError for a rule the method cannot use."""
+        if asked is None:
+            return default if default in self.bn_rules else self.bn_rules[0]
+        if asked not in self.bn_rules:
+            raise ValueError(f"{self.name} cannot learn with BN {asked!r} (it can with: {', '.join(self.bn_rules)})")
+        return asked
 
     def mask_shift_levels(self, shift_levels: int) -> int | None:
         """The column mask's shift levels N for a task that asks for `shift_levels` (None: no column mask)."""
@@ -84,6 +94,11 @@ class Method:
         task of `tasks` is learned; None: the backbone's own levels (`backbone`), never rewritten.
         Two tasks with the same key share the image: switching between them writes nothing."""
         return None if self.keeps_backbone else (name, tasks[name]["levels"])
+
+    def from_chip(self, task: dict, read: dict, backbone: dict) -> dict:
+        """Task.pt `task` with what the chip holds for it: `read` (weight levels by layer decoded from its
+        cells, xbar.chip.readback) in place of what `backbone_image` and its spare PEs put there."""
+        return task | {"levels": read}
 
     def __repr__(self) -> str:
         return f"<method {self.name}>"

@@ -13,7 +13,7 @@ import torch
 
 from xbar.crossbar import Mapping
 from xbar.errors import UserError
-from xbar.memory import column_mask_bytes
+from xbar.memory import TaskStorage, column_mask_bytes, task_storage
 from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar_spec, deploy_cells, new_head, quantized_net
 from xbar.methods.recipe import set_trainable
 from xbar.methods.registry import get, names
@@ -50,7 +50,7 @@ def build_task_model(params: Params, spec: TaskSpec, quant: dict, levels: dict, 
     mapping = deploy_cells(net, levels, crossbar_spec(params))
     if body is not None:
         net.load_state_dict(body, strict=False)
-    model = TaskModel(net, method.name, mapping)
+    model = TaskModel(net, method.name, mapping, bn=params.bn_rule(spec))
     if method.spare_pes:
         if spare_pes is None:
             raise ValueError(f"{method.name} needs the ranked spare PEs")
@@ -82,6 +82,7 @@ def export_task(model: TaskModel, num_classes: int, channels: int, dataset_diges
     layers = model.layers()
     task = {
         "method": model.method,
+        "bn": model.bn,
         "levels": {n: l.task_levels().to(torch.int8).contiguous() for n, l in layers.items()},
         "scales": {n: l.scale.detach().clone() for n, l in layers.items()},
         "spare_pes": model.spare_pes.clone(),
@@ -114,7 +115,7 @@ def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
     cells = {k: {"levels": task["levels"][k], "scale": task["scales"][k]} for k in task["levels"]}
     mapping = deploy_cells(net, cells, crossbar_spec(params))
     spare_pes = task["spare_pes"].to(torch.int64)
-    model = TaskModel(net, method, mapping, spare_pes)
+    model = TaskModel(net, method, mapping, spare_pes, bn=task["bn"])
     for name, layer in model.layers().items():
         if keeps_backbone:
             _check_backbone_cells(name, layer, levels, spare_pes)
@@ -176,7 +177,13 @@ def layer_mask_levels(task: dict, mapping: Mapping) -> dict[str, torch.Tensor]:
 
 
 def mask_report(task: dict, mapping: Mapping) -> dict:
-    """Mask level histogram and mask memory (bytes) of a task.pt.
+    """Mask level histogram, mask memory and all-in storage (bytes: `stored_bytes`) of a task.pt."""
+    return _masks(task, mapping) | {"bn": task["bn"], "task_bytes": stored_bytes(task, mapping).total,
+                                    "task_bytes_unpacked": stored_bytes(task, mapping, packed=False).total}
+
+
+def _masks(task: dict, mapping: Mapping) -> dict:
+    """Mask level histogram and mask memory (bytes) of a task.pt (`mask_report`).
 
     Column masks count the columns of frozen PEs only (a spare PE's columns
     carry no mask): K = len(mask_values) values per column, unpacked =
@@ -197,3 +204,14 @@ def mask_report(task: dict, mapping: Mapping) -> dict:
                 "mask_bytes_unpacked": column_mask_bytes(total, 2, packed=False),
                 "mask_bytes_packed": column_mask_bytes(total, 2, packed=False)}  # 1 bit a weight: nothing to pack
     return {"mask_histogram": {}, "masked_units": 0, "mask_bytes_unpacked": 0, "mask_bytes_packed": 0}
+
+
+def stored_bytes(task: dict, mapping: Mapping, packed: bool = True) -> TaskStorage:
+    """A learned task's all-in storage (xbar.memory.task_storage) from its task.pt: its masks, spare PEs,
+    BN rule, head and BN channels."""
+    state = task["model_state"]
+    head = sum(v.numel() for k, v in state.items() if k in ("head.weight", "head.bias"))
+    bn = sum(2 * v.numel() for k, v in state.items() if k.endswith(".running_mean"))  # folded scale + shift
+    shift_levels = len(task["mask_values"]) - 2 if task["column_masks"] else 0
+    return task_storage(task["method"], mapping, shift_levels=shift_levels, spare_pes=task["spare_pes"],
+                        bn_rule=task["bn"], head_params=head, bn_params=bn, packed=packed)

@@ -6,7 +6,7 @@ from xbar.methods.registry import register
 
 class XBM(ColumnMaskMethod):
     name = "xbm"
-    trains = "column binary mask, head, per-task BN"
+    trains = "column binary mask, head (BN: train.bn)"
 
     def mask_shift_levels(self, shift_levels: int) -> int:
         return 0

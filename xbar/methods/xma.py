@@ -6,7 +6,7 @@ from xbar.methods.registry import register
 
 class XMA(ColumnMaskMethod):
     name = "xma"
-    trains = "column shift mask, head, per-task BN"
+    trains = "column shift mask, head (BN: train.bn)"
 
 
 register(XMA())

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 class XMA2(ColumnMaskMethod):
     name = "xma2"
     trains = "spare PEs' weights (4-bit QAT from the backbone's levels), column shift masks on every other PE, " \
-             "head, per-task BN"
+             "head (BN: train.bn)"
     spare_pes = True
 
     def attach(self, model: TaskModel, spec: TaskSpec, train: TrainParams) -> None:
