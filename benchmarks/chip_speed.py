@@ -24,9 +24,9 @@ from workflow.io import load_torch
 from xbar.chip.devices import resolve_device
 from xbar.chip.evaluate import calibration_images, chip_accuracy
 from xbar.chip.forward import AdcConfig
-from xbar.crossbar import map_model
+from xbar.crossbar import map_model, spare_pe_count
 from xbar.data import load_task_data
-from xbar.methods import build_task_model, crossbar_spec, load_task_model, n_spare_pes, quantized_net
+from xbar.methods import build_task_model, crossbar_spec, load_task_model, quantized_net
 from xbar.params import load_params
 from xbar.quant import export_levels
 from xbar.training import accuracy, as_input, seed_everything
@@ -43,7 +43,7 @@ def stand_in(params, name: str, num_classes: int, channels: int, seed: int):  # 
     levels = {k: v for k, v in export_levels(net).items() if k in mapped}
     quant = {"state_dict": net.state_dict(), "num_classes": num_classes, "channels": channels}
     mapping = map_model(net, crossbar_spec(params))
-    spare = torch.randperm(mapping.n_pes)[: n_spare_pes(0.1, mapping.n_pes)]
+    spare = torch.randperm(mapping.n_pes)[: spare_pe_count(0.1, mapping.n_pes)]
     spec = params.tasks[name].model_copy(update={"method": "xma2"})
     model = build_task_model(params, spec, quant, levels, num_classes, spare_pes=spare)
     for layer in model.layers().values():

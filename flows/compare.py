@@ -15,7 +15,12 @@ and mean, forgetting, mask memory, energy), accuracy.csv, matrix.csv (the
 accuracy of every task after each new one), accuracy_vs_ratio.png and
 energy.png; and one MLflow run (tag xbar.kind=comparison) with those files and
 metrics acc/<label>/<task> (accuracy after the last task; label "xma2-p10" for
-XMA2 at P = 10%), which `xbar report --json` reads back.
+XMA2 at P = 10%), which `xbar report --json` reads back. The chip column
+(xbar.chip.sweep: every task on `chip_instances` chips after the last task, the
+paper's 5-bit ADC, params.yaml's device, `chip_images` test images per task) adds
+chip.csv, a section of table.md and metrics chip/<label>/<task>; `chip_sweeps`
+adds accuracy on the chip against ADC bits, device noise and time
+(chip_sweeps.csv, chip_sweeps.png).
 
 `compare` is the entry point (`xbar compare`, and the deployment `compare/compare`
 that `xbar serve` serves with a typed form): it validates the form, picks the task
@@ -46,16 +51,18 @@ from flows.continual import prefect_tags
 from flows.lock import workspace_lock
 from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
 from workflow.tracking import comparison_key, git_commit, tracker
-from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, comparison_table,
-                          configuration_params, configurations, energy_table, markdown, report_markdown,
-                          run_configuration)
+from xbar.chip.sweep import ChipPlan
+from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, chip_sweep_table, chip_table,
+                          comparison_table, configuration_params, configurations, energy_table, markdown,
+                          report_markdown, run_configuration)
 from xbar.errors import UserError
 from xbar.methods import names as method_names
 from xbar.params import Params, ShiftLevels, SpareRatio, load_params
-from xbar.plots import accuracy_vs_ratio, energy_by_method, png
+from xbar.plots import accuracy_vs_ratio, chip_sweeps, energy_by_method, png
 from xbar.step import Backbone
 
 COMPARISON = ARTIFACTS / "comparison"
+CHIP_FILES = {"chip.csv", "chip_sweeps.csv", "chip_sweeps.png"}
 MLFLOW_UI_ENV = "XBAR_MLFLOW_UI"  # where the MLflow UI is, for the run's link (default: `mlflow ui`'s address)
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
 
@@ -74,6 +81,10 @@ ShiftSweep = Annotated[list[ShiftLevels] | None, Field(
     description="The paper's Table 2: run XMA and XMA2 once per number of shift levels N (0..3); empty: each task's own")]
 Workers = Annotated[int | None, Field(gt=0, description="Configurations at once on threads "
                                                          "(default: CPU cores / train.threads)")]
+ChipInstances = Annotated[int, Field(ge=0, description="Chip instances per configuration for the chip column "
+                                                       "(5-bit ADC, params.yaml's device); 0: no chip column")]
+ChipImages = Annotated[int | None, Field(gt=0, description="Test images per task on the chip (a seeded subset); "
+                                                           "empty: the whole test split")]
 
 
 def default_workers(threads: int) -> int:
@@ -112,8 +123,9 @@ def plan_comparison(root: Path, methods: list[str] | None = None, ratios: list[f
 
 @task(name="configuration", task_run_name="{config.label} seed {seed}", cache_policy=NO_CACHE,
       persist_result=False)
-def learn_configuration(params: Params, config: Configuration, backbone: Backbone, seed: int) -> ConfigurationResult:
-    return run_configuration(params.model_copy(update={"seed": seed}), config, backbone)
+def learn_configuration(params: Params, config: Configuration, backbone: Backbone, seed: int,
+                        chip: ChipPlan | None = None) -> ConfigurationResult:
+    return run_configuration(params.model_copy(update={"seed": seed}), config, backbone, chip_plan=chip)
 
 
 def seed_mean(tables: list[pl.DataFrame]) -> pl.DataFrame:
@@ -139,19 +151,35 @@ def seeds_markdown(tables: list[pl.DataFrame], seeds: list[int]) -> str:
 
 
 def write_comparison(folder: Path, table: pl.DataFrame, matrix: pl.DataFrame, extra_markdown: str = "",
-                     rows: pl.DataFrame | None = None) -> list[Path]:
-    """The comparison's files in `folder` (table.csv: `rows` where given, e.g. every seed's); their paths."""
+                     rows: pl.DataFrame | None = None, chip: pl.DataFrame | None = None) -> list[Path]:
+    """The comparison's files in `folder` (table.csv: `rows` where given, e.g. every seed's); their paths.
+    `chip`: the chip rows (xbar.chip.sweep): chip.csv, and with sweeps chip_sweeps.csv and .png."""
     files = {
         "table.csv": (table if rows is None else rows).write_csv().encode(),
-        "table.md": (report_markdown(table) + extra_markdown).encode(),
+        "table.md": (report_markdown(table, chip) + extra_markdown).encode(),
         "accuracy.csv": accuracy_table(table).write_csv().encode(),
         "matrix.csv": matrix.write_csv().encode(),
         "accuracy_vs_ratio.png": png(accuracy_vs_ratio(table)),
         "energy.png": png(energy_by_method(table)),
     }
+    if chip is not None and chip.height:
+        files["chip.csv"] = chip.write_csv().encode()
+        sweep = chip_sweep_table(chip)
+        if sweep.height:
+            files["chip_sweeps.csv"] = sweep.write_csv().encode()
+            files["chip_sweeps.png"] = png(chip_sweeps(sweep))
     for name, data in files.items():
         atomic_write_bytes(folder / name, data)
+    for name in CHIP_FILES - set(files):  # an earlier comparison's chip files would pass for this one's
+        (folder / name).unlink(missing_ok=True)
     return [folder / name for name in files]
+
+
+def chip_means(table: pl.DataFrame) -> dict[str, float]:
+    """label -> the chip column's mean over the tasks ({} when the chip was not measured)."""
+    measured = table.filter(pl.col("chip_mean").is_not_null())
+    return {r["label"]: r["mean"] for r in accuracy_table(measured, "chip_mean").iter_rows(named=True)} \
+        if measured.height else {}
 
 
 def comparison_metrics(table: pl.DataFrame) -> dict[str, float]:
@@ -165,6 +193,9 @@ def comparison_metrics(table: pl.DataFrame) -> dict[str, float]:
             out[f"{metric}/{key}/{row['task']}"] = row[column]
     for row in accuracy_table(table).iter_rows(named=True):
         out[f"acc/{comparison_key(row['label'])}/mean"] = row["mean"]
+    for row in table.filter(pl.col("chip_mean").is_not_null()).iter_rows(named=True):
+        out[f"chip/{comparison_key(row['label'])}/{row['task']}"] = row["chip_mean"]
+    out |= {f"chip/{comparison_key(label)}/mean": mean for label, mean in chip_means(table).items()}
     for row in energy_table(table).iter_rows(named=True):
         key = comparison_key(row["label"])
         out |= {f"mask_bytes/{key}": row["mask_bytes"], f"inference_j/{key}": row["inference_j"],
@@ -196,7 +227,7 @@ def mlflow_run_url(experiment_id: str, run_id: str) -> str:
 @flow(name="configurations", task_runner=ThreadPoolTaskRunner(max_workers=default_workers(2)))
 def learn_configurations(methods: list[str] | None = None, ratios: list[float] | None = None,
                          seeds: list[int] | None = None, bn_ablation: str | None = None,
-                         shift_levels: list[int] | None = None) -> dict[str, Any]:
+                         shift_levels: list[int] | None = None, chip: ChipPlan | None = None) -> dict[str, Any]:
     """Every method on every task of params.yaml, one Prefect task per configuration (and seed)."""
     root = Path.cwd()
     logger = get_run_logger()
@@ -212,14 +243,16 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     with closed_run("comparison", tags) as run_id:
         logger.info(f"MLflow run {run_id}: {len(configs)} configurations x {len(params.tasks)} tasks x "
                     f"{len(seeds)} seed(s)")
-        futures = [[learn_configuration.submit(params, c, backbone, seed) for c in configs] for seed in seeds]
-        per_seed = [comparison_table([f.result() for f in row]) for row in futures]
+        futures = [[learn_configuration.submit(params, c, backbone, seed, chip) for c in configs] for seed in seeds]
+        results = [[f.result() for f in row] for row in futures]
+        per_seed = [comparison_table(row) for row in results]
+        chip_rows = pl.concat([chip_table(row).with_columns(seed=pl.lit(s)) for row, s in zip(results, seeds)])
         tables = [t for t, _ in per_seed]
         rows = pl.concat([t.with_columns(seed=pl.lit(s)) for t, s in zip(tables, seeds)])
         matrix = pl.concat([m.with_columns(seed=pl.lit(s)) for (_, m), s in zip(per_seed, seeds)])
         table = tables[0] if len(seeds) == 1 else seed_mean(tables)
         extra = "" if len(seeds) == 1 else "\n" + seeds_markdown(tables, seeds)
-        files = write_comparison(root / COMPARISON, table, matrix, extra, rows)
+        files = write_comparison(root / COMPARISON, table, matrix, extra, rows, chip_rows)
         with tracker() as t:
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
                                   "ratios": ",".join(f"{c.spare_ratio:g}" for c in configs if c.spare_ratio),
@@ -227,6 +260,9 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
                                   "preset": params.energy.preset, "bn": params.train.bn,
                                   "bn_ablation": bn_ablation or "",
                                   "shift_levels": ",".join(map(str, shift_levels or [])),
+                                  "chip_instances": chip.instances if chip else 0,
+                                  "chip_images": (chip.images or "all") if chip else "",
+                                  "chip_sweeps": bool(chip and chip.sweeps),
                                   **{f"epochs.{n}": s.epochs for n, s in params.tasks.items()}},
                   metrics=comparison_metrics(table))
             for path in files:
@@ -236,14 +272,16 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     accuracy = {r["label"]: {n: r[n] for n in params.tasks} | {"mean": r["mean"]}
                 for r in accuracy_table(table).iter_rows(named=True)}
     return {"mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "folder": str(COMPARISON),
-            "accuracy": accuracy, "seeds": seeds, "markdown": (report_markdown(table) + extra)}
+            "accuracy": accuracy, "seeds": seeds, "markdown": (report_markdown(table, chip_rows) + extra),
+            "chip": chip_means(table)}
 
 
 @flow(name="compare", validate_parameters=True)
 def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIOS), seeds: Seeds = None,  # noqa: B006
             dask_address: DaskAddress = None, workers: Workers = None,
-            dask: bool = False, bn_ablation: BnAblation = None,
-            shift_levels: ShiftSweep = None) -> dict[str, Any] | State:
+            dask: bool = False, bn_ablation: BnAblation = None, shift_levels: ShiftSweep = None,
+            chip_instances: ChipInstances = 2, chip_images: ChipImages = 200,
+            chip_sweeps: bool = False) -> dict[str, Any] | State:
     """Compare the methods on every task of params.yaml (the paper's Tables 2-3); needs the backbone.
 
     Args:
@@ -255,15 +293,19 @@ def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIO
         dask: Start a local Dask cluster of `workers` processes (when no address is given).
         bn_ablation: Also run every mask method with this BN rule (frozen or per_task).
         shift_levels: Run XMA and XMA2 once per number of shift levels N (the paper's Table 2).
+        chip_instances: Chip instances per configuration for the chip column; 0: none.
+        chip_images: Test images per task on the chip (a seeded subset); empty: all.
+        chip_sweeps: Also accuracy on the chip against ADC bits 4..8, device noise and time (plots).
     """
     try:
         params, _ = plan_comparison(Path.cwd(), methods, ratios, bn_ablation, shift_levels)
     except UserError as err:  # the run's state is the one line, its log has no traceback
         return Failed(message=str(err))
     runner = task_runner(dask, dask_address, workers or default_workers(params.train.threads))
+    chip = ChipPlan(chip_instances, chip_images, chip_sweeps) if chip_instances else None
     result = learn_configurations.with_options(task_runner=runner)(methods=methods, ratios=ratios, seeds=seeds,
-                                                                         bn_ablation=bn_ablation,
-                                                                         shift_levels=shift_levels)
+                                                                   bn_ablation=bn_ablation,
+                                                                   shift_levels=shift_levels, chip=chip)
     publish(result)
     return {k: v for k, v in result.items() if k != "markdown"}
 
@@ -283,11 +325,13 @@ def publish(result: dict[str, Any]) -> None:
 def run_comparison(methods: list[str] | None = None, ratios: list[float] | None = None, dask: bool = False,
                    dask_address: str | None = None, workers: int | None = None,
                    seeds: list[int] | None = None, bn_ablation: str | None = None,
-                   shift_levels: list[int] | None = None) -> dict[str, Any]:
+                   shift_levels: list[int] | None = None, chip_instances: int = 2, chip_images: int | None = 200,
+                   chip_sweeps: bool = False) -> dict[str, Any]:
     """The `compare` flow in this process (what `xbar compare` runs)."""
     return compare(methods=methods or list(method_names()), ratios=list(RATIOS) if ratios is None else ratios,
                    seeds=seeds, dask_address=dask_address, workers=workers, dask=dask, bn_ablation=bn_ablation,
-                   shift_levels=shift_levels)
+                   shift_levels=shift_levels, chip_instances=chip_instances, chip_images=chip_images,
+                   chip_sweeps=chip_sweeps)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from xbar import step
 from xbar.chip.deployment import load_chip
 from xbar.chip.layout import ChipLayout
 from xbar.data import TaskData, load_task_data
-from xbar.energy.presets import resolve_preset
+from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.methods import get
 from xbar.params import Params
@@ -44,7 +44,7 @@ def accuracies_now(params: Params, upto: str) -> tuple[dict[str, float], TaskDat
     chip = load_chip(task_dir(upto) / "deployment.json", layout, backbone.cells)
     tasks = {name: load_torch(task_dir(name) / "task.pt") for name in names}
     data = {name: load_task_data(params.tasks[name].dataset, params.seed) for name in names}
-    preset = resolve_preset(params.energy.preset, params.energy.overrides)
+    preset = energy_preset(params)
     return step.evaluate_chip(params, chip, layout, tasks, backbone, data, preset), data[upto]
 
 

@@ -22,7 +22,7 @@ from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet,
                            write_json)
 from xbar.chip.deployment import chip_files, learn_on_chip, load_chip
 from xbar.chip.layout import ChipLayout, backbone_mapping
-from xbar.energy.presets import resolve_preset
+from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.params import FIRST_AFTER, Params
 
@@ -32,7 +32,7 @@ TENSORS = "deployment.pt"
 def run(params: Params, task: str) -> None:
     names = list(params.tasks)
     index = names.index(task)
-    preset = resolve_preset(params.energy.preset, params.energy.overrides)
+    preset = energy_preset(params)
     levels_pt = load_torch(BACKBONE / "levels.pt")
     levels = {name: entry["levels"] for name, entry in levels_pt.items()}
     mapping = backbone_mapping(params.model, params.crossbar, levels_pt)

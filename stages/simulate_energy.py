@@ -24,7 +24,7 @@ from xbar.chip.deployment import programming_energy
 from xbar.chip.layout import backbone_mapping
 from xbar.data import load_task_data
 from xbar.energy.layer_io import model_io
-from xbar.energy.presets import resolve_preset
+from xbar.energy.presets import energy_preset
 from xbar.energy.typical import typical_methods
 from xbar.params import Params
 
@@ -66,7 +66,7 @@ def plot(layers: pl.DataFrame, methods: dict, task: str, path: Path) -> None:
 
 def run(params: Params, task: str) -> None:
     spec = params.tasks[task]
-    preset = resolve_preset(params.energy.preset, params.energy.overrides)
+    preset = energy_preset(params)
     levels_pt = load_torch(BACKBONE / "levels.pt")
     mapping = backbone_mapping(params.model, params.crossbar, levels_pt)
     t = load_torch(task_dir(task) / "task.pt")

@@ -13,6 +13,7 @@ Runs, all in one experiment (`xbar`):
   params, `accuracy_at_learn`, `acc/<task>` of every task learned so far at step k (the
   forgetting matrix), forgetting, spare PEs, mask bytes, energy, the dataset input, the git
   commit and DVC stage hashes as tags, and the task's artifacts;
+* `xbar chip` adds the chip's accuracy to each task's run (`log_chip`: chip/<setting>/...);
 * one **comparison** run per `xbar compare` (tag `xbar.kind=comparison`, flows/compare.py):
   `acc/<label>/<task>` after the last task (label `xma2-p10` for XMA2 at P = 10%, see
   `comparison_key`), the comparison's tables and plots as artifacts.
@@ -327,6 +328,42 @@ def _log_task_run(t: Tracker, run_id: str, params: Params, record: TaskRecord) -
     t.log_bytes(run_id, record.matrix_png, "plots/accuracy_matrix.png")
     for stage in ("rank", "train", "program", "energy"):
         t.log_artifact(run_id, task_metrics(task, stage), "metrics")
+
+
+def chip_setting(result: dict, adc_bits: int | None = None) -> str:
+    """The metric prefix of one chip setting: "paper-adc5", "+ -t86400s" after drift, "+ -differential" /
+    "-full" off the defaults (crossbar.signed offset, chip.adc_range calibrated)."""
+    bits = result["adc_bits"] if adc_bits is None else adc_bits
+    parts = [result["device"], f"adc{bits}"]
+    if result.get("time_s"):
+        parts.append(f"t{result['time_s']:g}s")
+    parts += [v for v, default in ((result.get("signed"), "offset"), (result.get("adc_range"), "calibrated"))
+              if v not in (None, default)]
+    return "-".join(parts)
+
+
+def log_chip(t: Tracker, result: dict, digests: dict[str, str]) -> dict[str, str | None]:
+    """`xbar chip`'s numbers (its --json object) on each task's run: the newest run whose gate passed for
+    this very task.pt (by digest), which `xbar report` reads too. Per setting (`chip_setting`) metrics
+    chip/<setting>/{ideal, chip_mean, chip_std, chip_min} (and device_forgetting with --switches), and the
+    object as artifact chip/<setting>.json (adc_bits, device, instances, time, range, scheme). Returns
+    task -> run id (None: the task has no such run, e.g. MLflow was reset since it was learned)."""
+    sweep = result.get("sweep") or {str(result["adc_bits"]): result["tasks"]}
+    out: dict[str, str | None] = {}
+    for task, digest in digests.items():
+        runs = t.find(f"tags.`xbar.task` = '{task}' AND tags.`xbar.task_digest` = '{digest}' "
+                      "AND tags.`xbar.gate` = 'passed'")
+        out[task] = run_id = runs[0].info.run_id if runs else None
+        if run_id is None:
+            continue
+        for bits, tasks in sweep.items():
+            key = chip_setting(result, int(bits))
+            numbers = {k: v for k, v in tasks[task].items() if isinstance(v, int | float)}
+            head = {k: v for k, v in result.items() if k not in ("tasks", "sweep")} | {"adc_bits": int(bits)}
+            t.log(run_id, metrics={f"chip/{key}/{k}": v for k, v in numbers.items()})
+            t.log_bytes(run_id, json.dumps({**head, "tasks": {task: tasks[task]}}, indent=2).encode(),
+                        f"chip/{key}.json")
+    return out
 
 
 def report(t: Tracker) -> dict:

@@ -172,6 +172,8 @@ def energy(
     preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
     spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
     inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),
+    adc_bits: int = typer.Option(5, "--adc-bits", help="ADC bits per conversion, 1..16 (crossbar.adc_bits' "
+                                 "default, 5; the preset's ADC is booked at it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Energy of fine-tuning, Piggyback, XBM, XMA and XMA2 for one new task on a model (no weights needed):
@@ -181,14 +183,16 @@ def energy(
     from rich.table import Table
 
     from xbar.energy.named import named_energy
-    from xbar.params import SpareRatio, check_value
+    from xbar.params import AdcBits, SpareRatio, check_value
 
-    result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences)
+    check_value(AdcBits, adc_bits, "--adc-bits")
+    result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences,
+                          adc_bits=adc_bits)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     a = result["assumptions"]
-    table = Table(title=f"{model}, preset {preset}, {a['spare_pes']} spare PEs of {a['pes']}, "
+    table = Table(title=f"{model}, preset {preset}, {adc_bits}-bit ADC, {a['spare_pes']} spare PEs of {a['pes']}, "
                         f"{inferences} inference(s) per task")
     for col in ("method", "inference J", "re-programming J", "total J", "cells written", "total / XMA2"):
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -220,20 +224,20 @@ def chip(
     switches: int = typer.Option(0, "--switches", help="Also run each task again after N switches of the chip "
                                  "back to it (fresh spare-PE programming each): device-caused forgetting."),
     sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
+    mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the numbers to each task's MLflow run."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Every learned task on M seeded chip instances (ADC, device noise, stuck cells, drift) next to its
-    ideal accuracy; needs the pipeline's artifacts (artifacts/backbone/levels.pt, artifacts/tasks/*/task.pt)."""
+    ideal accuracy; needs the pipeline's artifacts (artifacts/backbone/levels.pt, artifacts/tasks/*/task.pt).
+    The numbers also go to each task's MLflow run (metrics chip/<device>-adc<bits>/...)."""
     import json
     import math
     from pathlib import Path
 
-    from workflow.io import BACKBONE, load_torch, task_dir
+    from workflow.chip import run_chip
     from xbar.chip.devices import parse_settings
-    from xbar.chip.evaluate import chip_settings, evaluate_tasks
-    from xbar.data import load_task_data
+    from xbar.chip.evaluate import chip_settings
     from xbar.params import load_params
-    from xbar.training import seed_everything
 
     if adc_bits is not None and not 1 <= adc_bits <= 16:
         raise UserError(f"--adc-bits: {adc_bits} is outside 1..16")
@@ -247,27 +251,7 @@ def chip(
     preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range)
     m = params.chip.instances if instances is None else instances
     t = params.chip.time_s if time_s is None else time_s
-    learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]
-    if not learned:
-        raise UserError("no learned task (artifacts/tasks/<task>/task.pt): run the pipeline first (dvc repro)")
-    seed_everything(params.seed, params.train.threads)
-    levels = load_torch(BACKBONE / "levels.pt")
-    tasks = {n: load_torch(task_dir(n) / "task.pt") for n in learned}
-    data = {}
-    for n in learned:
-        data[n] = load_task_data(params.tasks[n].dataset, params.seed)
-        if data[n].digest != tasks[n]["dataset_digest"]:
-            raise UserError(f"task {n}: its data changed since it was learned (digest {data[n].digest} != "
-                            f"{tasks[n]['dataset_digest']}); restore the dataset")
-    head = {"device": preset.name, "instances": m, "time_s": t, "adc_range": adc.range, "signed": adc.signed}
-    if sweep:
-        from dataclasses import replace
-
-        result = {**head, "adc_bits": list(range(4, 9)), "sweep": {
-            str(b): evaluate_tasks(params, tasks, levels, data, preset, replace(adc, bits=b), m, t) for b in range(4, 9)}}
-    else:
-        result = {"adc_bits": adc.bits, **head,
-                  "tasks": evaluate_tasks(params, tasks, levels, data, preset, adc, m, t, switches)}
+    result = run_chip(params, preset, adc, m, t, switches, sweep, mlflow)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -391,6 +375,12 @@ def compare(
                                            "rule (frozen or per_task), next to params.yaml's train.bn."),
     shift_levels: list[str] | None = typer.Option(None, "--shift-levels", help="The paper's Table 2: XMA and XMA2 "
                                                   "once per number of shift levels N, e.g. 0,1,2,3."),
+    chip_instances: int = typer.Option(2, "--chip-instances", help="Chip instances per configuration for the chip "
+                                       "column (5-bit ADC, params.yaml's device); 0: no chip column."),
+    chip_images: int = typer.Option(200, "--chip-images", help="Test images per task on the chip (a seeded "
+                                    "subset; the chip forward is ~12x the ideal one); 0: the whole test split."),
+    chip_sweeps: bool = typer.Option(False, "--chip-sweeps", help="Also accuracy on the chip against ADC bits "
+                                     "4..8, device noise and time since programming (chip_sweeps.png)."),
 ) -> None:
     """Every method (XMA2 at each spare-PE ratio) learns every task of params.yaml in order, one Prefect task
     per configuration (and seed); writes artifacts/comparison/ and one MLflow run (needs the backbone: `make run`)."""
@@ -408,6 +398,10 @@ def compare(
         raise UserError(f"--seeds: expected whole numbers such as 0,1,2, got {' '.join(seeds)!r}") from None
     if seed_list is not None and (not seed_list or min(seed_list) < 0):
         raise UserError("--seeds: expected one or more whole numbers >= 0")
+    if chip_instances < 0:
+        raise UserError(f"--chip-instances: {chip_instances} is below 0 (0: no chip column)")
+    if chip_images < 0:
+        raise UserError(f"--chip-images: {chip_images} is below 0 (0: the whole test split)")
     names = _list_option(methods)
     if bn_ablation is not None:
         from xbar.params import BnRule, check_value
@@ -424,14 +418,20 @@ def compare(
     from flows.compare import run_comparison
 
     try:
-        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels)
+        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels,
+                                chip_instances, chip_images or None, chip_sweeps)
     except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
         raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
     print("test accuracy (%) after the last task:")
-    print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]))
+    chip = result.get("chip") or {}
+    print(f"{'':20s}" + "".join(f"{t:>12s}" for t in [*tasks, "mean"]) + (f"{'chip mean':>12s}" if chip else ""))
     for label, accs in result["accuracy"].items():
-        print(f"{label:20s}" + "".join(f"{accs[t]:12.2f}" for t in [*tasks, "mean"]))
+        print(f"{label:20s}" + "".join(f"{accs[t]:12.2f}" for t in [*tasks, "mean"])
+              + (f"{chip[label]:12.2f}" if label in chip else ""))
+    if chip:
+        print(f"chip mean: on {chip_instances} chip instance(s), 5-bit ADC, params.yaml's device, "
+              f"{chip_images or 'all'} test images per task (ideal on the same images: table.md)")
     print(f"tables and plots in {result['folder']}/; MLflow run {result['mlflow_run_id']}")
 
 

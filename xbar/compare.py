@@ -24,17 +24,18 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import polars as pl
 import torch
 
 from xbar import step
 from xbar.chip.deployment import learn_on_chip, new_chip
+from xbar.chip.sweep import CHIP_SCHEMA, ChipPlan, chip_rows
 from xbar.chip.layout import ChipLayout
 from xbar.crossbar import spare_pe_count
 from xbar.data import TaskData, load_task_data
-from xbar.energy.presets import resolve_preset
+from xbar.energy.presets import energy_preset
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
 from xbar.params import Params, ShiftLevels, SpareRatio, check_value, parse_params
@@ -129,6 +130,8 @@ class ConfigurationResult:
     config: Configuration
     tasks: pl.DataFrame  # TASK_SCHEMA, one row per task in learning order
     matrix: pl.DataFrame  # MATRIX_SCHEMA: accuracy of `task` after `after` was learned
+    # every task on the chip after the last task (xbar.chip.sweep); none unless a ChipPlan was given
+    chip: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CHIP_SCHEMA))
 
 
 def mask_digest(task: dict) -> str:
@@ -143,13 +146,15 @@ def mask_digest(task: dict) -> str:
 
 
 def run_configuration(params: Params, config: Configuration, backbone: Backbone,
-                      data: Mapping[str, TaskData] | None = None) -> ConfigurationResult:
-    """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None."""
+                      data: Mapping[str, TaskData] | None = None,
+                      chip_plan: ChipPlan | None = None) -> ConfigurationResult:
+    """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None.
+    `chip_plan`: then evaluate every task on the chip (the chip column, and the sweeps if asked)."""
     run = configuration_params(params, config)
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
     chip = new_chip(layout, backbone.cells, spare_pe_count(run.crossbar.spare_pe_ratio, mapping.n_pes))
-    preset = resolve_preset(run.energy.preset, run.energy.overrides)
+    preset = energy_preset(run)
     loaded: dict[str, TaskData] = {}
     learned: dict[str, dict] = {}  # task -> task.pt contents, in learning order
     rows, matrix = [], []
@@ -183,8 +188,9 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
             "total_j": inference_j + programming.reprogram_j, "test_images": len(task_data.test),
             "mask_digest": mask_digest(task), "seconds": seconds,
         })
-    return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA),
-                               pl.DataFrame(matrix, schema=MATRIX_SCHEMA))
+    on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
+    return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),
+                               *([] if on_chip is None else [on_chip]))
 
 
 # --- tables ------------------------------------------------------------------------------------------
@@ -194,7 +200,9 @@ def comparison_table(results: Sequence[ConfigurationResult]) -> tuple[pl.DataFra
     """(one row per configuration and task, the accuracy matrix), in configuration order.
 
     Adds `accuracy_final` (after the configuration's last task) and `forgetting` (at learn - final):
-    zero for every mask method by construction, positive for finetune_shared.
+    zero for every mask method by construction, positive for finetune_shared; and the chip column
+    (xbar.chip.sweep, null where not measured): `chip_mean` / `chip_std` / `chip_min` over the
+    instances at the paper's 5-bit ADC, with `chip_ideal`, the ideal accuracy on the same test images.
     """
     if not results:
         raise ValueError("no configuration results")
@@ -203,11 +211,28 @@ def comparison_table(results: Sequence[ConfigurationResult]) -> tuple[pl.DataFra
     last = tasks.group_by("label").agg(pl.col("task").sort_by("order").last().alias("after"))
     final = (matrix.join(last, on=["label", "after"])
              .select("label", "task", pl.col("accuracy").alias("accuracy_final")))
+    column = (chip_table(results).filter(pl.col("sweep") == "column")
+              .select("label", "task", pl.col("ideal").alias("chip_ideal"), "chip_mean", "chip_std", "chip_min"))
     table = (tasks.join(final, on=["label", "task"], how="left", maintain_order="left")
+             .join(column, on=["label", "task"], how="left", maintain_order="left")
              .with_columns(forgetting=pl.col("accuracy_at_learn") - pl.col("accuracy_final")))
     first = ["label", "method", "spare_ratio", "task", "order", "dataset", "accuracy_at_learn", "accuracy_final",
-             "forgetting"]
+             "forgetting", "chip_mean"]
     return table.select(*first, pl.exclude(first)), matrix
+
+
+def chip_table(results: Sequence[ConfigurationResult]) -> pl.DataFrame:
+    """Every configuration's chip rows (CHIP_SCHEMA), in configuration order."""
+    return pl.concat([r.chip for r in results]) if results else pl.DataFrame(schema=CHIP_SCHEMA)
+
+
+def chip_sweep_table(chip: pl.DataFrame) -> pl.DataFrame:
+    """Per sweep point and configuration: chip accuracy (mean over the tasks of the instances' mean), the
+    spread over instances (mean of the tasks' std) and the ideal accuracy on the same images: the plots' data."""
+    return (chip.filter(pl.col("sweep") != "column")
+            .group_by("sweep", "x", "label", maintain_order=True)
+            .agg(pl.col("chip_mean").mean(), pl.col("chip_std").mean(), pl.col("ideal").mean(),
+                 pl.col("device").first(), pl.col("instances").first(), pl.col("images").sum()))
 
 
 def accuracy_table(table: pl.DataFrame, column: str = "accuracy_final") -> pl.DataFrame:
@@ -235,9 +260,26 @@ def markdown(df: pl.DataFrame, digits: int = 4) -> str:
         return str(df.with_columns(floats))
 
 
-def report_markdown(table: pl.DataFrame) -> str:
-    """table.md: accuracy per task and mean (Table 3), forgetting, mask memory and energy (Table 2,
-    Figure 5), then every row."""
+def chip_markdown(table: pl.DataFrame, chip: pl.DataFrame) -> str:
+    """The chip column: per configuration the chip's accuracy per task and mean, the ideal accuracy on the
+    same test images, the difference and the spread over instances ("" when not measured)."""
+    column = chip.filter(pl.col("sweep") == "column")
+    if not column.height:
+        return ""
+    wide = accuracy_table(table.filter(pl.col("chip_mean").is_not_null()), "chip_mean")
+    summary = table.group_by("label", maintain_order=True).agg(
+        ideal=pl.col("chip_ideal").mean(), std=pl.col("chip_std").mean())
+    wide = (wide.join(summary, on="label", maintain_order="left")
+            .with_columns(chip_minus_ideal=pl.col("mean") - pl.col("ideal")).with_columns(pl.col(pl.Float64).round(2)))
+    first = column.row(0, named=True)
+    return (f"## Accuracy on the chip (%): {first['adc_bits']}-bit ADC, device {first['device']}, mean of "
+            f"{first['instances']} chip instances on up to {column['images'].max()} test images per task (ideal: the same "
+            f"images; std: spread over instances, points)\n\n" + markdown(wide, digits=6))
+
+
+def report_markdown(table: pl.DataFrame, chip: pl.DataFrame | None = None) -> str:
+    """table.md: accuracy per task and mean (Table 3), forgetting, the chip column, mask memory and energy
+    (Table 2, Figure 5), then every row."""
     energy = energy_table(table).with_columns(pl.col(c) * 1e3 for c in ("inference_j", "reprogram_j", "total_j"))
     energy = energy.rename({"inference_j": "inference_mj", "reprogram_j": "reprogram_mj", "total_j": "total_mj"})
 
@@ -248,6 +290,7 @@ def report_markdown(table: pl.DataFrame) -> str:
         "# Method comparison", "## Test accuracy (%) after the last task", points("accuracy_final"),
         "## Test accuracy (%) when learned", points("accuracy_at_learn"),
         "## Forgetting (points: when learned - after the last task)", points("forgetting"),
+        *([chip_markdown(table, chip)] if chip is not None and chip.height else []),
         "## Mask memory and all-in storage (bytes per task, packed: masks + re-programmed cells + per-task "
         "BN + head) and energy (summed over the tasks; inference over each "
         "task's test set)", markdown(energy.drop("method", "spare_ratio")),

@@ -43,6 +43,7 @@ SpareRatio = Annotated[float, Field(gt=0, le=1, description="Share of PEs replac
 # adder tree whose bytes and energy the task is charged.
 BnRule = Literal["frozen", "per_task"]
 ShiftLevels = Annotated[int, Field(ge=0, le=3, description="Column-mask shift levels 0..3 (0 = binary mask, XBM)")]
+AdcBits = Annotated[int, Field(ge=1, le=16, description="ADC bits per column conversion, 1..16")]
 
 
 class CrossbarParams(Frozen):
@@ -54,9 +55,9 @@ class CrossbarParams(Frozen):
     # spare PEs the chip is built with, as a share of the backbone's PEs: an xma2
     # task's spare_ratio may not exceed it (the comparison sweeps up to 40%)
     spare_pe_ratio: SpareRatio = 0.4
-    # the column ADC (bits per conversion): the chip forward's precision (xbar.chip); the energy
-    # presets still book their own ADC (5 bits: paper, neurosim-22nm; 6: mnsim-45nm)
-    adc_bits: Annotated[int, Field(ge=1, le=16)] = 5
+    # the column ADC (bits per conversion), one setting: the chip forward digitizes with it (xbar.chip)
+    # and the energy model books its conversions at it (xbar.energy.presets, `at_adc_bits`)
+    adc_bits: AdcBits = 5
     # signed weights on the chip forward: offset (u = w + L, the mapping's encoding) or differential
     # (a positive and a negative array, subtracted in analog); mapping and energy stay offset-encoded
     signed: Literal["offset", "differential"] = "offset"
@@ -162,7 +163,9 @@ class EnergyParams(Frozen):
 class ChipParams(Frozen):
     """The chip as it computes (xbar.chip): device model, instances, time since programming, ADC range."""
 
-    device: str = "paper"  # a device preset of xbar.chip.devices (checked where it is used)
+    # a device preset of xbar.chip.devices (checked where it is used); None: energy.preset's name, so
+    # one name selects the energy constants and the device model of the same technology (xbar.presets)
+    device: str | None = None
     overrides: dict[str, float | list[float] | bool] = {}  # any device constant by name
     instances: PositiveInt = 5  # seeded chip instances: seed .. seed + instances - 1
     time_s: Annotated[float, Field(ge=0)] = 0.0  # seconds since programming (drift, relaxation)

@@ -8,6 +8,8 @@ beside other threads and needs no display. `png(fig)` gives the file's bytes.
   ratio P, the other methods as horizontal lines (one panel per task + mean).
 * `energy_by_method`: the comparison's energy per method, inference and
   re-programming stacked (the paper's Figure 5), one panel per task + all tasks.
+* `chip_sweeps`: the comparison's accuracy on the chip against ADC bits, device
+  noise and time since programming, one line per configuration.
 """
 
 from __future__ import annotations
@@ -88,6 +90,38 @@ def energy_by_method(table: pl.DataFrame) -> Figure:
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("energy per method: inference (test set) + re-programming")
+    return fig
+
+
+CHIP_AXES = {"adc_bits": ("ADC bits", "linear"), "noise": ("device noise (x the preset's sigmas)", "linear"),
+             "time": ("seconds since programming", "symlog")}
+
+
+def chip_sweeps(sweep: pl.DataFrame) -> Figure:
+    """`sweep`: xbar.compare.chip_sweep_table (sweep, x, label, chip_mean, chip_std, ideal): accuracy on the
+    chip (mean over the tasks) against ADC bits, device noise and time, one line per configuration; its
+    ideal accuracy on the same images dotted."""
+    names = [s for s in CHIP_AXES if s in set(sweep["sweep"].to_list())]
+    fig, axes = _panels(max(len(names), 1), width=4.4)
+    labels = sweep["label"].unique(maintain_order=True).to_list()
+    for ax, name in zip(axes, names):
+        rows = sweep.filter(pl.col("sweep") == name).sort("x")
+        for i, label in enumerate(labels):
+            line = rows.filter(pl.col("label") == label)
+            x = line["x"].to_list()
+            ax.errorbar(x, line["chip_mean"].to_list(), yerr=line["chip_std"].to_list(), fmt="o-", ms=3,
+                        color=f"C{i % 10}", label=label, capsize=2)
+            ax.plot(x, line["ideal"].to_list(), ":", color=f"C{i % 10}", linewidth=1)
+        xlabel, scale = CHIP_AXES[name]
+        ax.set_xscale(scale, **({"linthresh": 1.0} if scale == "symlog" else {}))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy on the chip (%, mean over tasks)")
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0].legend(fontsize=7)
+        first = sweep.row(0, named=True)
+        fig.suptitle(f"accuracy on the chip (device {first['device']}, {first['instances']} instances; "
+                     "dotted: ideal on the same images)")
     return fig
 
 

@@ -365,3 +365,26 @@ def test_xbar_chip_refuses_bad_input_in_one_line(args, words):
     lines = [line for line in out.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), out.output
     assert re.search(words, lines[0])
+
+
+@pytest.mark.parametrize(("section", "values", "words"), [
+    ("crossbar", {"adc_bits": 0}, "adc_bits"), ("crossbar", {"adc_bits": 17}, "adc_bits"),
+    ("chip", {"device": "nope"}, "unknown preset"), ("chip", {"overrides": {"sigma": 0.1}}, "unknown constant"),
+    ("chip", {"overrides": {"read_sigma": -0.1}}, "must be >= 0"), ("chip", {"instances": 0}, "instances"),
+    ("chip", {"overrides": {"stuck_low": 1.5}}, r"\[0, 1\]"), ("energy", {"preset": "nope"}, "unknown preset"),
+])
+def test_xbar_chip_refuses_bad_params_in_one_line(tmp_path, monkeypatch, section, values, words):
+    """The same refusals when the bad value comes from params.yaml (before any artifact is read)."""
+    import yaml
+
+    from project import tiny_params
+
+    data = tiny_params({"digits": {}})
+    data[section] = {**data.get(section, {}), **values}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(tmp_path)
+    out = CliRunner().invoke(app, ["chip", "--no-mlflow"])
+    assert out.exit_code == 2
+    lines = [line for line in out.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), out.output
+    assert re.search(words, lines[0])

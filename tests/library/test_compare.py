@@ -156,6 +156,112 @@ def test_plots_draw_the_sweep_and_the_stacked_energy(table):
     assert png(fig)[:4] == b"\x89PNG"
 
 
+# --- the chip column and the sweeps ---------------------------------------------------------------------
+
+
+def chip_frame(label: str, chip: list[float], ideal: list[float], sweeps: bool = False) -> pl.DataFrame:
+    """Chip rows over TASKS: the column, and an ADC sweep losing (8 - bits) points below ideal."""
+    from xbar.chip.sweep import CHIP_SCHEMA
+
+    base = {"label": label, "device": "paper", "noise_scale": 1.0, "time_s": 0.0, "instances": 2, "images": 50,
+            "chip_std": 0.5}
+    rows = [base | {"task": t, "sweep": "column", "x": 5.0, "adc_bits": 5, "ideal": ideal[i], "chip_mean": chip[i],
+                    "chip_min": chip[i] - 1} for i, t in enumerate(TASKS)]
+    if sweeps:
+        rows += [base | {"task": t, "sweep": "adc_bits", "x": float(b), "adc_bits": b, "ideal": ideal[i],
+                         "chip_mean": ideal[i] - (8 - b), "chip_min": ideal[i] - (8 - b)}
+                 for b in range(4, 9) for i, t in enumerate(TASKS)]
+    return pl.DataFrame(rows, schema=CHIP_SCHEMA)
+
+
+@pytest.fixture
+def chip_table_rows():
+    from dataclasses import replace
+
+    results = [fake_result("piggyback", [85.0, 75.0], [[85.0], [85.0, 75.0]]),
+               fake_result("xma2@10", [88.0, 70.0], [[88.0], [88.0, 70.0]], 0.1),
+               fake_result("xbm", [80.0, 60.0], [[80.0], [80.0, 60.0]])]
+    results[0] = replace(results[0], chip=chip_frame("piggyback", [80.0, 70.0], [84.0, 76.0], sweeps=True))
+    results[1] = replace(results[1], chip=chip_frame("xma2@10", [87.0, 68.0], [88.0, 70.0], sweeps=True))
+    return results  # xbm: not measured on the chip
+
+
+def test_the_chip_column_joins_each_task_and_stays_empty_where_not_measured(chip_table_rows):
+    from flows.compare import chip_means, comparison_metrics
+    from xbar.compare import chip_table
+
+    table, _ = comparison_table(chip_table_rows)
+    by = {(r["label"], r["task"]): r for r in table.iter_rows(named=True)}
+    assert by[("xma2@10", "faces")]["chip_mean"] == 68.0 and by[("xma2@10", "faces")]["chip_ideal"] == 70.0
+    assert by[("piggyback", "digits")]["chip_min"] == 79.0
+    assert by[("xbm", "digits")]["chip_mean"] is None
+    assert chip_means(table) == {"piggyback": 75.0, "xma2@10": 77.5}
+    metrics = comparison_metrics(table)
+    assert metrics["chip/xma2-p10/mean"] == 77.5 and metrics["chip/piggyback/faces"] == 70.0
+    assert not any(k.startswith("chip/xbm") for k in metrics)
+    text = report_markdown(table, chip_table(chip_table_rows))
+    section = text.split("## Accuracy on the chip")[1].split("##")[0]
+    assert "5-bit ADC, device paper" in section and "| xbm " not in section
+    assert "| xma2@10 " in section and "-1.5 " in section  # chip 77.5 - ideal 79 on the same images
+    assert "Accuracy on the chip" not in report_markdown(table)  # no chip rows: no section
+
+
+def test_chip_sweeps_average_over_tasks_and_plot_one_line_per_configuration(chip_table_rows):
+    from xbar.compare import chip_sweep_table, chip_table
+    from xbar.plots import chip_sweeps, png
+
+    sweep = chip_sweep_table(chip_table(chip_table_rows))
+    assert set(sweep["sweep"]) == {"adc_bits"}  # the column is no sweep point
+    four = sweep.filter((pl.col("label") == "xma2@10") & (pl.col("x") == 4.0)).row(0, named=True)
+    assert four["chip_mean"] == pytest.approx(79.0 - 4) and four["ideal"] == pytest.approx(79.0)
+    fig = chip_sweeps(sweep)
+    lines = {c.get_label(): c.lines[0] for c in fig.axes[0].containers}  # errorbar: the line of chip means
+    assert list(lines["piggyback"].get_xdata()) == [4.0, 5.0, 6.0, 7.0, 8.0]
+    assert list(lines["piggyback"].get_ydata()) == pytest.approx([76.0, 77.0, 78.0, 79.0, 80.0])
+    assert png(fig)[:4] == b"\x89PNG"
+
+
+def test_chip_rows_evaluate_each_setting_once_on_a_seeded_subset(monkeypatch):
+    from dataclasses import dataclass
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    import xbar.chip.sweep as sweep
+    from project import tiny_params
+
+    @dataclass
+    class Data:
+        train: object
+        test: object
+
+    calls = []
+
+    def fake_evaluate(params, tasks, levels, data, device, adc, instances, time_s=0.0, switches=0):
+        calls.append((adc.bits, device.noise_scale, time_s, instances, {n: len(d.test) for n, d in data.items()}))
+        return {n: {"ideal": 90.0, "chip_mean": 90.0 - device.noise_scale, "chip_std": 0.0, "chip_min": 89.0}
+                for n in tasks}
+
+    monkeypatch.setattr(sweep, "evaluate_tasks", fake_evaluate)
+    params = parse_params(tiny_params({"digits": {}}))
+    data = {"digits": Data(None, TensorDataset(torch.zeros(30, 1), torch.zeros(30)))}
+    assert sweep.chip_rows(params, "x", {"digits": {}}, {}, data, sweep.ChipPlan(0)).height == 0
+    rows = sweep.chip_rows(params, "x", {"digits": {}}, {}, data, sweep.ChipPlan(3, 10))
+    assert calls == [(5, 1.0, 0.0, 3, {"digits": 10})] and rows["sweep"].to_list() == ["column"]
+    calls.clear()
+    plan = sweep.ChipPlan(1, None, sweeps=True, adc_bits=(4, 5), noise_scales=(0.0, 1.0), times_s=(0.0, 60.0))
+    rows = sweep.chip_rows(params, "x", {"digits": {}}, {}, data, plan)
+    # the column, the 5-bit ADC point and noise x1 at time 0 are one setting, evaluated once
+    assert sorted(c[:3] for c in calls) == [(4, 1.0, 0.0), (5, 0.0, 0.0), (5, 1.0, 0.0), (5, 1.0, 60.0)]
+    assert calls[0][4] == {"digits": 30}  # None: the whole test split
+    assert rows.filter(pl.col("sweep") == "noise").sort("x")["chip_mean"].to_list() == [90.0, 89.0]
+    assert len(sweep.subset_of(data["digits"], 10, 0).test) == 10
+    assert list(sweep.subset_of(data["digits"], 10, 0).test.indices) == \
+        list(sweep.subset_of(data["digits"], 10, 0).test.indices)  # seeded
+    with pytest.raises(UserError, match="chip images"):
+        sweep.ChipPlan(1, 0).check()
+
+
 # --- for real: the flow on threads and on a local Dask cluster ------------------------------------------
 
 
@@ -177,12 +283,16 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     project.env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,xbm,xma2", "--ratios", "0.1,0.2")
-    out = project.python(*args, "--workers", "2")  # two configurations at once on threads
-    assert "xma2@20" in out.stdout
+    out = project.python(*args, "--workers", "2", "--chip-sweeps")  # two configurations at once on threads
+    assert "xma2@20" in out.stdout and "chip mean" in out.stdout
     folder = project.root / "artifacts/comparison"
     threads = pl.read_csv(folder / "table.csv")
     assert {p.name for p in folder.iterdir()} >= {"table.csv", "table.md", "accuracy.csv", "matrix.csv",
-                                                   "accuracy_vs_ratio.png", "energy.png"}
+                                                   "accuracy_vs_ratio.png", "energy.png", "chip.csv",
+                                                   "chip_sweeps.csv", "chip_sweeps.png"}
+    assert threads["chip_mean"].is_not_null().all() and "## Accuracy on the chip" in (folder / "table.md").read_text()
+    sweeps = pl.read_csv(folder / "chip_sweeps.csv")
+    assert sorted(sweeps.filter(pl.col("sweep") == "adc_bits")["x"].unique().to_list()) == [4, 5, 6, 7, 8]
     project.python(*args, "--dask", "--workers", "1")  # one worker process: starting more costs more than it saves
     dask = pl.read_csv(folder / "table.csv")
     assert threads.drop("seconds").equals(dask.drop("seconds"))  # accuracies, mask digests, energy: identical
@@ -225,7 +335,8 @@ def test_cli_refuses_bad_comparison_input_before_the_flow_starts(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(flows.compare, "run_comparison", lambda *a, **k: pytest.fail("the flow started"))
     for args, words in ((["--methods", "magic"], "unknown"), (["--ratios", "0.5"], "spare_pe_ratio"),
-                        (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing")):
+                        (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing"),
+                        (["--chip-instances", "-1"], "--chip-instances"), (["--chip-images", "-5"], "--chip-images")):
         out = CliRunner().invoke(app, ["compare", *args])
         assert out.exit_code == 2, out.output
         lines = out.stderr.strip().splitlines()

@@ -13,7 +13,7 @@ from xbar.crossbar import CrossbarSpec, map_layers, map_model
 from xbar.energy.inference import BN_AFFINE_J, COMPONENTS, ColumnUse, inference_energy
 from xbar.energy.layer_io import layer_io
 from xbar.energy.named import named_energy
-from xbar.energy.presets import PRESETS, resolve_preset
+from xbar.energy.presets import MAY_BE_ZERO, PRESETS, _sar_cell, _sar_static, energy_preset, resolve_preset
 from xbar.energy.reprogramming import write_energy
 from xbar.energy.typical import change_stats, level_distribution, typical_methods
 from xbar.errors import UserError
@@ -44,7 +44,7 @@ def test_presets_validate_and_cite_every_constant():
         preset.check()
         assert set(preset.source) == set(preset.constants), preset.name  # one note per constant
         assert all(len(note) > 10 for note in preset.source.values())
-        assert all(v > 0 for k, v in preset.constants.items() if k != "verify_reads_per_pulse")
+        assert all(v > 0 for k, v in preset.constants.items() if k not in MAY_BE_ZERO)
     # the paper's setup: a 5-bit ADC per column is booked per conversion; writes cost far more than reads
     paper = PRESETS["paper"]
     assert paper.write_pulse_j > 100 * paper.cell_read_j
@@ -75,6 +75,65 @@ def test_params_overrides_reach_the_preset():
     assert p.name == "mnsim-45nm" and p.adc_j == 2e-12
     with pytest.raises(UserError):  # pydantic refuses a zero override in params.yaml already
         parse_params({"source": {"dataset": "optdigits"}, "energy": {"overrides": {"adc_j": 0}}})
+
+
+# --- one ADC setting -------------------------------------------------------------------------------
+
+
+def test_the_adc_is_booked_at_crossbar_adc_bits():
+    paper = PRESETS["paper"]
+    assert paper.adc_bits == 5 and paper.at_adc_bits(5) is paper  # the default books what it did
+    six = paper.at_adc_bits(6)
+    # NeuroSim's SAR formulas evaluated at 6 bits directly (the preset's source), not a rescaled guess
+    g = paper.cell_read_j / _sar_cell(5, 0.079449, 1.0)
+    assert six.adc_j == pytest.approx(_sar_static(6, 1.1294, 8.8998), rel=1e-9)
+    assert six.cell_read_j == pytest.approx(_sar_cell(6, 0.079449, g), rel=1e-9)
+    assert six.verify_read_j == pytest.approx(six.adc_j + six.cell_read_j, rel=1e-9)
+    assert six.adc_bits == 6 and "booked at 6 bits" in six.source["adc_j"]
+    assert six.at_adc_bits(5).adc_j == pytest.approx(paper.adc_j)
+    mnsim = PRESETS["mnsim-45nm"]  # MNSIM: power per part, latency (bits + 2) / f, its cell read apart
+    assert mnsim.at_adc_bits(4).adc_j == pytest.approx(mnsim.adc_j * 6 / 8)
+    assert mnsim.at_adc_bits(4).cell_read_j == mnsim.cell_read_j
+    for preset in PRESETS.values():
+        adc = [preset.at_adc_bits(b).adc_j for b in range(1, 17)]
+        assert all(a < b for a, b in zip(adc, adc[1:])), preset.name
+
+
+def test_params_adc_bits_reach_the_energy_model_and_the_default_is_unchanged():
+    from xbar.params import parse_params
+
+    base = {"source": {"dataset": "optdigits"}}
+    assert energy_preset(parse_params(base)) is PRESETS["paper"]
+    four = energy_preset(parse_params({**base, "crossbar": {"adc_bits": 4}}))
+    assert four.adc_j == pytest.approx(_sar_static(4, 1.1294, 8.8998))
+    # an override is the value as given, at the chip's ADC
+    over = energy_preset(parse_params({**base, "crossbar": {"adc_bits": 4}, "energy": {"overrides": {"adc_j": 1e-13}}}))
+    assert over.adc_j == 1e-13 and over.adc_bits == 4
+    with pytest.raises(UserError, match="crossbar.adc_bits") as err:
+        resolve_preset("paper", {"adc_bits": 6})
+    assert "\n" not in str(err.value)
+
+
+def test_one_name_selects_the_energy_preset_and_the_device_model():
+    from xbar.chip.devices import DEVICES
+    from xbar.chip.evaluate import chip_settings
+    from xbar.params import parse_params
+
+    assert set(PRESETS) <= set(DEVICES)  # every energy technology has its device model
+    for name in PRESETS:
+        params = parse_params({"source": {"dataset": "optdigits"}, "energy": {"preset": name}})
+        device, adc = chip_settings(params)
+        assert device is DEVICES[name] and energy_preset(params).name == name and adc.bits == 5
+    params = parse_params({"source": {"dataset": "optdigits"}, "energy": {"preset": "mnsim-45nm"},
+                           "chip": {"device": "ideal"}})
+    assert chip_settings(params)[0] is DEVICES["ideal"]  # chip.device, when given, wins
+
+
+def test_inference_energy_follows_adc_bits(small):
+    mapping, io = small
+    e = {b: inference_energy(mapping, io, PRESETS["paper"].at_adc_bits(b), 4).breakdown() for b in (4, 5, 8)}
+    assert e[4]["adc_j"] < e[5]["adc_j"] < e[8]["adc_j"]
+    assert e[4]["shift_add_j"] == e[8]["shift_add_j"]  # one conversion per column and cycle at any precision
 
 
 # --- inference ------------------------------------------------------------------------------------
@@ -227,7 +286,9 @@ def test_cli_json_shape():
 @pytest.mark.parametrize("args", [["--model", "small_resnet", "--preset", "nope"],
                                   ["--model", "no_such_net", "--preset", "paper"],
                                   ["--model", "small_resnet", "--preset", "paper", "--spare-ratio", "1.5"],
-                                  ["--model", "small_resnet", "--preset", "paper", "--inferences", "0"]])
+                                  ["--model", "small_resnet", "--preset", "paper", "--inferences", "0"],
+                                  ["--model", "small_resnet", "--preset", "paper", "--adc-bits", "17"],
+                                  ["--model", "small_resnet", "--preset", "paper", "--adc-bits", "0"]])
 def test_cli_bad_input_exits_2_with_one_line(args):
     out = CliRunner().invoke(app, ["energy", *args])
     assert out.exit_code == 2

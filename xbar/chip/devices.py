@@ -31,19 +31,21 @@ Levels are clipped to the window after every effect (as aihwkit clips to
 accuracy-against-noise sweep).
 
 Presets that describe the same device as an energy preset (xbar.energy) carry
-the same name: `paper`, `neurosim-22nm`, `mnsim-45nm`.
+the same name: `paper`, `neurosim-22nm`, `mnsim-45nm`; one name selects both
+(`chip.device` defaults to `energy.preset`, xbar.presets).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from xbar.errors import UserError
+from xbar.presets import Sourced, resolve
 
 AIHWKIT_RERAM = "IBM aihwkit src/aihwkit/inference/noise/reram.py"
 AIHWKIT_CONV = "IBM aihwkit src/aihwkit/inference/converter/conductance.py"
@@ -60,7 +62,7 @@ def window_poly(coeffs_us: tuple[float, ...], g_min: float, g_max: float) -> tup
 
 
 @dataclass(frozen=True)
-class DevicePreset:
+class DevicePreset(Sourced):
     """One cell technology's non-idealities (fractions of the conductance window, rates, seconds)."""
 
     name: str
@@ -77,14 +79,6 @@ class DevicePreset:
     drift_compensation: bool = True
     noise_scale: float = 1.0
     sources: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def constants(self) -> dict[str, object]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "description", "sources")}
-
-    @property
-    def source(self) -> dict[str, str]:
-        return dict(self.sources)
 
     @property
     def ideal(self) -> bool:
@@ -284,26 +278,19 @@ MNSIM = DevicePreset(
 
 DEVICES: dict[str, DevicePreset] = {p.name: p.check() for p in (IDEAL, PAPER, CMO, CROSSSIM_WAN, CROSSSIM_MILO,
                                                                  NEUROSIM, MNSIM)}
-DEFAULT_DEVICE = "paper"
+
+
+def _polynomial(overrides: dict[str, object]) -> dict[str, object]:
+    """A prog_sigma override given as a number is a level-independent sigma."""
+    value = overrides.get("prog_sigma")
+    if value is not None:
+        overrides["prog_sigma"] = tuple(value) if isinstance(value, list | tuple) else (value,)
+    return overrides
 
 
 def resolve_device(name: str, overrides: Mapping[str, object] | None = None) -> DevicePreset:
     """A device preset by name with `overrides` (constant -> value) applied; bad input -> one-line UserError."""
-    if name not in DEVICES:
-        raise UserError(f"device: unknown preset {name!r} (one of {', '.join(DEVICES)})")
-    preset = DEVICES[name]
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(preset.constants))
-    if unknown:
-        raise UserError(f"device: unknown constant {unknown[0]!r} (constants: {', '.join(preset.constants)})")
-    if not overrides:
-        return preset
-    if "prog_sigma" in overrides:  # a number is a level-independent sigma
-        value = overrides["prog_sigma"]
-        overrides["prog_sigma"] = tuple(value) if isinstance(value, list | tuple) else (value,)
-    sources = tuple((k, v) for k, v in preset.sources if k not in overrides) + tuple(
-        (k, "override") for k in overrides)
-    return replace(preset, **overrides, sources=sources).check()
+    return resolve(DEVICES, name, overrides, what="device", where="device", prepare=_polynomial)
 
 
 def parse_settings(items: list[str] | None) -> dict[str, object]:

@@ -177,11 +177,13 @@ def switch_back_accuracies(model, data, instance: ChipInstance, adc: AdcConfig, 
 def chip_settings(params, adc_bits: int | None = None, device: str | None = None,  # noqa: ANN001 (Params)
                   overrides: dict | None = None, signed: str | None = None,
                   adc_range: str | None = None) -> tuple[DevicePreset, AdcConfig]:
-    """The device preset and ADC of params.yaml (crossbar.adc_bits / signed, chip.*), or as given."""
+    """The device preset and ADC of params.yaml (crossbar.adc_bits / signed, chip.*; the device defaults to
+    energy.preset's name), or as given."""
     from xbar.chip.devices import resolve_device
+    from xbar.presets import technology
 
     given = params.chip.overrides if overrides is None else {**params.chip.overrides, **overrides}
-    preset = resolve_device(params.chip.device if device is None else device, given)
+    preset = resolve_device(technology(params)[1] if device is None else device, given)
     bits = params.crossbar.adc_bits if adc_bits is None else adc_bits
     return preset, AdcConfig(bits, adc_range or params.chip.adc_range, signed or params.crossbar.signed,
                              params.chip.adc_clip_percentile).check()

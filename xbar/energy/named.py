@@ -19,11 +19,12 @@ def input_shape_for(name: str) -> tuple[int, int, int]:
 
 
 def named_energy(name: str, preset: str, spare_ratio: float = 0.1, inferences: int = 1,
-                 spec: CrossbarSpec | None = None, act_bits: int = 4) -> dict:
-    """`xbar energy`: the five methods' typical energy on an architecture by name (no weights needed)."""
+                 spec: CrossbarSpec | None = None, act_bits: int = 4, adc_bits: int | None = None) -> dict:
+    """`xbar energy`: the five methods' typical energy on an architecture by name (no weights needed), the
+    ADC booked at `adc_bits` (None: the preset's own precision)."""
     from xbar.memory import AUX_NAMES, HEAD_NAMES, build_named_model
 
-    chosen = resolve_preset(preset)  # a bad preset fails before the model is built
+    chosen = resolve_preset(preset, adc_bits=adc_bits)  # a bad preset fails before the model is built
     model = build_named_model(name)
     skip = tuple(n for n, _ in model.named_children() if n in HEAD_NAMES + AUX_NAMES)
     mapping = map_model(model, spec or CrossbarSpec(), exclude=skip)

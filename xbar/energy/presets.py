@@ -1,16 +1,30 @@
 """Energy presets: the constants of one technology, each with where its value comes from.
 
 Constants live in named presets (`PRESETS`), each constant with its source;
-`resolve_preset(name, overrides)` applies `energy.overrides` from params.yaml.
+`resolve_preset(name, overrides, adc_bits)` applies `energy.overrides` from params.yaml
+(through xbar.presets, as the device presets do) and books the ADC at `crossbar.adc_bits`.
+
+**One ADC setting.** A preset books its ADC at `adc_bits` (the precision its
+source quotes: 5 bits for paper and neurosim-22nm, 6 for mnsim-45nm);
+`at_adc_bits(b)` re-books it at the chip's `crossbar.adc_bits`, the same setting
+the chip forward digitizes with. A SAR ADC converts in (bits + `adc_extra_cycles`)
+cycles (NeuroSim's SarADC: bits + 1 ns; MNSIM: (bits + 2) / f) at a static
+power that grows by `adc_power_per_bit` of its reference value per bit
+(NeuroSim's a * bits + b uW; MNSIM quotes one power per ADC part: 0). The
+column current of NeuroSim's ADC flows for the whole conversion, so the share
+`cell_read_in_conversion` of `cell_read_j` scales with the conversion time too
+(1 for the NeuroSim-derived presets; 0 for MNSIM, whose read pulse is fixed).
+At its own `adc_bits` a preset is unchanged.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping as MappingABC
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 from xbar.errors import UserError
+from xbar.presets import Sourced, resolve
 
 NEUROSIM_V13 = "DNN+NeuroSim V1.3 Param.cpp (github.com/neurosim/DNN_NeuroSim_V1.3)"
 NEUROSIM_V21 = "DNN+NeuroSim V2.1 Param.cpp (github.com/neurosim/DNN_NeuroSim_V2.1)"
@@ -18,10 +32,15 @@ NEUROSIM_ADC = "NeuroSim SarADC.cpp: E = P(bits, R_col) * (bits + 1) ns"
 MNSIM = "MNSIM 2.0 SimConfig.ini / Hardware_Model (github.com/thu-nics/MNSIM-2.0)"
 
 
+# constants that may be 0: no verify reads (open-loop programming); an ADC whose power does not
+# depend on its bits; a cell read that does not last as long as the conversion
+MAY_BE_ZERO = ("verify_reads_per_pulse", "adc_extra_cycles", "adc_power_per_bit", "cell_read_in_conversion")
+
+
 @dataclass(frozen=True)
-class EnergyPreset:
-    """Energy constants of one technology (joules, counts, shares). Every constant is > 0,
-    except `verify_reads_per_pulse`, which may be 0 (open-loop programming, no verify)."""
+class EnergyPreset(Sourced):
+    """Energy constants of one technology (joules, counts, shares). Every constant is > 0, except
+    those of MAY_BE_ZERO; `adc_bits` is a whole number of bits, the precision adc_j is booked at."""
 
     name: str
     description: str
@@ -36,15 +55,28 @@ class EnergyPreset:
     verify_read_j: float  # one verify read of a cell (cell read + conversion)
     verify_reads_per_pulse: float  # 0: open-loop identical pulses
     input_activity: float  # share of input bit cycles that drive a row (bit = 1)
+    adc_bits: int  # the ADC precision adc_j, cell_read_j and verify_read_j are booked at
+    adc_extra_cycles: float  # a conversion takes adc_bits + this many cycles
+    adc_power_per_bit: float  # the ADC's static power grows by this share of its value per bit
+    cell_read_in_conversion: float  # share of cell_read_j that lasts as long as the conversion
     sources: tuple[tuple[str, str], ...] = ()  # (constant, where its value comes from)
 
-    @property
-    def constants(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("name", "description", "sources")}
-
-    @property
-    def source(self) -> dict[str, str]:
-        return dict(self.sources)
+    def at_adc_bits(self, bits: int) -> EnergyPreset:
+        """The preset with its ADC (and the cell current that flows while it converts) booked at `bits`."""
+        if bits == self.adc_bits:
+            return self
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 16:
+            raise UserError(f"adc_bits: expected an integer in 1..16, got {bits!r}")
+        time = (bits + self.adc_extra_cycles) / (self.adc_bits + self.adc_extra_cycles)
+        power = 1 + self.adc_power_per_bit * (bits - self.adc_bits)
+        adc = self.adc_j * time * power
+        cell = self.cell_read_j * (1 - self.cell_read_in_conversion + self.cell_read_in_conversion * time)
+        verify = self.verify_read_j * (adc + cell) / (self.adc_j + self.cell_read_j)  # a cell read + a conversion
+        note = f" -- booked at {bits} bits (crossbar.adc_bits): x{time:.3g} conversion time, x{power:.3g} power"
+        scaled = {"adc_j", "verify_read_j"} | ({"cell_read_j"} if self.cell_read_in_conversion else set())
+        sources = tuple((k, v + note if k in scaled else v) for k, v in self.sources if k != "adc_bits")
+        return replace(self, adc_j=adc, cell_read_j=cell, verify_read_j=verify, adc_bits=bits,
+                       sources=(*sources, ("adc_bits", f"crossbar.adc_bits (the preset's own: {self.adc_bits})")))
 
     def write_j_per_pulse(self) -> float:
         """Energy of one programming pulse including its share of verify reads."""
@@ -54,13 +86,15 @@ class EnergyPreset:
         for key, value in self.constants.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise UserError(f"energy.{key}: expected a number, got {value!r}")
-            if key == "verify_reads_per_pulse" and value == 0:
+            if key in MAY_BE_ZERO and value == 0:
                 continue
             if value <= 0:
                 raise UserError(f"energy.{key}: must be > 0, got {value!r}")
-        if self.input_activity > 1:
-            raise UserError(f"energy.input_activity: a share of input cycles, must be <= 1, "
-                            f"got {self.input_activity!r}")
+        for key in ("input_activity", "cell_read_in_conversion"):
+            if getattr(self, key) > 1:
+                raise UserError(f"energy.{key}: a share, must be <= 1, got {getattr(self, key)!r}")
+        if self.adc_bits != int(self.adc_bits) or not 1 <= self.adc_bits <= 16:
+            raise UserError(f"energy.adc_bits: expected an integer in 1..16, got {self.adc_bits!r}")
         return self
 
 
@@ -82,6 +116,11 @@ def _sar_cell(bits: int, c: float, g: float) -> float:
     return c * g * (bits + 1) * 1e-9
 
 
+def _sar_power_per_bit(bits: int, a: float, b: float) -> float:
+    """The static power's growth per bit, as a share of its value at `bits`: a / (a * bits + b)."""
+    return a / (a * bits + b)
+
+
 # paper: 32 nm, the TaOx/HfOx (HfO2-based) analog RRAM of Wu et al. VLSI 2018, 2 bits per cell,
 # one 5-bit SAR ADC per column, 72x72 crossbars (XMA2 paper section 5.2). Its Table 4 is an image
 # we do not have, so the device and circuit numbers come from NeuroSim's model of that device.
@@ -100,7 +139,16 @@ PAPER = EnergyPreset(
     verify_read_j=_sar_cell(5, 0.079449, _G_PAPER) + _sar_static(5, 1.1294, 8.8998),
     verify_reads_per_pulse=0.0,
     input_activity=0.5,
+    adc_bits=5,
+    adc_extra_cycles=1.0,
+    adc_power_per_bit=_sar_power_per_bit(5, 1.1294, 8.8998),
+    cell_read_in_conversion=1.0,
     sources=(
+        ("adc_bits", "5: the paper's one 5-bit SAR ADC per column (section 5.2)"),
+        ("adc_extra_cycles", f"1: a conversion takes bits + 1 ns ({NEUROSIM_ADC})"),
+        ("adc_power_per_bit", f"a / (a * 5 + b) with 32 nm LP a, b = 1.1294, 8.8998 uW: P = a * bits + b "
+                              f"({NEUROSIM_ADC})"),
+        ("cell_read_in_conversion", f"1: the column current flows for the whole conversion ({NEUROSIM_ADC})"),
         ("cell_read_j", f"column-current term of {NEUROSIM_ADC} (32 nm LP: 0.079449 / R_col W) per conducting "
                         "cell of mean conductance G: Ron 100 kOhm, on/off 10 (TaOx/HfOx, Wu et al. VLSI 2018; "
                         f"{NEUROSIM_V21}; Peng et al. IEDM 2019 Table 1), 4 levels evenly spaced in G"),
@@ -134,7 +182,16 @@ NEUROSIM_22NM = EnergyPreset(
     verify_read_j=_sar_cell(5, 0.072341, _G_NS) + _sar_static(5, 0.538, 4.3753),
     verify_reads_per_pulse=0.0,
     input_activity=0.5,
+    adc_bits=5,
+    adc_extra_cycles=1.0,
+    adc_power_per_bit=_sar_power_per_bit(5, 0.538, 4.3753),
+    cell_read_in_conversion=1.0,
     sources=(
+        ("adc_bits", f"5: levelOutput 32 ({NEUROSIM_V13})"),
+        ("adc_extra_cycles", f"1: a conversion takes bits + 1 ns ({NEUROSIM_ADC})"),
+        ("adc_power_per_bit", f"a / (a * 5 + b) with 22 nm LP a, b = 0.538, 4.3753 uW: P = a * bits + b "
+                              f"({NEUROSIM_ADC})"),
+        ("cell_read_in_conversion", f"1: the column current flows for the whole conversion ({NEUROSIM_ADC})"),
         ("cell_read_j", f"column-current term of {NEUROSIM_ADC} (22 nm LP: 0.072341 / R_col W) per conducting cell; "
                         f"Ron 6 kOhm, Roff 6e3*150 ({NEUROSIM_V13}), 4 levels evenly spaced in G"),
         ("adc_j", f"static term of {NEUROSIM_ADC}, 22 nm LP, levelOutput 32 = 5 bits ({NEUROSIM_V13})"),
@@ -168,7 +225,16 @@ MNSIM_45NM = EnergyPreset(
     verify_read_j=_READ_MN + _ADC_MN,
     verify_reads_per_pulse=0.0,
     input_activity=0.1,
+    adc_bits=6,
+    adc_extra_cycles=2.0,
+    adc_power_per_bit=0.0,
+    cell_read_in_conversion=0.0,
     sources=(
+        ("adc_bits", f"6: ADC_Choice 4, a 6-bit SAR ADC ({MNSIM}, ADC.py)"),
+        ("adc_extra_cycles", f"2: latency (bits + 2) / sample rate ({MNSIM}, ADC.py)"),
+        ("adc_power_per_bit", f"0: MNSIM quotes one power per ADC part (1.26 mW for ADC_Choice 4), held at other "
+                              f"precisions ({MNSIM}, ADC.py)"),
+        ("cell_read_in_conversion", f"0: the cells conduct for Read_Latency 3.16 ns, apart from the ADC ({MNSIM})"),
         ("cell_read_j", f"Vr^2 * G * t: Read_Voltage 0.5 V, Read_Latency 3.16 ns, 30/150 kOhm, "
                         f"4 levels evenly spaced in G ({MNSIM})"),
         ("adc_j", f"ADC_Choice 4: 6-bit SAR ADC, 1.26 mW, 1 GS/s, latency (bits + 2) ns ({MNSIM}, ADC.py)"),
@@ -188,18 +254,19 @@ MNSIM_45NM = EnergyPreset(
 PRESETS: dict[str, EnergyPreset] = {p.name: p.check() for p in (PAPER, NEUROSIM_22NM, MNSIM_45NM)}
 
 
-def resolve_preset(name: str, overrides: MappingABC[str, float] | None = None) -> EnergyPreset:
-    """A preset by name with `overrides` (energy.overrides) applied; bad input -> UserError (one line)."""
-    if name not in PRESETS:
-        raise UserError(f"energy.preset: unknown preset {name!r} (one of {', '.join(PRESETS)})")
-    preset = PRESETS[name]
-    overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(preset.constants))
-    if unknown:
-        raise UserError(f"energy.overrides: unknown constant {unknown[0]!r} (constants: {', '.join(preset.constants)})")
-    if not overrides:
-        return preset
-    note = tuple((k, "override (params.yaml energy.overrides)") for k in overrides)
-    sources = tuple((k, v) for k, v in preset.sources if k not in overrides) + note
-    return replace(preset, **overrides, sources=sources).check()
+def resolve_preset(name: str, overrides: MappingABC[str, float] | None = None,
+                   adc_bits: int | None = None) -> EnergyPreset:
+    """A preset by name, its ADC booked at `adc_bits` (crossbar.adc_bits; None: the preset's own), then
+    `overrides` (energy.overrides: the values as given, e.g. an adc_j measured at that precision) applied;
+    bad input -> UserError (one line)."""
+    chosen = resolve(PRESETS, name, None, what="energy.preset", where="energy.overrides")
+    table = {name: chosen if adc_bits is None else chosen.at_adc_bits(adc_bits)}
+    return resolve(table, name, overrides, what="energy.preset", where="energy.overrides",
+                   note="override (params.yaml energy.overrides)",
+                   fixed={"adc_bits": "the ADC's bits are crossbar.adc_bits, shared with the chip forward"})
+
+
+def energy_preset(params) -> EnergyPreset:  # noqa: ANN001 (Params)
+    """params.yaml's energy preset, its ADC at crossbar.adc_bits: what every stage and the comparison use."""
+    return resolve_preset(params.energy.preset, params.energy.overrides, params.crossbar.adc_bits)
 
