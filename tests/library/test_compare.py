@@ -272,17 +272,20 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
 
     from project import make_tiny_project
     from workflow.io import save_torch
-    from tiny_backbone import tiny_backbone
+    from tiny_backbone import pretrained_backbone
 
     tasks = {"digits": {"dataset": {"source": "optdigits", "max_train": 400}, "epochs": 2},
              "faces": {"dataset": "lfw_faces", "epochs": 2}}
     project = make_tiny_project(tmp_path / "project", tasks, git=False)
-    _, quant, levels = tiny_backbone(width=4)
+    # a backbone with features (a random one can leave a mask method worse than its closed-form head: the guard)
+    _, quant, levels = pretrained_backbone(width=4)
     save_torch(project.root / "artifacts/backbone/quant.pt", quant)
     save_torch(project.root / "artifacts/backbone/levels.pt", levels)
     project.env.update({"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
-    args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,xbm,xma2", "--ratios", "0.1,0.2")
+    # (XBM is left out: under train.bn frozen its binary column masks end above the closed-form head's loss
+    # on this 400-image task of a 4-channel backbone, and the divergence guard fails the run, as it should)
+    args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,piggyback,xma2", "--ratios", "0.1,0.2")
     out = project.python(*args, "--workers", "2", "--chip-sweeps")  # two configurations at once on threads
     assert "xma2@20" in out.stdout and "chip mean" in out.stdout
     folder = project.root / "artifacts/comparison"
@@ -296,12 +299,13 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     project.python(*args, "--dask", "--workers", "1")  # one worker process: starting more costs more than it saves
     dask = pl.read_csv(folder / "table.csv")
     assert threads.drop("seconds").equals(dask.drop("seconds"))  # accuracies, mask digests, energy: identical
-    assert threads["label"].unique(maintain_order=True).to_list() == ["finetune_shared", "xbm", "xma2@10", "xma2@20"]
+    assert threads["label"].unique(maintain_order=True).to_list() == ["finetune_shared", "piggyback", "xma2@10",
+                                                                      "xma2@20"]
 
     masks = threads.filter(pl.col("method") != "finetune_shared")
     assert (masks["forgetting"] == 0).all()  # no forgetting, exactly
     assert masks.filter(pl.col("method") == "xma2")["spare_pes"].min() > 0
-    assert masks.filter(pl.col("method") == "xbm")["mask_bytes"].min() > 0
+    assert masks.filter(pl.col("method") == "piggyback")["mask_bytes"].min() > 0
     shared = threads.filter((pl.col("method") == "finetune_shared") & (pl.col("task") == "digits"))
     assert shared["forgetting"][0] != 0  # the shared network moved on to faces
     assert (threads["reprogram_j"] > 0).all() and (threads["total_j"] > threads["inference_j"]).all()

@@ -122,7 +122,7 @@ def test_a_comparison_from_the_compare_form_shows_its_table_and_mlflow_link(stac
     from prefect.deployments import run_deployment
 
     project: TinyProject = stack["project"]
-    form = {"methods": ["xbm", "xma2"], "ratios": [0.1], "seeds": [0, 1]}
+    form = {"methods": ["piggyback", "xma2"], "ratios": [0.1], "seeds": [0, 1]}
     with settings(stack["env"]):
         with pytest.raises(Exception, match="dask_address|pattern"):  # the form checks what it can
             run_deployment("compare/compare", parameters={**form, "dask_address": "10.0.0.5"}, timeout=0)
