@@ -243,11 +243,11 @@ BAD_INPUT = [
         set_param(*T1, "dataset", value={"source": "imagefolder", "root": "data/bad"}),
         set_param(*T1, "rank_batch_size", value=16)), built=True)),
     # an absurd learning rate: NaN loss, and the previous outputs stay as they were
-    row("nan-loss-task", Bad(stage("train_masks", "t1"), ("loss is nan", "learning rate"), both(
+    row("nan-loss-task", Bad(stage("train_masks", "t1"), ("loss is nan", "lower train.lr"), both(
         set_param("train", "lr", value=1e30), set_param("train", "mask_lr", value=1e30)), built=True)),
     row("nan-loss-pretrain", Bad(PRETRAIN, ("loss is", "learning rate"),
                                  set_param("source", "lr", value=1e30), built=True)),
-    row("lr-overflow-task", Bad(stage("train_masks", "t1"), ("overflowed", "learning rate"),
+    row("lr-overflow-task", Bad(stage("train_masks", "t1"), ("overflowed", "lower train.lr"),
                                 set_param("train", "lr", value=1e300), built=True)),
     # the MLflow store cannot be created (its directory would be under a file): retried, then one line
     row("mlflow-unreachable", Bad(stage("evaluate", "t1"), ("MLflow store",), built=True,
