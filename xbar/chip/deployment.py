@@ -199,10 +199,7 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
                   "steps_saved_by_placement_share": 1 - assigned / in_order if in_order else 0.0,
                   "spare_pes_reusing_same_pe": reused, "live_spare_pes_evicted": evicted}
 
-    mask_bits = 0
-    if image.mask_bits and chip.masks != image.task:
-        mask_bits = image.mask_bits
-        chip.masks, chip.buffer = image.task, dict(image.masks)
+    mask_bits = load_masks(chip, image)
     chip.serving = image.task
 
     table = pl.DataFrame(rows, schema=ROW_SCHEMA)
@@ -214,6 +211,14 @@ def program(chip: Chip, image: TaskImage, preset: EnergyPreset, used: torch.Tens
     chip.history.append({k: summary[k] for k in ("phase", "task", "cells_written", "pulses", "energy_j",
                                                  "mask_load_j")})
     return ProgramReport(table, summary)
+
+
+def load_masks(chip: Chip, image: TaskImage) -> int:
+    """Load `image`'s column masks into the mask buffers unless they hold them already; the bits loaded."""
+    if not image.mask_bits or chip.masks == image.task:
+        return 0
+    chip.masks, chip.buffer = image.task, dict(image.masks)
+    return image.mask_bits
 
 
 SWITCH_TOTALS = ("cells_written", "level_steps", "pulses", "energy_j", "mask_bits_loaded", "mask_load_j")

@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from xbar.chip.deployment import Chip, program
+from xbar.chip.deployment import Chip, load_masks, program
 from xbar.chip.image import task_image
 from xbar.chip.layout import ChipLayout
 from xbar.energy.presets import EnergyPreset
@@ -53,7 +53,10 @@ def read_back(chip: Chip, layout: ChipLayout, tasks: dict[str, dict], backbone_l
     used, live = layout.used(), frozenset(tasks)
     out = {}
     for name in sorted(tasks, key=lambda n: n != chip.serving):
-        if chip.serving != name or (tasks[name].get("column_masks") and chip.masks != name):
-            program(chip, task_image(name, tasks, layout, backbone_levels), preset, used, "read", live)
+        image = task_image(name, tasks, layout, backbone_levels)
+        if chip.serving != name:
+            program(chip, image, preset, used, "read", live)
+        else:  # its cells as they stand; the mask buffers are not saved with the state, so they are loaded
+            load_masks(chip, image)
         out[name] = read_task(chip, layout, name, tasks[name], backbone_levels)
     return {name: out[name] for name in tasks}
