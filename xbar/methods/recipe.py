@@ -5,8 +5,9 @@
 2. the head is fit in closed form (ridge regression on up to 4096 training
    images' features, `init_head`): SGD from a random head on raw pooled features
    is badly conditioned and cost every mask method tens of points;
-3. SGD (train.lr) on weights, head, BN, clips; Adam (the method's `mask_lr`) on
-   masks; every lr warms up over the first tenth of the optimizer steps, then
+3. SGD (train.lr) on head, BN, clips; `TensorAdam` on 4-bit weights (in
+   quantization levels) and masks (the method's `mask_lr`); every lr warms up
+   over the first tenth of the optimizer steps, then
    follows a cosine to zero (`lr_factor`), at least MIN_STEPS steps;
 4. BN statistics are re-estimated once more with the deterministic (eval) masks:
    during training the column masks are Gumbel samples, the deployed ones are not;
@@ -29,11 +30,11 @@ tasks of 100-200 images, where the first recipe ended at losses of 20 to 200):
   CELL_STEP_LEVELS of their layer's quantization step per optimizer step (root
   mean square over the layer, each weight in proportion to its gradient): a
   weight changes the network only when it crosses half a level, whatever the
-  layer's scale or the size of its gradients. (Per-weight Adam moves every
-  weight by the full step: a fine-tune of 12 images diverged.) SGD at train.lr flipped 10-20% of them in the first
-  four steps of a small task, and under frozen BN (no batch statistics to
-  renormalize a spare PE's output) it diverged on the default benchmark's
-  first task;
+  layer's scale or the size of its gradients. SGD at train.lr flipped 10-20% of
+  them in the first four steps of a small task and, under frozen BN (no batch
+  statistics to renormalize a spare PE's output), diverged on the default
+  benchmark's first task; per-weight Adam moves every weight by the full step
+  (a 12-image fine-tune diverged);
 - lr in proportion to the batch (linear scaling) when the training set is
   smaller than train.batch_size; batches of nearly equal size (`BalancedBatches`);
 - BN statistics from at least MIN_BN_IMAGES images: a smaller task keeps the
@@ -69,7 +70,7 @@ RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches small
 HEAD_LABEL_SMOOTHING = 0.1
 WARMUP_SHARE = 0.1  # of the optimizer steps, lr rising linearly from lr / warm-up steps to lr
 MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is cycled)
-CELL_STEP_LEVELS = 0.1  # Adam's step on a 4-bit weight, in quantization levels of its layer (module doc)
+CELL_STEP_LEVELS = 0.1  # TensorAdam's step on 4-bit weights (rms), in quantization levels of their layer (module doc)
 MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
 CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
 
