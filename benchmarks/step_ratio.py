@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from workflow.io import BACKBONE, load_torch
 from xbar.crossbar import map_model
 from xbar.methods import (TaskModel, backbone_net, build_task_model, crossbar_spec, deploy_cells, optimizers,
-                          quantized_net, train_mode)
+                          quantized_net)
+from xbar.methods.recipe import train_mode
 from xbar.params import TaskSpec, load_params
 from xbar.quant import export_levels
 from xbar.ranking import rank_pes

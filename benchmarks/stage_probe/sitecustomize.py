@@ -4,9 +4,10 @@ figures.py puts this folder first on the PYTHONPATH of `xbar add-task` (so of DV
 `python -m stages.<name>` it starts) and sets XBAR_BENCH_LOG to a file. Python imports this module
 at start-up; in a stage process it then appends one JSON line to that file as the process exits:
 
-    {"stage", "task", "seconds", "mlflow_seconds", "peak_rss_mb"}
+    {"stage", "task", "seconds", "ended", "mlflow_seconds", "peak_rss_mb"}
 
-`seconds` is the process's wall time since it started (interpreter and imports included);
+`seconds` is the process's wall time since it started (interpreter and imports included); `ended`
+the time it ended (epoch seconds: figures.py finds DVC's time between the stages from it);
 `mlflow_seconds` the part spent in MLflow, timed around `workflow.tracking.retry`, which every
 MLflow call (the import of mlflow included) goes through; `peak_rss_mb` the process's peak memory.
 Other processes (the CLI, Prefect, DVC) write nothing. The project's code knows nothing of this.
@@ -77,7 +78,8 @@ def _log() -> None:
 
     argv = sys.argv
     task = argv[argv.index("--task") + 1] if "--task" in argv[:-1] else None
-    line = {"stage": stage, "task": task, "seconds": round(time.time() - psutil.Process().create_time(), 3),
+    now = time.time()
+    line = {"stage": stage, "task": task, "seconds": round(now - psutil.Process().create_time(), 3), "ended": now,
             "mlflow_seconds": round(_mlflow_seconds[0], 3),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     with open(os.environ[LOG_ENV], "a") as f:  # one short line per write: O_APPEND keeps lines whole

@@ -1,5 +1,7 @@
-"""dvc.yaml declares, for every stage, each project source file the stage's code imports (transitively):
-a change to any of them re-runs the stage, and to nothing else (`dvc repro` stays precise)."""
+"""dvc.yaml declares, for every stage, each project source file the stage's code imports (transitively), itself
+or through a directory: a change to any of them re-runs the stage. The backbone stages list their files; the
+per-task stages depend on the library as one directory (`xbar`), and what no stage imports is in .dvcignore,
+so that editing it (the command line, the comparison) re-runs nothing."""
 
 import ast
 from pathlib import Path
@@ -58,13 +60,48 @@ def imported_files(path: Path) -> set[Path]:
     return seen
 
 
+def template(name: str) -> dict:
+    return STAGES[name].get("do", STAGES[name])  # a foreach stage's template
+
+
+def needed(name: str) -> set[str]:
+    """The project files (and sub-package directories) stage `name` imports, relative to the project."""
+    module = template(name)["cmd"].split("python -m ")[1].split()[0]
+    return {f.relative_to(ROOT).as_posix() for f in imported_files(module_file(module))}
+
+
+def covered(path: str, deps: list[str]) -> bool:
+    """`path` is a dependency itself or lies in a directory dependency."""
+    return any(path == dep or path.startswith(dep + "/") for dep in deps)
+
+
+def dvc_ignored_files() -> set[str]:
+    """The project files .dvcignore names one by one (its glob patterns, e.g. *.pyc, are not files)."""
+    lines = (line.strip() for line in (ROOT / ".dvcignore").read_text().splitlines())
+    return {line for line in lines if line and not line.startswith("#") and (ROOT / line).is_file()}
+
+
+def library_units() -> set[str]:
+    """xbar's modules and sub-packages as the import scan names them (its own __init__.py runs on any import)."""
+    return {p.relative_to(ROOT).as_posix() for p in (ROOT / "xbar").iterdir()
+            if (p.suffix == ".py" and p.name != "__init__.py") or (p / "__init__.py").is_file()}
+
+
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_stage_lists_every_source_file_it_imports(name: str):
-    stage = STAGES[name].get("do", STAGES[name])  # a foreach stage's template
-    module = stage["cmd"].split("python -m ")[1].split()[0]
-    needed = {f.relative_to(ROOT).as_posix() for f in imported_files(module_file(module))}
-    missing = sorted(needed - set(stage["deps"]))
+    missing = sorted(path for path in needed(name) if not covered(path, template(name)["deps"]))
     assert not missing, f"dvc.yaml stage {name}: add to deps: {', '.join(missing)}"
+
+
+def test_what_no_stage_imports_is_dvc_ignored_and_nothing_a_stage_imports_is():
+    """A library module no stage imports would, through the per-task stages' `xbar` directory, re-run every
+    task when edited: .dvcignore must name it. And DVC does not see an ignored file change: no stage may
+    import one."""
+    imported = set().union(*(needed(name) for name in STAGES))
+    ignored = dvc_ignored_files()
+    unused = sorted(library_units() - imported - ignored)
+    assert not unused, f"no stage imports {', '.join(unused)}: add to .dvcignore"
+    assert not ignored & imported, f"stages import {', '.join(sorted(ignored & imported))}: remove from .dvcignore"
 
 
 def test_the_import_scan_sees_function_level_and_transitive_imports():
