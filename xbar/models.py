@@ -1,6 +1,11 @@
 """Backbones: a small ResNet for 28x28 single-channel images, and torchvision
 ResNet-18/50 for real-scale users. Every backbone has a `head` (the per-task
-linear classifier); everything else is the shared backbone mapped onto crossbars."""
+linear classifier); everything else is the shared backbone mapped onto crossbars.
+
+Every backbone starts its `features` with `input_norm`: the per-channel (x - mean) / std
+of the [0, 1] image, computed digitally before the first layer's DACs (its statistics are
+buffers, saved with the backbone; stages/pretrain.py sets them, docs/scale.md says how).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,23 @@ from torch import nn
 
 from xbar.errors import UserError
 from xbar.params import ModelParams
+
+
+class InputNorm(nn.Module):
+    """Per-channel (x - mean) / std, digital, ahead of the first layer's DACs (identity until set)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
+
+    @torch.no_grad()
+    def set(self, mean: list[float] | torch.Tensor, std: list[float] | torch.Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
 
 
 class BasicBlock(nn.Module):
@@ -37,6 +59,7 @@ class SmallResNet(nn.Module):
 
     def __init__(self, num_classes: int, width: int = 16, blocks: int = 3, in_channels: int = 1) -> None:
         super().__init__()
+        self.input_norm = InputNorm(in_channels)
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
         )
@@ -49,7 +72,7 @@ class SmallResNet(nn.Module):
         self.head = nn.Linear(cin, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.adaptive_avg_pool2d(self.layers(self.stem(x)), 1).flatten(1)
+        return F.adaptive_avg_pool2d(self.layers(self.stem(self.input_norm(x))), 1).flatten(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -77,12 +100,13 @@ class TorchvisionResNet(nn.Module):
             old = net.conv1
             net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
             net.conv1.weight.data = old.weight.data.mean(1, keepdim=True).repeat(1, in_channels, 1, 1)
+        self.input_norm = InputNorm(in_channels)
         self.head = nn.Linear(net.fc.in_features, num_classes)
         net.fc = nn.Identity()
         self.body = net
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(self.input_norm(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
