@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from xbar.errors import UserError
 
 # Built-in offline sources (xbar.data); real-scale sources are "torchvision" and "imagefolder".
-BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist")
+BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist", "photos",
+                    "colour_textures")
 DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
 MODELS = ("small_resnet", "resnet18", "resnet50", "efficientnet_lite0")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
