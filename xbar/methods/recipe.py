@@ -224,24 +224,28 @@ def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -
     method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
 
     SGD's lr is train.lr for train.batch_size images per step, in proportion for a smaller
-    `batch` (linear scaling: a task smaller than the batch). 4-bit weights (fine-tuned, spare PEs):
-    Adam, CELL_STEP_LEVELS of the layer's quantization step per step (module doc).
+    `batch` (linear scaling: a task smaller than the batch); Adam's lrs by the square root of
+    that share (Adam's scaling rule: Malladi et al., NeurIPS 2022). At the full step, a 12-image
+    fine-tune whose closed-form head already fit (loss 0.04) jumped to 2.6 within 8 steps.
+    4-bit weights (fine-tuned, spare PEs): Adam, CELL_STEP_LEVELS of the layer's quantization
+    step per step (module doc).
     (Adam on the head and BN was tried: it adapts the head too slowly to the masked features,
     -1 to -4 points for xma / xma2.)
     """
     g = parameter_groups(model)
     head_weight = model.net.head.weight
-    lr = train.lr * min(1.0, (batch or train.batch_size) / train.batch_size)
+    share = min(1.0, (batch or train.batch_size) / train.batch_size)
+    lr, adam = train.lr * share, math.sqrt(share)
     groups = [{"params": [head_weight], "weight_decay": WEIGHT_DECAY},
               {"params": [p for p in g.head if p is not head_weight] + g.digital, "weight_decay": 0.0}]
     opts: list[torch.optim.Optimizer] = [
         torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.momentum > 0)]
     if g.cells:
-        cells = [{"params": [layer.latent], "lr": CELL_STEP_LEVELS * float(layer.scale)}
+        cells = [{"params": [layer.latent], "lr": adam * CELL_STEP_LEVELS * float(layer.scale)}
                  for layer in model.layers().values() if layer.latent is not None]
-        opts.append(TensorAdam(cells, lr=CELL_STEP_LEVELS))
+        opts.append(TensorAdam(cells, lr=adam * CELL_STEP_LEVELS))
     if g.masks:
-        opts.append(TensorAdam(g.masks, lr=get(model.method).mask_lr(train)))
+        opts.append(TensorAdam(g.masks, lr=adam * get(model.method).mask_lr(train)))
     return opts
 
 
