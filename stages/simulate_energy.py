@@ -74,8 +74,8 @@ def run(params: Params, task: str) -> None:
     before = read_json(task_dir(spec.after) / "deployment.json")["history"]
     program = programming_energy(read_json(task_dir(task) / "deployment.json")["history"][len(before):])
 
-    inference = step.inference(params, mapping, t, spec.dataset.image_size, preset)
-    io_ = step.task_io(params, mapping, t, spec.dataset.image_size)
+    inference = step.inference(params, mapping, t, spec.dataset.input_size, preset)
+    io_ = step.task_io(params, mapping, t, spec.dataset.input_size)
     act_bits = params.quant.act_bits
     energy, columns, bits = inference.energy, inference.columns, inference.mask_bits
 

@@ -11,13 +11,16 @@ buffers, saved with the backbone; stages/pretrain.py sets them, docs/scale.md sa
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
+from xbar.data import channel_stats
 from xbar.errors import UserError
 from xbar.params import ModelParams
 
@@ -56,6 +59,40 @@ def weights_file(params: ModelParams) -> Path | None:
     if not path.is_file():
         raise UserError(f"model.weights: {path} is missing (reinstall {package})")
     return path
+
+
+def input_statistics(params: ModelParams, source_train: Dataset, channels: int) -> tuple[tuple[float, ...], ...]:
+    """(mean, std) per channel of the backbone's input normalization (`model.normalize`).
+
+    `auto`: the statistics the weights were trained with when model.weights is set, else the source
+    training split's own; `none`: the identity."""
+    rule = params.normalize
+    if rule == "auto":
+        rule = "imagenet" if params.weights else "source"
+    if rule == "none":
+        return (0.0,) * channels, (1.0,) * channels
+    if rule == "imagenet":
+        if params.name not in IMAGENET_STATS:
+            raise UserError(f"model.normalize: no ImageNet statistics are known for model {params.name!r}; "
+                            "give them as {mean: [...], std: [...]}")
+        return IMAGENET_STATS[params.name]
+    if rule == "source":
+        return channel_stats(source_train)
+    return rule.mean, rule.std
+
+
+def weights_lineage(params: ModelParams) -> dict[str, str]:
+    """The pretrained weights' file name and sha256, for the backbone's lineage (empty without weights)."""
+    path = weights_file(params)
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise UserError(f"model.weights: {str(path)!r} is not a file")
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"weights_file": path.name, "weights_sha256": digest.hexdigest()}
 
 
 def _read_state(path: Path) -> dict:

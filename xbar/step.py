@@ -99,7 +99,7 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     began = time.perf_counter()
     model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
                              spare_pes=spare_pes, start=start)
-    loss = train_task(model, data.train, spec, params.train, params.seed, desc)
+    loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented)
     task = export_task(model, data.num_classes, data.channels, data.digest)
     seconds = time.perf_counter() - began
 
