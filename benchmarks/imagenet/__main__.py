@@ -126,20 +126,21 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
                 continue
             print(f"{config.label:18s} " + "  ".join(f"{r['task']} {r['accuracy_at_learn']:.2f} ({r['seconds']:.0f} s)"
                                                      for r in result.tasks.iter_rows(named=True)), flush=True)
-        if not results:
-            raise UserError("every configuration failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
-        table, matrix = comparison_table(results)
         folder = Path("comparison")
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir()
+        failures = "".join(f"\n- {label}: {why}" for label, why in failed.items())
+        if not results:
+            (folder / "table.md").write_text(f"# Method comparison\n\n## Configurations that failed\n{failures}\n")
+            raise UserError("every configuration failed: " + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+        table, matrix = comparison_table(results)
         accuracy = accuracy_table(table)
         (folder / "table.csv").write_text(table.write_csv())
         (folder / "accuracy.csv").write_text(accuracy.write_csv())
         (folder / "matrix.csv").write_text(matrix.write_csv())
         xma2 = next((c.label for c in configs if c.method == "xma2"), "xma2")
         check = claim(accuracy, distances(params), xma2)
-        failures = "".join(f"\n- {label}: {why}" for label, why in failed.items())
         (folder / "table.md").write_text(report_markdown(table) + "\n## The paper's claim: XMA2's gain over XMA "
                                          "against the task's distance from the source\n\n" + check + "\n"
                                          + (f"\n## Configurations that failed\n{failures}\n" if failed else ""))

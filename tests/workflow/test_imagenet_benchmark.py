@@ -4,6 +4,7 @@ comparison learns its four tasks with XMA2 and XMA and checks the paper's claim.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -11,6 +12,7 @@ import pytest
 import yaml
 
 from project import ROOT
+from xbar.errors import UserError
 from xbar.params import load_params
 
 PARAMS = ROOT / "benchmarks" / "imagenet" / "params.yaml"
@@ -51,15 +53,25 @@ def test_the_benchmark_runs_on_a_few_images(tmp_path: Path, capsys: pytest.Captu
     small = tmp_path / "params.yaml"
     small.write_text(yaml.safe_dump(raw, sort_keys=False))
     work = tmp_path / "work"
-    table = main(["--params", str(small), "--workdir", str(work), "--methods", "xma2"])
-    assert set(table["label"]) == {"xma2@10"} and table["task"].to_list() == list(raw["tasks"])
-    assert (table["forgetting"].abs() < 1e-9).all()  # a mask method does not forget
+    # 16 px and a few images per class: a method's run may be refused by the recipe's guards (a one-line
+    # UserError, reported as failed); any other error fails the test
+    try:
+        table = main(["--params", str(small), "--workdir", str(work), "--methods", "xma2", "finetune_separate"])
+    except UserError as err:
+        assert str(err).startswith("every configuration failed"), err
+        table = None
     report = (work / "comparison" / "table.md").read_text()
-    assert "The paper's claim" in report
+    out = capsys.readouterr().out
+    for label in ("xma2@10", "finetune_separate"):
+        ran = table is not None and label in set(table["label"])
+        refused = re.search(rf"- {re.escape(label)}: {re.escape(label)} \w+: training (diverged|ended at loss)", report)
+        assert ran != bool(refused), (label, report[-2000:])
+    if table is not None:
+        assert set(table["task"]) == set(raw["tasks"]) and "The paper's claim" in report
+        assert (table.filter(pl.col("method") == "xma2")["forgetting"].abs() < 1e-9).all()  # masks do not forget
+        assert pl.read_csv(work / "comparison" / "accuracy.csv")["mean"].is_between(0, 100).all()
     assert (work / "artifacts" / "backbone" / "levels.pt").exists() and not (tmp_path / "artifacts").exists()
-    accuracy = pl.read_csv(work / "comparison" / "accuracy.csv")
-    assert accuracy.height == 1 and accuracy["mean"].is_between(0, 100).all()
-    assert "pretrain: fp32 test accuracy" in capsys.readouterr().out
+    assert "pretrain: fp32 test accuracy" in out and "quantize: fp32" in out
     monkeypatch.chdir(work)  # the backbone is built once per params file
     build_backbone(load_params(small), small.read_text(), fresh=False)
     assert "was built from this params file" in capsys.readouterr().out
