@@ -102,7 +102,7 @@ def test_every_depthwise_and_pointwise_conv_is_mapped(imagenet):
 def test_4bit_activations_keep_the_cat(imagenet, photos):
     """4-bit DACs everywhere (the first layer's signed: normalized pixels), 8-bit weights (4 cells of 2 bits).
     4-bit weights rounded after training (per layer, or even per channel) lose the cat: EfficientNet-Lite needs
-    QAT at 4 bits (docs: benchmarks/imagenet/README.md)."""
+    QAT at 4 bits (README, "A second benchmark")."""
     net = quantize_model(copy.deepcopy(imagenet), weight_bits=8, act_bits=4)
     calibration = torch.cat([photo(n, 224) for n in ("astronaut", "rocket", "immunohistochemistry", "camera")])
     calibrate(net, calibration)
