@@ -1,6 +1,6 @@
 """The RGB benchmark (benchmarks/imagenet) end to end on a few images: its params file validates, its stages
 build the ImageNet backbone in the benchmark's own workspace (nothing of the project's is touched), and the
-comparison learns its four tasks with XMA2 and XMA and checks the paper's claim. The full run is not in CI."""
+comparison learns a task with XMA2 and writes its report. The full run is not in CI."""
 
 from __future__ import annotations
 
@@ -46,23 +46,22 @@ def test_the_benchmark_runs_on_a_few_images(tmp_path: Path, capsys: pytest.Captu
     raw = yaml.safe_load(PARAMS.read_text())
     raw["quant"] |= {"max_train": 16, "epochs": 1}
     raw["source"]["dataset"] |= {"image_size": 16, "test_fraction": 0.05}
-    tests = {"fashion_mnist": 0.001, "animal_mnist": 0.005, "colour_textures": 0.03, "mnist5k": 0.01}
-    for spec in raw["tasks"].values():  # a few images a class to learn from, about 50 to test on
-        spec["dataset"] |= {"image_size": 16, "max_train": 40, "test_fraction": tests[spec["dataset"]["source"]]}
-        spec["epochs"], spec["rank_batch_size"] = 1, 16
+    # one task, the far one (every task step costs the recipe's 50 optimizer steps over 4.6 M masked weights)
+    raw["tasks"] = {"digits": raw["tasks"]["digits"] | {"after": "backbone", "epochs": 1, "rank_batch_size": 16}}
+    raw["tasks"]["digits"]["dataset"] |= {"image_size": 16, "max_train": 40, "test_fraction": 0.01}
     small = tmp_path / "params.yaml"
     small.write_text(yaml.safe_dump(raw, sort_keys=False))
     work = tmp_path / "work"
-    # 16 px and a few images per class: a method's run may be refused by the recipe's guards (a one-line
-    # UserError, reported as failed); any other error fails the test
+    # 16 px and 4 images a class: the recipe's guards may refuse the run (a one-line UserError, reported as
+    # failed); any other error fails the test
     try:
-        table = main(["--params", str(small), "--workdir", str(work), "--methods", "xma2", "finetune_separate"])
+        table = main(["--params", str(small), "--workdir", str(work), "--methods", "xma2"])
     except UserError as err:
         assert str(err).startswith("every configuration failed"), err
         table = None
     report = (work / "comparison" / "table.md").read_text()
     out = capsys.readouterr().out
-    for label in ("xma2@10", "finetune_separate"):
+    for label in ("xma2@10",):
         ran = table is not None and label in set(table["label"])
         refused = re.search(rf"- {re.escape(label)}: {re.escape(label)} \w+: training (diverged|ended at loss)", report)
         assert ran != bool(refused), (label, report[-2000:])
