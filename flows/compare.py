@@ -55,6 +55,7 @@ from xbar.chip.sweep import ChipPlan
 from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, chip_sweep_table, chip_table,
                           comparison_table, configuration_params, configurations, energy_table, markdown,
                           report_markdown, run_configuration)
+from xbar.compare import ENERGY_SCENARIO
 from xbar.errors import UserError
 from xbar.methods import names as method_names
 from xbar.params import Params, ShiftLevels, SpareRatio, load_params
@@ -257,7 +258,8 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
                                   "ratios": ",".join(f"{c.spare_ratio:g}" for c in configs if c.spare_ratio),
                                   "seeds": ",".join(map(str, seeds)), "model": params.model.name,
-                                  "preset": params.energy.preset, "bn": params.train.bn,
+                                  "preset": params.energy.preset, "energy_scenario": ENERGY_SCENARIO,
+                                  "bn": params.train.bn,
                                   "bn_ablation": bn_ablation or "",
                                   "shift_levels": ",".join(map(str, shift_levels or [])),
                                   "chip_instances": chip.instances if chip else 0,

@@ -117,6 +117,7 @@ def test_markdown_report_names_every_configuration(table):
     text = report_markdown(table[0])
     assert text.count("| xma2@10 ") >= 4 and "| mean " in text and "| finetune_shared " in text
     assert "mask_digest" not in text
+    assert "energy (scenario steady:" in text and "| steady " in text  # which accounting the energy column uses
 
 
 def test_mlflow_names_are_valid_and_read_back(table):
