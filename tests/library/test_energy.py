@@ -325,7 +325,8 @@ def test_scenarios_are_documented_and_unknown_ones_are_one_line():
         assert scenario.assumptions and all(len(a) > 10 and len(why) > 10 for a, why in scenario.assumptions)
     # the paper's assumptions each rest on a sentence of the paper, quoted
     assert all("'" in why for _, why in SCENARIOS["paper"].assumptions)
-    with pytest.raises(UserError, match="--scenario: unknown energy scenario 'nope' .*steady, first-task, paper") as err:
+    with pytest.raises(UserError, match="--scenario: unknown energy scenario 'nope' .*steady, first-task, paper") \
+            as err:
         energy_scenario("nope", what="--scenario")
     assert "\n" not in str(err.value)
 
@@ -430,8 +431,9 @@ def test_cli_json_shape():
     data = json.loads(paper.stdout)
     m = data["methods"]
     assert data["scenario"] == "paper" and data["assumptions"]["scenario"] == "paper"
-    assert data["ratios"]["finetune_over_xma2"] == pytest.approx(m["finetune_separate"]["total_j"] / m["xma2"]["total_j"])
-    assert data["ratios"]["piggyback_over_xma2"] == pytest.approx(m["piggyback"]["total_j"] / m["xma2"]["total_j"])
+    x2 = m["xma2"]["total_j"]
+    assert data["ratios"]["finetune_over_xma2"] == pytest.approx(m["finetune_separate"]["total_j"] / x2)
+    assert data["ratios"]["piggyback_over_xma2"] == pytest.approx(m["piggyback"]["total_j"] / x2)
 
 
 @pytest.mark.parametrize("args", [["--model", "small_resnet", "--preset", "nope"],

@@ -102,10 +102,12 @@ PAPER = EnergyScenario(
         ("fine-tuning programs every cell anew, from the blank state, as the backbone's deployment did",
          "'Task-specific fine-tuning ... requires universal reprogramming or even second-time deployment'; "
          "'this procedure has to update the conductance (i.e., reprogramming) of nearly all ReRAM cells'"),
-        ("Piggyback writes its masked-off weights to zero (their share is TypicalChanges', as in steady: the paper states none)",
+        ("Piggyback writes its masked-off weights to zero (their share is TypicalChanges', as in steady: the "
+         "paper states none)",
          "'Piggyback partially programs the weights to zero for different tasks'"),
         ("XMA2's spare PEs hold copies of the backbone PEs the task selects (loaded at deployment, charged to "
-         "no task); the task writes only the weights its training moved (their share is TypicalChanges': the paper states none)",
+         "no task); the task writes only the weights its training moved (their share is TypicalChanges': the "
+         "paper states none)",
          "'we pick the top-P-ranked PEs as our candidate weights to be reprogrammed'; 'The marginal 10% "
          "reprogramming ReRAM columns'; energy per 'updated weight element'"),
         ("XBM and XMA write no cell",
