@@ -236,7 +236,9 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
         params, configs = plan_comparison(root, methods, ratios, bn_ablation, shift_levels)
-        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
+        fp32 = root / BACKBONE / "fp32.pt"  # the fp32 ceiling's start
+        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"),
+                            load_torch(fp32) if fp32.exists() else None)
     seeds = list(dict.fromkeys(seeds or [params.seed]))
     labels = [c.label for c in configs]
     tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare",

@@ -171,7 +171,7 @@ def trainable_names(model: TaskModel) -> set[str]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> None:  # noqa: ANN001 (Dataset)
+def recalibrate_bn(net: nn.Module, data, seed: int, batch_size: int = 128) -> None:  # noqa: ANN001 (Dataset)
     """Re-estimate BN statistics with the deterministic (eval) masks and levels.
 
     During training the column masks are Gumbel samples, so the running
@@ -180,7 +180,6 @@ def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> 
     eval mode and BN averaging (momentum None) fixes the mismatch. The caller
     asks for it only with at least MIN_BN_IMAGES training images (`bn_statistics`).
     """
-    net = model.net
     net.eval()
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
@@ -205,13 +204,18 @@ def bn_statistics(model: TaskModel, n_train: int) -> bool:
 
 
 def train_mode(model: TaskModel, batch: int | None = None):  # noqa: ANN201 (a callable for fit)
-    """Training mode, except BN's statistics where they stay fixed: frozen BN (the backbone's), or training batches of fewer than MIN_BN_IMAGES images (`batch`), whose
-    batch statistics would be too noisy; the BN affine still trains where the method trains it."""
-    frozen_bn = model.bn != "per_task" or (batch is not None and batch < MIN_BN_IMAGES)
+    """Training mode, except BN's statistics where they stay fixed: frozen BN (the backbone's), or training
+    batches of fewer than MIN_BN_IMAGES images (`batch`), whose batch statistics would be too noisy; the BN
+    affine still trains where the method trains it."""
+    return bn_mode(model.bn == "per_task" and (batch is None or batch >= MIN_BN_IMAGES))
+
+
+def bn_mode(batch_statistics: bool):  # noqa: ANN201 (a callable for fit)
+    """Training mode; BN normalizes with its batch's statistics only if `batch_statistics`."""
 
     def apply(net: nn.Module) -> None:
         net.train()
-        if frozen_bn:
+        if not batch_statistics:
             for m in net.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -327,7 +331,7 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
                                                    else "") + ", or give the task more images")
     own_bn = bn_statistics(model, n)
     if own_bn:  # per-task BN starts from the task's own statistics
-        recalibrate_bn(model, data, seed)
+        recalibrate_bn(model.net, data, seed)
     before = init_head(model, data, seed)
     noise = torch.Generator().manual_seed(seed)  # Gumbel noise of its own: no other training draws from it
     for layer in model.layers().values():
@@ -345,7 +349,7 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
     fit(model.net, data if augmented is None else augmented, opts, spec.epochs, train.batch_size, seed, who, after_step=after_step,
         train_mode=train_mode(model, batch), min_steps=MIN_STEPS, hint=hint)
     if own_bn:
-        recalibrate_bn(model, data, seed)
+        recalibrate_bn(model.net, data, seed)
     after = image_losses(model, data, head_images(n, seed))
     if float(after.mean()) > float(before.mean()):
         after = refit_head(model, data, seed, after)
