@@ -30,11 +30,12 @@ from xbar.errors import UserError
 from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)
 from xbar.params import Params, TaskSpec
-from xbar.methods.recipe import (MIN_BN_IMAGES, MIN_STEPS, WEIGHT_DECAY, bn_mode, check_converged, head_images,
-                                 lr_factor, recalibrate_bn)
+from xbar.methods.recipe import (MIN_BN_IMAGES, MIN_STEPS, WEIGHT_DECAY, bn_mode, check_converged, lr_factor,
+                                 recalibrate_bn)
 from xbar.models import build_model
 from xbar.ranking import rank_batch, rank_pes
-from xbar.training import accuracy, as_input, batch_images, closed_form_head, fit, optimizer_steps, predict
+from xbar.training import (accuracy, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
+                           predict)
 
 
 @dataclass(frozen=True)
@@ -139,10 +140,8 @@ def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskDat
     idx = head_images(n, params.seed)
     images, labels = (torch.stack(t) for t in zip(*(data.train[int(i)] for i in idx)))
     net.eval()
+    fit_head(net, data.train, idx)
     with torch.no_grad():
-        w, b = closed_form_head(net.features(as_input(images)), labels, data.num_classes)
-        net.head.weight.copy_(w)
-        net.head.bias.copy_(b)
         before = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
     batch = batch_images(n, train.batch_size)
     share = min(1.0, batch / train.batch_size)

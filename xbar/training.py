@@ -49,6 +49,25 @@ def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return w * best, b * best
 
 
+def head_images(n: int, seed: int) -> torch.Tensor:
+    """The seeded training images (up to HEAD_INIT_IMAGES) a head is fit on (and the guard compares losses on)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+
+
+@torch.no_grad()
+def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512) -> None:
+    """`net.head` in closed form (`closed_form_head`) on the features of images `idx` of `data`, as the
+    network computes them in its current mode."""
+    feats, labels = [], []
+    for chunk in idx.split(batch_size):
+        x, y = zip(*(data[int(i)] for i in chunk))
+        feats.append(net.features(as_input(torch.stack(x))))
+        labels.append(torch.as_tensor(y, dtype=torch.int64))
+    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
+    net.head.weight.copy_(w)
+    net.head.bias.copy_(b)
+
+
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     torch.manual_seed(seed)
     if threads:

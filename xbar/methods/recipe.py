@@ -61,7 +61,7 @@ from xbar.methods.layers import TaskModel
 from xbar.methods.registry import get
 from xbar.params import TaskSpec, TrainParams
 from xbar.errors import UserError
-from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, closed_form_head, fit, optimizer_steps,
+from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
                            ridge_head)  # noqa: F401 (ridge_head: re-exported by xbar.methods)
 
 WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
@@ -70,11 +70,6 @@ MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is 
 CELL_STEP_LEVELS = 0.1  # TensorAdam's step on 4-bit weights (rms), in quantization levels of their layer (module doc)
 MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
 CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
-
-
-def head_images(n: int, seed: int) -> torch.Tensor:
-    """The seeded training images (up to HEAD_INIT_IMAGES) the head is fit on and the guard compares losses on."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
 
 
 @torch.no_grad()
@@ -109,14 +104,7 @@ def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> torch
     was_training = net.training
     net.eval()
     idx = head_images(len(data), seed)
-    feats, labels = [], []
-    for chunk in idx.split(batch_size):
-        x, y = zip(*(data[int(i)] for i in chunk))
-        feats.append(net.features(as_input(torch.stack(x))))
-        labels.append(torch.as_tensor(y, dtype=torch.int64))
-    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
-    net.head.weight.copy_(w)
-    net.head.bias.copy_(b)
+    fit_head(net, data, idx, batch_size)
     net.head.weight_quant.ready.fill_(False)  # the 8-bit clips start from the fitted weights / eval features
     net.head.act_quant.ready.fill_(False)
     losses = image_losses(model, data, idx, batch_size)
