@@ -112,6 +112,8 @@ class NewTask(BaseModel):
                 **self.dataset.model_dump(exclude_none=True)}
         spec.setdefault("image_size", backbone.image_size)
         spec.setdefault("channels", backbone.channels)
+        if backbone.crop and spec["image_size"] == backbone.image_size:  # the network's input, as the backbone's
+            spec.setdefault("crop", backbone.crop)
         return spec
 
     def spec(self, after: str, backbone: DatasetSpec) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Stage pretrain: train the fp32 backbone on the source task."""
+"""Stage pretrain: the fp32 backbone of the source task.
+
+Its input normalization is set first (`model.normalize`, xbar.models.input_statistics). With
+`source.epochs` > 0 the backbone trains on the source task; with 0 it is `model.weights` as they
+are, and only the source head is fit, in closed form on the backbone's features.
+"""
 
 from __future__ import annotations
 
@@ -8,30 +13,53 @@ import torch
 
 from workflow.io import BACKBONE, METRICS, save_torch, stage_main, write_json
 from xbar.data import load_task_data
-from xbar.models import build_model
+from xbar.models import build_model, input_statistics, weights_lineage
 from xbar.params import Params
-from xbar.training import accuracy, fit, seed_everything
+from xbar.training import HEAD_INIT_IMAGES, accuracy, as_input, closed_form_head, fit, seed_everything
+
+
+@torch.no_grad()
+def fit_source_head(model: torch.nn.Module, train: torch.utils.data.Dataset, seed: int) -> None:
+    """The head in closed form on up to HEAD_INIT_IMAGES seeded training images (the body as it is)."""
+    model.eval()
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+    feats, labels = [], []
+    for chunk in idx.split(256):
+        x, y = zip(*(train[int(i)] for i in chunk))
+        feats.append(model.features(as_input(torch.stack(x))))
+        labels.append(torch.as_tensor(y, dtype=torch.int64))
+    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), model.head.out_features)
+    model.head.weight.copy_(w)
+    model.head.bias.copy_(b)
 
 
 def pretrain(params: Params) -> None:
     seed_everything(params.seed, params.train.threads)
     data = load_task_data(params.source.dataset, params.seed)
     model = build_model(params.model, data.num_classes, data.channels)
-    opt = torch.optim.SGD(model.parameters(), lr=params.source.lr, momentum=params.train.momentum,
-                          weight_decay=5e-4, nesterov=True)
-    steps = params.source.epochs * -(-len(data.train) // params.train.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, params.source.lr, total_steps=steps)
+    mean, std = input_statistics(params.model, data.train, data.channels)
+    model.input_norm.set(mean, std)
     start = time.perf_counter()
-    fit(model, data.train, [opt], params.source.epochs, params.train.batch_size, params.seed,
-        "pretrain", after_step=sched.step)
+    if params.source.epochs:
+        opt = torch.optim.SGD(model.parameters(), lr=params.source.lr, momentum=params.train.momentum,
+                              weight_decay=5e-4, nesterov=True)
+        steps = params.source.epochs * -(-len(data.train) // params.train.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, params.source.lr, total_steps=steps)
+        fit(model, data.fit_train, [opt], params.source.epochs, params.train.batch_size, params.seed,
+            "pretrain", after_step=sched.step)
+    else:
+        fit_source_head(model, data.train, params.seed)
     acc = accuracy(model, data.test, params.train.eval_batch_size)
     save_torch(BACKBONE / "fp32.pt", {"state_dict": model.state_dict(), "num_classes": data.num_classes,
                                       "channels": data.channels})
     write_json(METRICS / "pretrain.json", {
         "test_accuracy": round(acc, 2), "train_images": len(data.train), "test_images": len(data.test),
-        "seconds": round(time.perf_counter() - start, 1), "data_digest": data.digest,
+        "epochs": params.source.epochs, "seconds": round(time.perf_counter() - start, 1), "data_digest": data.digest,
+        "input_mean": [round(v, 5) for v in mean], "input_std": [round(v, 5) for v in std],
+        **weights_lineage(params.model),
     })
-    print(f"pretrain: fp32 test accuracy {acc:.2f}% on {params.source.dataset.source}")
+    how = f"{params.source.epochs} epochs" if params.source.epochs else "model.weights as they are, closed-form head"
+    print(f"pretrain: fp32 test accuracy {acc:.2f}% on {params.source.dataset.source} ({how})")
 
 
 if __name__ == "__main__":

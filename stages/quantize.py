@@ -15,10 +15,11 @@ import math
 import time
 
 import torch
+from torch.utils.data import Subset
 
 from workflow.io import BACKBONE, METRICS, load_torch, save_torch, stage_main, write_json
 from xbar.crossbar import mapped_layers
-from xbar.data import load_task_data
+from xbar.data import TaskData, load_task_data, stratified_subset
 from xbar.errors import UserError
 from xbar.models import build_model
 from xbar.params import Params
@@ -33,6 +34,13 @@ def calibration_batch(train: torch.utils.data.Dataset, n: int = CALIBRATION_IMAG
     """n training images spread evenly over the (stratified) training split: deterministic."""
     step = max(1, len(train) // n)
     return as_input(torch.stack([train[i][0] for i in range(0, len(train), step)][:n]))
+
+
+def qat_subset(data: TaskData, max_train: int | None, seed: int) -> torch.utils.data.Dataset:
+    """The source images QAT trains on: a stratified, seeded subset of `max_train` (None: all)."""
+    if max_train is None or max_train >= len(data.train):
+        return data.fit_train
+    return Subset(data.fit_train, stratified_subset(data.train_labels, max_train, seed).tolist())
 
 
 def quantize(params: Params) -> None:
@@ -60,9 +68,10 @@ def quantize(params: Params) -> None:
     weights = [p for p in model.parameters() if id(p) not in clip_ids]
     opt = torch.optim.SGD([{"params": weights, "weight_decay": WEIGHT_DECAY}, {"params": clips, "weight_decay": 0.0}],
                           lr=params.quant.lr, momentum=params.train.momentum, nesterov=True)
-    steps = params.quant.epochs * math.ceil(len(data.train) / params.train.batch_size)
+    qat = qat_subset(data, params.quant.max_train, params.seed)
+    steps = params.quant.epochs * math.ceil(len(qat) / params.train.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    loss = fit(model, data.train, [opt], params.quant.epochs, params.train.batch_size, params.seed, "quantize",
+    loss = fit(model, qat, [opt], params.quant.epochs, params.train.batch_size, params.seed, "quantize",
                after_step=sched.step)
     quant_acc = accuracy(model, data.test, params.train.eval_batch_size)
 
@@ -74,7 +83,7 @@ def quantize(params: Params) -> None:
     write_json(METRICS / "quantize.json", {
         "fp32_accuracy": round(fp32_acc, 2), "ptq_accuracy": round(ptq_acc, 2), "quant_accuracy": round(quant_acc, 2),
         "accuracy_drop": round(fp32_acc - quant_acc, 2), "weight_bits": params.crossbar.weight_bits,
-        "act_bits": params.quant.act_bits, "epochs": params.quant.epochs, "qat_loss": round(loss, 4),
+        "act_bits": params.quant.act_bits, "epochs": params.quant.epochs, "qat_images": len(qat), "qat_loss": round(loss, 4),
         "mapped_layers": len(levels), "seconds": round(time.perf_counter() - start, 1), "data_digest": data.digest,
     })
     print(f"quantize: fp32 {fp32_acc:.2f}%, {params.crossbar.weight_bits}-bit after calibration {ptq_acc:.2f}%, "

@@ -23,7 +23,6 @@ from xbar import step
 from xbar.chip.deployment import programming_energy
 from xbar.chip.layout import backbone_mapping
 from xbar.data import load_task_data
-from xbar.energy.layer_io import model_io
 from xbar.energy.presets import energy_preset
 from xbar.energy.typical import typical_methods
 from xbar.params import Params
@@ -75,8 +74,8 @@ def run(params: Params, task: str) -> None:
     before = read_json(task_dir(spec.after) / "deployment.json")["history"]
     program = programming_energy(read_json(task_dir(task) / "deployment.json")["history"][len(before):])
 
-    inference = step.inference(params, mapping, t, spec.dataset.image_size, preset)
-    io_ = model_io(params.model, mapping, int(t["num_classes"]), int(t["channels"]), spec.dataset.image_size)
+    inference = step.inference(params, mapping, t, spec.dataset.input_size, preset)
+    io_ = step.task_io(params, mapping, t, spec.dataset.input_size)
     act_bits = params.quant.act_bits
     energy, columns, bits = inference.energy, inference.columns, inference.mask_bits
 

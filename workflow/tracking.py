@@ -294,7 +294,9 @@ def _log_backbone(t: Tracker, params: Params, run_id: str) -> None:
     mapping = read_json(METRICS / "map.json") if (METRICS / "map.json").exists() else {}
     t.log(run_id, params={"model": params.model.name, "width": params.model.width, "blocks": params.model.blocks,
                           "source": params.source.dataset.source, "act_bits": params.quant.act_bits,
-                          "weight_bits": params.crossbar.weight_bits, "seed": params.seed},
+                          "weight_bits": params.crossbar.weight_bits, "seed": params.seed,
+                          # lineage of pretrained weights: which file, and its content
+                          **{k: pre[k] for k in ("weights_file", "weights_sha256") if k in pre}},
           metrics={"fp32_accuracy": pre["test_accuracy"],
                    **{f"quantize/{k}": v for k, v in quant.items() if isinstance(v, int | float)},
                    **{f"map/{k}": v for k, v in mapping.items() if isinstance(v, int | float)}})

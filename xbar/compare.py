@@ -173,7 +173,7 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
         now = step.evaluate_chip(run, chip, layout, learned, backbone, loaded, preset)
         matrix += [{"label": config.label, "after": name, "task": t, "accuracy": a} for t, a in now.items()]
 
-        inference_j = step.inference(run, mapping, task, spec.dataset.image_size, preset).energy.per_image_j \
+        inference_j = step.inference(run, mapping, task, spec.dataset.input_size, preset).energy.per_image_j \
             * len(task_data.test)
         masks, s, switch = mask_report(task, mapping), programming.program.summary, programming.switch
         rows.append({

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,20 +31,93 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
 
 @dataclass(frozen=True)
 class TaskData:
+    """A task's splits as the network sees them (deterministic), and `fit_train`, what training loops draw
+    from: the training split with its train-time augmentation, if the dataset has one."""
+
     train: Dataset
     test: Dataset
     num_classes: int
     channels: int
     train_digest: str
     test_digest: str
+    augmented: Dataset | None = None
+    train_labels: np.ndarray | None = None  # the training split's labels, in its order
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(f"{self.train_digest}:{self.test_digest}".encode()).hexdigest()[:16]
 
+    @property
+    def fit_train(self) -> Dataset:
+        return self.train if self.augmented is None else self.augmented
+
 
 def load_task_data(spec: DatasetSpec, seed: int) -> TaskData:
-    """The train/test splits of `spec`; the same spec and seed give the same splits."""
+    """The train/test splits of `spec`; the same spec and seed give the same splits.
+
+    Images are stored at `image_size`; with `crop`, the network sees the centre crop of that size
+    (evaluation, and training without augmentation). `augment` draws a seeded random resized crop
+    (and flip) of the whole stored image for the training loops only (`TaskData.fit_train`).
+    """
+    data = _stored_task_data(spec, seed)
+    size = spec.crop or spec.image_size
+    crop = (lambda d: _CentreCrop(d, size)) if size < spec.image_size else (lambda d: d)
+    augmented = _Augmented(data.train, size, spec.augment, seed) if spec.augment else None
+    return TaskData(crop(data.train), crop(data.test), data.num_classes, data.channels, data.train_digest,
+                    data.test_digest, augmented, data.train_labels)
+
+
+class _CentreCrop(Dataset):
+    def __init__(self, base: Dataset, size: int) -> None:
+        self.base, self.size = base, size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[i]
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        return x[..., top: top + self.size, left: left + self.size], y
+
+
+class _Augmented(Dataset):
+    """A random resized crop to `size` (area share in augment.scale, aspect ratio 3/4..4/3, as
+    torchvision's RandomResizedCrop) and a horizontal flip, drawn from a generator seeded once: the
+    same seed and order of reads give the same images."""
+
+    def __init__(self, base: Dataset, size: int, augment, seed: int) -> None:  # noqa: ANN001 (params.Augment)
+        self.base, self.size, self.augment = base, size, augment
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _box(self, h: int, w: int) -> tuple[int, int, int, int]:
+        g, (lo, hi) = self.generator, self.augment.scale
+        for _ in range(10):
+            area = h * w * (lo + (hi - lo) * float(torch.rand((), generator=g)))
+            ratio = float(torch.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand((), generator=g)))
+            cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                top = int(torch.randint(0, h - ch + 1, (), generator=g))
+                left = int(torch.randint(0, w - cw + 1, (), generator=g))
+                return top, left, ch, cw
+        side = min(h, w)
+        return (h - side) // 2, (w - side) // 2, side, side
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.transforms.v2 import functional as TF
+
+        x, y = self.base[i]
+        top, left, h, w = self._box(*x.shape[-2:])
+        x = TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
+        if self.augment.flip and bool(torch.rand((), generator=self.generator) < 0.5):
+            x = x.flip(-1)
+        return x, y
+
+
+def _stored_task_data(spec: DatasetSpec, seed: int) -> TaskData:
+    """The splits at the stored size (image_size)."""
     if spec.source in ("torchvision", "imagefolder"):
         return _lazy_task_data(spec, seed)
     images, labels = _BUILTIN[spec.source](spec)
@@ -61,6 +135,7 @@ def load_task_data(spec: DatasetSpec, seed: int) -> TaskData:
         channels=spec.channels,
         train_digest=content_digest(images[train_idx], labels[train_idx]),
         test_digest=content_digest(images[test_idx], labels[test_idx]),
+        train_labels=labels[train_idx],
     )
 
 
@@ -80,6 +155,23 @@ def stratified_split(labels: np.ndarray, test_fraction: float, seed: int,
         rest = idx[n_test:]
         train.append(rest[: max(1, round(len(rest) * keep_share))])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+def channel_stats(data: Dataset, max_images: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of images in [0, 1], over up to `max_images` evenly spread images."""
+    step = max(1, len(data) // max_images)
+    x = torch.stack([data[i][0] for i in range(0, len(data), step)][:max_images]).double().div_(255.0)
+    x = x.transpose(0, 1).flatten(1)
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+
+
+def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subset of about n, keeping the class proportions (each class at least 1)."""
+    rng = np.random.default_rng(seed)
+    share = min(1.0, n / len(labels))
+    keep = [rng.permutation(idx)[: max(1, round(len(idx) * share))]
+            for idx in (np.flatnonzero(labels == c) for c in np.unique(labels))]
+    return np.sort(np.concatenate(keep))
 
 
 def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
@@ -390,4 +482,5 @@ def _lazy_task_data(spec: DatasetSpec, seed: int) -> TaskData:
         return hashlib.sha256("\n".join(ident).encode() + idx.tobytes()).hexdigest()[:16]
 
     return TaskData(Subset(data, train_idx.tolist()), Subset(data, test_idx.tolist()),
-                    int(labels.max()) + 1, spec.channels, digest(train_idx), digest(test_idx))
+                    int(labels.max()) + 1, spec.channels, digest(train_idx), digest(test_idx),
+                    train_labels=labels[train_idx])

@@ -77,6 +77,7 @@ class QuantParams(Frozen):
     act_bits: Annotated[int, Field(ge=2, le=8)] = 4
     epochs: PositiveInt = 1  # QAT fine-tune of the pretrained backbone on the source task
     lr: PositiveFloat = 0.01
+    max_train: PositiveInt | None = None  # QAT on a stratified subset of the source's training split (None: all)
 
 
 class TrainParams(Frozen):
@@ -93,11 +94,40 @@ class TrainParams(Frozen):
     threads: PositiveInt = 2
 
 
+class InputStats(Frozen):
+    """Explicit per-channel input statistics of images in [0, 1] (one value per channel)."""
+
+    mean: tuple[float, ...]
+    std: tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "InputStats":
+        if len(self.mean) != len(self.std) or not self.mean:
+            raise ValueError(f"mean and std need one value per channel each, got {len(self.mean)} and {len(self.std)}")
+        return self
+
+
 class ModelParams(Frozen):
     name: Literal[MODELS] = "small_resnet"  # type: ignore[valid-type]
     width: PositiveInt = 16  # small_resnet: channels of the first stage
     blocks: PositiveInt = 3  # small_resnet: residual blocks per stage
     weights: str | None = None  # torchvision ResNets: path to a local state_dict (e.g. ImageNet)
+    # per-channel (x - mean) / std before the first layer's DACs (xbar.models.input_statistics): auto = the
+    # ImageNet statistics with model.weights, else the source's own; or `source`, `imagenet`, `none`, {mean, std}
+    normalize: Literal["auto", "source", "imagenet", "none"] | InputStats = "auto"
+
+
+class Augment(Frozen):
+    """Train-time augmentation (RGB photos; not for digits): a random resized crop and a horizontal flip."""
+
+    scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = (0.25, 1.0)
+    flip: bool = True
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Augment":
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f"scale {list(self.scale)}: the smallest area share comes first")
+        return self
 
 
 class DatasetSpec(Frozen):
@@ -110,6 +140,8 @@ class DatasetSpec(Frozen):
     channels: Literal[1, 3] = 1
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2
     max_train: PositiveInt | None = None  # cap the training split (stratified), for speed
+    crop: PositiveInt | None = None  # the network sees this centre crop of the image_size images (None: all)
+    augment: Augment | None = None  # train-time augmentation (None: the images as they are)
 
     @model_validator(mode="before")
     @classmethod
@@ -122,14 +154,21 @@ class DatasetSpec(Frozen):
             raise ValueError("source 'torchvision' needs 'name' (a torchvision.datasets class, e.g. CIFAR10)")
         if self.source == "imagefolder" and not self.root:
             raise ValueError("source 'imagefolder' needs 'root' (a directory with one sub-directory per class)")
+        if self.crop and self.crop > self.image_size:
+            raise ValueError(f"crop {self.crop} is larger than the image (image_size {self.image_size})")
         return self
+
+    @property
+    def input_size(self) -> int:
+        """The side of the images the network sees."""
+        return self.crop or self.image_size
 
 
 class SourceTask(Frozen):
     """The task the backbone is pretrained and quantized on (ImageNet's role in the paper)."""
 
     dataset: DatasetSpec
-    epochs: PositiveInt = 3
+    epochs: Annotated[int, Field(ge=0)] = 3  # 0: model.weights as they are (no fp32 training), a closed-form head
     lr: PositiveFloat = 0.1
 
 
@@ -222,9 +261,25 @@ class Params(Frozen):
             if spec.dataset.channels != want.channels:
                 raise ValueError(f"tasks.{name}.dataset.channels is {spec.dataset.channels}, but the backbone takes "
                                  f"{want.channels}-channel images (source.dataset.channels)")
-            if spec.dataset.image_size != want.image_size:
-                raise ValueError(f"tasks.{name}.dataset.image_size is {spec.dataset.image_size}, but the backbone "
-                                 f"takes {want.image_size}x{want.image_size} images (source.dataset.image_size)")
+            if spec.dataset.input_size != want.input_size:  # what the network sees: the crop, else the image
+                field = "crop" if spec.dataset.crop else "image_size"
+                raise ValueError(f"tasks.{name}.dataset.{field} is {spec.dataset.input_size}, but the backbone takes "
+                                 f"{want.input_size}x{want.input_size} images (source.dataset's "
+                                 f"{'crop' if want.crop else 'image_size'})")
+        return self
+
+    @model_validator(mode="after")
+    def _backbone_fits(self) -> "Params":
+        channels = self.source.dataset.channels
+        if self.source.epochs == 0 and not self.model.weights:
+            raise ValueError("source.epochs is 0 (use the backbone as it is), but model.weights is not set: "
+                             "give pretrained weights or epochs >= 1")
+        if self.model.weights and channels != 3:
+            raise ValueError(f"model.weights are ImageNet (RGB) weights, but source.dataset.channels is {channels}: "
+                             "set channels: 3 (grey images are replicated to RGB)")
+        if isinstance(self.model.normalize, InputStats) and len(self.model.normalize.mean) != channels:
+            raise ValueError(f"model.normalize has {len(self.model.normalize.mean)} values per statistic, but the "
+                             f"source has {channels} channel(s) (source.dataset.channels)")
         return self
 
     @field_validator("tasks")

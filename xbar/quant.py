@@ -2,8 +2,11 @@
 
 Weights: symmetric, L = 2**(bits-1) - 1 integer levels each side of zero (15
 levels in [-7, 7] at 4 bits), one learnable clip `alpha` per layer, scale
-alpha / L. Activations: unsigned (they follow a ReLU, or are images in [0, 1]),
-2**bits - 1 levels above zero, learnable clip (PACT). Rounding is
+alpha / L. Activations: 2**bits - 1 levels above zero, learnable clip (PACT),
+unsigned where they follow a ReLU; where the first tensor a quantizer sees has
+negative values (normalized images, a linear bottleneck's residual stream) it is
+signed: sign and magnitude, 2**bits - 1 levels each side, which the chip applies
+as two unsigned passes, the positive part and the negative part (xbar.chip.evaluate). Rounding is
 straight-through; the clip gets the LSQ/PACT gradient (the rounding error
 inside the range, +-1 where the value saturates), scaled by 1/sqrt(N * L) as
 in LSQ so that one learning rate suits both weights and clips.
@@ -87,7 +90,8 @@ class WeightQuantizer(nn.Module):
 
 
 class ActQuantizer(nn.Module):
-    """Unsigned activation quantizer (PACT): levels 0..2**bits - 1 times alpha / (2**bits - 1)."""
+    """Activation quantizer (PACT): codes 0..2**bits - 1 (signed: -(2**bits - 1)..2**bits - 1) times
+    alpha / (2**bits - 1). Signed or not is decided with the clip, on the first tensor seen."""
 
     def __init__(self, bits: int = 4) -> None:
         super().__init__()
@@ -95,10 +99,12 @@ class ActQuantizer(nn.Module):
         self.levels = 2**bits - 1
         self.alpha = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("ready", torch.tensor(False))
+        self.register_buffer("signed", torch.tensor(False))
 
     @torch.no_grad()
     def init_from(self, x: torch.Tensor) -> None:
-        self.alpha.fill_(_best_clip(x, self.levels, signed=False))
+        self.signed.fill_(bool((x < 0).any()))
+        self.alpha.fill_(_best_clip(x, self.levels, signed=bool(self.signed)))
         self.ready.fill_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +113,7 @@ class ActQuantizer(nn.Module):
         features = x[0].numel() if x.dim() > 1 else x.numel()  # LSQ: features per sample
         alpha = scale_grad(self.alpha, (features * self.levels) ** -0.5)
         scale = alpha.abs().clamp_min(1e-8) / self.levels
-        return round_ste(torch.clamp(x / scale, 0, self.levels)) * scale
+        return round_ste(torch.clamp(x / scale, -self.levels if self.signed else 0, self.levels)) * scale
 
 
 class QuantConv2d(nn.Conv2d):
@@ -175,7 +181,8 @@ def clip_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """Set every clip from one batch (weights: their own values; activations: what they see).
+    """Set every clip from one batch (weights: their own values; activations: what they see, and
+    whether they are signed).
 
     Runs in eval mode so BN uses its running statistics, as at inference.
     """

@@ -24,7 +24,7 @@ from xbar.chip.readback import read_back
 from xbar.crossbar import Mapping
 from xbar.data import TaskData
 from xbar.energy.inference import TaskInference, task_inference
-from xbar.energy.layer_io import model_io
+from xbar.energy.layer_io import LayerIO, model_io, signed_input_layers
 from xbar.energy.presets import EnergyPreset
 from xbar.errors import UserError
 from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
@@ -99,7 +99,7 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     began = time.perf_counter()
     model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
                              spare_pes=spare_pes, start=start)
-    loss = train_task(model, data.train, spec, params.train, params.seed, desc)
+    loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented)
     task = export_task(model, data.num_classes, data.channels, data.digest)
     seconds = time.perf_counter() - began
 
@@ -142,7 +142,12 @@ def evaluate_chip(params: Params, chip: Chip, layout: ChipLayout, tasks: dict[st
 # --- energy -----------------------------------------------------------------------------------------
 
 
+def task_io(params: Params, mapping: Mapping, task: dict, image_size: int) -> dict[str, LayerIO]:
+    """What the energy model needs of a learned task's network (its signed-input layers count twice)."""
+    return model_io(params.model, mapping, int(task["num_classes"]), int(task["channels"]), image_size,
+                    signed_input_layers(task["model_state"]))
+
+
 def inference(params: Params, mapping: Mapping, task: dict, image_size: int, preset: EnergyPreset) -> TaskInference:
     """One image's inference energy of a learned task on the chip."""
-    io = model_io(params.model, mapping, int(task["num_classes"]), int(task["channels"]), image_size)
-    return task_inference(task, mapping, io, preset, params.quant.act_bits)
+    return task_inference(task, mapping, task_io(params, mapping, task, image_size), preset, params.quant.act_bits)

@@ -15,11 +15,38 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from xbar.errors import UserError
 
 GUARD_WINDOW = 8  # steps whose mean loss the divergence guard checks (all of a shorter run's)
+HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
+RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches smaller than the feature width
+# label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
+HEAD_LABEL_SMOOTHING = 0.1
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 images [N, C, H, W] -> float in [0, 1] (what the first layer's DACs see)."""
     return images.float().div_(255.0)
+
+
+def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [C, D], bias [C]) of the least-squares fit of one-hot labels (float64, deterministic)."""
+    f = features.detach().double()
+    mean = f.mean(0)
+    fc = f - mean
+    target = F.one_hot(labels, num_classes).double()
+    gram = fc.T @ fc
+    penalty = RIDGE * (gram.diagonal().mean() + 1e-12)
+    w = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype), fc.T @ (target - target.mean(0)))
+    b = target.mean(0) - mean @ w
+    return w.T.to(features.dtype), b.to(features.dtype)
+
+
+def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ridge head, its logits scaled to the least label-smoothed cross-entropy on the fit images."""
+    w, b = ridge_head(features, labels, num_classes)
+    logits = features @ w.T + b
+    scales = torch.logspace(-1, 3, 41)
+    best = min(scales.tolist(),
+               key=lambda s: float(F.cross_entropy(logits * s, labels, label_smoothing=HEAD_LABEL_SMOOTHING)))
+    return w * best, b * best
 
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:

@@ -220,6 +220,27 @@ def test_exact_adc_and_ideal_device_reproduce_ideal_predictions(task_model, sign
     assert "forward" not in next(iter(model.layers().values())).__dict__  # the ideal forward is back
 
 
+def test_signed_inputs_run_as_two_passes_and_stay_exact():
+    """Normalized images reach the first layer signed: the quantizer turns signed and the chip's
+    positive and negative passes add up to the ideal layer exactly."""
+    params, quant, levels = tiny_backbone(width=8)
+    seed_everything(0)
+    model = build_task_model(params, TaskSpec(dataset="optdigits", method="xma2", epochs=1), quant, levels, 3,
+                             spare_pes=torch.tensor([0]))
+    model.net.input_norm.set([0.5], [0.25])
+    first = next(iter(model.layers().values()))
+    first.act_quant.ready.fill_(False)  # re-calibrates on the normalized images
+    model.net.eval()
+    x = as_input(random_task(16, seed=6).tensors[0])
+    with torch.no_grad():
+        ideal = model.net(x)
+        assert bool(first.act_quant.signed) and not any(bool(l.act_quant.signed) for l in list(model.layers().values())[1:])
+        assert (first.act_quant(model.net.input_norm(x)) < 0).any()
+        with chip_mode(model, ChipInstance(0, DEVICES["ideal"], model.mapping), AdcConfig(16, "full")):
+            chip = model.net(x)
+    assert torch.allclose(chip, ideal, rtol=1e-4, atol=1e-5)
+
+
 def test_chip_accuracy_reports_instances_and_the_ideal_device_is_exact(task_model):
     model, _ = task_model
     data = random_task(48, seed=4)

@@ -126,3 +126,42 @@ def test_corrupt_fashion_file_is_named(tmp_path):
         (tmp_path / name).write_bytes(b"not gzip")
     with pytest.raises(UserError, match="corrupt idx file"):
         load_task_data(DatasetSpec(source="fashion_mnist", root=str(tmp_path)), 0)
+
+
+def test_crop_is_the_centre_and_augmentation_is_seeded_and_train_only():
+    spec = DatasetSpec(source="textures", image_size=32, crop=24, channels=3, max_train=40,
+                       augment={"scale": [0.3, 1.0], "flip": True})
+    data = load_task_data(spec, seed=0)
+    full = load_task_data(DatasetSpec(source="textures", image_size=32, channels=3, max_train=40), seed=0)
+    x, _ = data.test[0]
+    assert tuple(x.shape) == (3, 24, 24) and torch.equal(x, full.test[0][0][:, 4:28, 4:28])
+    assert tuple(data.train[0][0].shape) == (3, 24, 24) and data.fit_train is data.augmented
+    a = _images(data.augmented)
+    assert a.shape == (len(data.train), 3, 24, 24)
+    assert not torch.equal(a, _images(data.train))  # random crops, not the centre
+    assert torch.equal(a, _images(load_task_data(spec, seed=0).augmented))  # same seed, same crops
+    assert not torch.equal(a, _images(load_task_data(spec, seed=1).augmented))
+    plain = load_task_data(DatasetSpec(source="textures", image_size=32, crop=24, channels=3, max_train=40), 0)
+    assert plain.augmented is None and plain.fit_train is plain.train
+
+
+def test_bad_crop_and_augment_are_refused():
+    with pytest.raises(ValueError, match="crop 40 is larger than the image"):
+        DatasetSpec(source="optdigits", crop=40)
+    with pytest.raises(ValueError, match="smallest area share comes first"):
+        DatasetSpec(source="optdigits", augment={"scale": [0.9, 0.2]})
+
+
+def test_channel_stats_and_the_normalization_rule():
+    from xbar.data import channel_stats
+    from xbar.models import IMAGENET_STATS, input_statistics
+    from xbar.params import ModelParams
+
+    data = load_task_data(DatasetSpec(source="optdigits"), seed=0)
+    x = _images(data.train).double() / 255
+    mean, std = channel_stats(data.train)
+    assert mean[0] == pytest.approx(float(x.mean()), rel=1e-6) and std[0] == pytest.approx(float(x.std()), rel=1e-6)
+    assert input_statistics(ModelParams(), data.train, 1) == (mean, std)  # auto without weights: the source's
+    assert input_statistics(ModelParams(normalize="none"), data.train, 1) == ((0.0,), (1.0,))
+    assert input_statistics(ModelParams(name="resnet18", weights="w.pt"), data.train, 3) == IMAGENET_STATS["resnet18"]
+    assert input_statistics(ModelParams(normalize={"mean": [0.1], "std": [0.3]}), data.train, 1) == ((0.1,), (0.3,))

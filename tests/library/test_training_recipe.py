@@ -14,7 +14,8 @@ from project import ROOT
 from tiny_backbone import random_task
 from xbar.errors import UserError
 from xbar.methods import build_task_model, train_task
-from xbar.methods.recipe import HEAD_LABEL_SMOOTHING, TensorAdam, init_head
+from xbar.methods.recipe import TensorAdam, init_head
+from xbar.training import HEAD_LABEL_SMOOTHING
 from xbar.params import ParamsError, TaskSpec, parse_params
 from xbar.training import BalancedBatches, fit, seed_everything
 

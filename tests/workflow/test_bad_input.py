@@ -117,6 +117,26 @@ def image_folder(rel: str, classes: int, per_class: int = 10, corrupt: int = 0) 
     return edit
 
 
+def rgb_project(root: Path) -> None:
+    """The source and every task as 3-channel images (grey images are replicated)."""
+    data = yaml.safe_load((root / "params.yaml").read_text())
+    data["source"]["dataset"] = {**data["source"]["dataset"], "channels": 3}
+    for spec in data["tasks"].values():
+        spec["dataset"] = {"source": spec["dataset"], "channels": 3} if isinstance(spec["dataset"], str) \
+            else {**spec["dataset"], "channels": 3}
+    (root / "params.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def state_dict_file(rel: str) -> Callable[[Path], None]:
+    """A well-formed state_dict of no torchvision architecture."""
+    def edit(root: Path) -> None:
+        import torch
+
+        torch.save({"conv.weight": torch.zeros(4, 3, 3, 3)}, root / rel)
+
+    return edit
+
+
 def both(*edits: Callable[[Path], None]) -> Callable[[Path], None]:
     def edit(root: Path) -> None:
         for e in edits:
@@ -190,7 +210,7 @@ BAD_INPUT = [
     # zero or negative epochs, crossbar sizes, energy constants
     row("task-epochs-zero", Bad(RANK, ("tasks.t1.epochs",), set_param(*T1, "epochs", value=0))),
     row("task-epochs-negative", Bad(RANK, ("tasks.t1.epochs",), set_param(*T1, "epochs", value=-2))),
-    row("source-epochs-zero", Bad(PRETRAIN, ("source.epochs",), set_param("source", "epochs", value=0))),
+    row("source-epochs-zero", Bad(PRETRAIN, ("source.epochs", "model.weights"), set_param("source", "epochs", value=0))),
     row("quant-epochs-negative", Bad(stage("quantize"), ("quant.epochs",), set_param("quant", "epochs", value=-1))),
     row("cli-epochs-negative", Bad([*ADD, "t3", *DIGITS, "--epochs", "-2"], ("epochs",))),
     row("crossbar-rows-zero", Bad(stage("deploy_backbone"), ("crossbar.rows",), set_param("crossbar", "rows", value=0))),
@@ -213,8 +233,16 @@ BAD_INPUT = [
                                                                                    "name": "CIFAR10",
                                                                                    "root": "data/cifar"}))),
     row("model-weights-not-a-state-dict", Bad(PRETRAIN, ("model.weights", "w.pt"), both(
-        write_text("w.pt", "not a checkpoint"),
+        rgb_project, write_text("w.pt", "not a checkpoint"),
         set_param("model", value={"name": "resnet18", "weights": "w.pt"})))),
+    row("model-weights-other-architecture", Bad(PRETRAIN, ("model.weights", "w.pt", "resnet18"), both(
+        rgb_project, state_dict_file("w.pt"), set_param("model", value={"name": "resnet18", "weights": "w.pt"})))),
+    row("model-weights-grey-source", Bad(PRETRAIN, ("model.weights", "source.dataset.channels"), both(
+        state_dict_file("w.pt"), set_param("model", value={"name": "resnet18", "weights": "w.pt"})))),
+    row("normalize-stats-wrong-length", Bad(PRETRAIN, ("model.normalize", "channel"), set_param(
+        "model", "normalize", value={"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}))),
+    row("crop-larger-than-image", Bad(RANK, ("tasks.t1.dataset", "crop 40", "image_size 28"),
+                                      set_param(*T1, "dataset", value={"source": "optdigits", "crop": 40}))),
     row("imagefolder-single-class", Bad(RANK, ("data/one", "at least 2 classes"), both(
         image_folder("data/one", classes=1),
         set_param(*T1, "dataset", value={"source": "imagefolder", "root": "data/one"})))),

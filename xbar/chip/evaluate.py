@@ -58,7 +58,10 @@ def _chip_forward(chip: ChipLayer):  # noqa: ANN202 (a bound forward)
         xq = layer.act_quant(x)
         step = act_step(layer.act_quant, x)
         codes = (xq / step).round()
-        y = chip(codes, layer.act_quant.bits, layer.conv_args if layer.is_conv else None)
+        args = layer.act_quant.bits, layer.conv_args if layer.is_conv else None
+        y = chip(codes.clamp_min(0), *args)
+        if layer.act_quant.signed:  # sign and magnitude: the negative part is a second unsigned pass
+            y = y - chip((-codes).clamp_min(0), *args)
         y = y * (layer.scale * step)  # integer sums -> the layer's units, once
         if layer.bias is not None:
             y = y + layer.bias.view(1, -1, *([1] * (y.dim() - 2)))

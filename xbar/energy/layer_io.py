@@ -62,10 +62,20 @@ def layer_io(model: nn.Module, names: list[str], input_shape: tuple[int, ...]) -
 
 
 def model_io(model_params, mapping: Mapping, num_classes: int, channels: int,  # noqa: ANN001 (params.ModelParams)
-             image_size: int) -> dict[str, LayerIO]:
-    """`layer_io` of the mapped layers of params' model for one channels x size x size image (meta device)."""
+             image_size: int, signed_inputs: frozenset[str] = frozenset()) -> dict[str, LayerIO]:
+    """`layer_io` of the mapped layers of params' model for one channels x size x size image (meta device).
+
+    A layer in `signed_inputs` takes signed activations (xbar.quant), which the chip applies in two
+    unsigned passes: its crossbars are used twice per output position."""
     from xbar.models import build_model
 
     with torch.device("meta"):
         model = build_model(model_params, num_classes, channels)
-    return layer_io(model, [lm.name for lm in mapping.layers], (channels, image_size, image_size))
+    io = layer_io(model, [lm.name for lm in mapping.layers], (channels, image_size, image_size))
+    return {n: LayerIO(2 * x.positions, x.in_elems, x.out_elems) if n in signed_inputs else x for n, x in io.items()}
+
+
+def signed_input_layers(state: dict[str, torch.Tensor]) -> frozenset[str]:
+    """The layers of a saved network whose activation quantizer is signed (its `act_quant.signed` buffer)."""
+    suffix = ".act_quant.signed"
+    return frozenset(k[: -len(suffix)] for k, v in state.items() if k.endswith(suffix) and bool(v))

@@ -61,31 +61,15 @@ from xbar.methods.layers import TaskModel
 from xbar.methods.registry import get
 from xbar.params import TaskSpec, TrainParams
 from xbar.errors import UserError
-from xbar.training import as_input, batch_images, fit, optimizer_steps
+from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, closed_form_head, fit, optimizer_steps,
+                           ridge_head)  # noqa: F401 (ridge_head: re-exported by xbar.methods)
 
 WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
-HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
-RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches smaller than the feature width
-# label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
-HEAD_LABEL_SMOOTHING = 0.1
 WARMUP_SHARE = 0.1  # of the optimizer steps, lr rising linearly from lr / warm-up steps to lr
 MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is cycled)
 CELL_STEP_LEVELS = 0.1  # TensorAdam's step on 4-bit weights (rms), in quantization levels of their layer (module doc)
 MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
 CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
-
-
-def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [C, D], bias [C]) of the least-squares fit of one-hot labels (float64, deterministic)."""
-    f = features.detach().double()
-    mean = f.mean(0)
-    fc = f - mean
-    target = F.one_hot(labels, num_classes).double()
-    gram = fc.T @ fc
-    penalty = RIDGE * (gram.diagonal().mean() + 1e-12)
-    w = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype), fc.T @ (target - target.mean(0)))
-    b = target.mean(0) - mean @ w
-    return w.T.to(features.dtype), b.to(features.dtype)
 
 
 def head_images(n: int, seed: int) -> torch.Tensor:
@@ -130,14 +114,9 @@ def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> torch
         x, y = zip(*(data[int(i)] for i in chunk))
         feats.append(net.features(as_input(torch.stack(x))))
         labels.append(torch.as_tensor(y, dtype=torch.int64))
-    f, y = torch.cat(feats), torch.cat(labels)
-    w, b = ridge_head(f, y, net.head.out_features)
-    logits = f @ w.T + b
-    scales = torch.logspace(-1, 3, 41)
-    best = min(scales.tolist(),
-               key=lambda s: float(F.cross_entropy(logits * s, y, label_smoothing=HEAD_LABEL_SMOOTHING)))
-    net.head.weight.copy_(w * best)
-    net.head.bias.copy_(b * best)
+    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
+    net.head.weight.copy_(w)
+    net.head.bias.copy_(b)
     net.head.weight_quant.ready.fill_(False)  # the 8-bit clips start from the fitted weights / eval features
     net.head.act_quant.ready.fill_(False)
     losses = image_losses(model, data, idx, batch_size)
@@ -327,9 +306,11 @@ def check_converged(before: torch.Tensor, after: torch.Tensor, who: str, hint: s
                         f"head's {float(before.mean()):.3g} on the same training images ({hint}); nothing was written")
 
 
-def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, desc: str) -> float:  # noqa: ANN001
+def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, desc: str,  # noqa: ANN001
+               augmented=None) -> float:  # noqa: ANN001 (Datasets)
     """Fit the head in closed form, then train the method's trainables; returns the trained model's
-    mean loss (eval mode, as deployed) on the images the head was fit on.
+    mean loss (eval mode, as deployed) on the images the head was fit on. The optimizer steps draw
+    from `augmented` if given (the same images with train-time augmentation), all else from `data`.
 
     Raises a one-line UserError, before anything is written, for a task with fewer training images
     than classes, and when the run diverges (`fit`'s guard, `check_converged`).
@@ -357,7 +338,7 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
         for s in schedules:
             s.step()
 
-    fit(model.net, data, opts, spec.epochs, train.batch_size, seed, who, after_step=after_step,
+    fit(model.net, data if augmented is None else augmented, opts, spec.epochs, train.batch_size, seed, who, after_step=after_step,
         train_mode=train_mode(model, batch), min_steps=MIN_STEPS, hint=hint)
     if own_bn:
         recalibrate_bn(model, data, seed)
