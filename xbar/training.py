@@ -49,6 +49,19 @@ def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return w * best, b * best
 
 
+def compute_device(name: str = "auto") -> torch.device:
+    """The torch device of `train.device`: `auto` is CUDA when torch.cuda.is_available(), else the CPU.
+    Asking for `cuda` on a machine without it is a one-line UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"train.device: expected auto, cpu or cuda, got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: cuda asked for, but no CUDA device is available "
+                        "(torch.cuda.is_available() is False); use auto or cpu")
+    return torch.device(name)
+
+
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     torch.manual_seed(seed)
     if threads:
