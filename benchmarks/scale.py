@@ -199,7 +199,7 @@ def side_process(side: str, args: argparse.Namespace, folder: Path, spare: list[
 
 def measure(args: argparse.Namespace) -> tuple[dict, dict]:
     """(the one-line result, details) of both sides."""
-    from xbar.training import compute_device
+    from xbar.runtime import compute_device
 
     compute_device(args.device)  # a bad --device fails here, once
     params = bench_params(args.model, args.image_size, args.batch)
@@ -235,7 +235,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.side:
-        from xbar.training import compute_device
+        from xbar.runtime import compute_device
 
         spare = [int(p) for p in args.spare.split(",") if p]
         params = bench_params(args.model, args.image_size, args.batch)

@@ -6,6 +6,9 @@ same functions with nothing on disk. The checks live here, so both paths get
 them: a learned task is rebuilt from its exported task.pt and must predict
 exactly as the trained model did; a task is evaluated only on the data it was
 learned with (dataset digest).
+
+Ranking, learning and evaluation run on `train.device` (xbar.runtime): the network is built on the CPU
+and moved there; what comes back (rankings, task.pt contents, accuracies) is on the CPU.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)
 from xbar.params import Params, TaskSpec
 from xbar.ranking import rank_batch, rank_pes
+from xbar.runtime import compute_device
 from xbar.training import accuracy, predict
 
 
@@ -59,6 +63,7 @@ def rank(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> 
     check_spec(spec, len(data.train), data.num_classes)
     net = backbone_net(params, backbone.quant)
     deploy_cells(net, backbone.levels, crossbar_spec(params))
+    net.to(compute_device(params.train.device))
     images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
     return rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
 
@@ -97,20 +102,23 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     method = get(spec.method)
     start = previous if method.continues_previous and previous and previous.get("method") == method.name else None
     began = time.perf_counter()
+    device = compute_device(params.train.device)
     model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
                              spare_pes=spare_pes, start=start)
+    model.net.to(device)
     loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented)
     task = export_task(model, data.num_classes, data.channels, data.digest)
     seconds = time.perf_counter() - began
 
     deployed = load_task_model(task, backbone.levels, params)
-    batch = params.train.eval_batch_size
-    trained_preds, labels = predict(model.net, data.test, batch)
-    deployed_preds, _ = predict(deployed.net, data.test, batch)
+    deployed.net.to(device)  # the same device as the trained model: the same kernels, the same predictions
+    batch, workers = params.train.eval_batch_size, params.train.workers
+    trained_preds, labels = predict(model.net, data.test, batch, workers)
+    deployed_preds, _ = predict(deployed.net, data.test, batch, workers)
     if not torch.equal(trained_preds, deployed_preds):
         raise RuntimeError(f"{desc}: the model rebuilt from task.pt predicts differently from the trained one")
     test_acc = float((deployed_preds == labels).float().mean() * 100)
-    train_acc = accuracy(deployed.net, data.train, batch) if train_accuracy else None
+    train_acc = accuracy(deployed.net, data.train, batch, workers) if train_accuracy else None
     return Learned(task, model, loss, seconds, test_acc, train_acc, start is not None)
 
 
@@ -121,14 +129,15 @@ def evaluate(params: Params, tasks: dict[str, dict], levels: dict, data: Mapping
     """Test accuracy of every task of `tasks` (name -> task.pt, in learning order) as the chip runs it
     once all of them are learned, each on the model rebuilt from its task.pt over the backbone's cells
     (`levels`: levels.pt)."""
-    result = {}
+    result, device = {}, compute_device(params.train.device)
     for name in tasks:
         task = chip_view(tasks, name)
         if data[name].digest != task["dataset_digest"]:
             raise UserError(f"task {name}: its test data changed since it was learned "
                             f"(digest {data[name].digest} != {task['dataset_digest']}); restore the dataset")
         model = load_task_model(task, levels, params)
-        result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size)
+        model.net.to(device)
+        result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size, params.train.workers)
     return result
 
 

@@ -18,6 +18,7 @@ from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar
 from xbar.methods.recipe import set_trainable
 from xbar.methods.registry import get, names
 from xbar.params import Params, TaskSpec
+from xbar.runtime import to_cpu
 
 
 def check_spec(spec: TaskSpec, n_train: int, num_classes: int) -> None:
@@ -76,7 +77,7 @@ def _exported_keys(model: TaskModel) -> set[str]:
 
 @torch.no_grad()
 def export_task(model: TaskModel, num_classes: int, channels: int, dataset_digest: str = "") -> dict:
-    """task.pt's contents (docs/artifacts.md)."""
+    """task.pt's contents (docs/artifacts.md), CPU tensors whatever device the model trained on."""
     was_training = model.net.training
     model.net.eval()
     layers = model.layers()
@@ -97,7 +98,7 @@ def export_task(model: TaskModel, num_classes: int, channels: int, dataset_diges
     skip = _exported_keys(model)
     task["model_state"] = {k: v.detach().clone() for k, v in model.net.state_dict().items() if k not in skip}
     model.net.train(was_training)
-    return task
+    return to_cpu(task)
 
 
 def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
