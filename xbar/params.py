@@ -97,7 +97,7 @@ class TrainParams(Frozen):
     # DataLoader workers of a lazy source (torchvision / imagefolder); None: 4 (at most the CPU count) on CUDA, 0
     # on the CPU. In-memory sources never use workers; augmentation draws stay in the main process either way
     workers: Annotated[int, Field(ge=0)] | None = None
-    # bf16 autocast while training a network without quantizers (the fp32 pretraining) on CUDA; a quantized
+    # bf16 autocast while training a network without quantizers (fp32 pretraining and ceiling) on CUDA; a quantized
     # network always computes in fp32 (docs/gpu.md)
     mixed_precision: bool = True
 

@@ -18,7 +18,8 @@ warn-only mode, cuBLAS's fixed workspace): the same params on the same GPU give 
 results are not bit-identical to the CPU's (its kernels sum in another order).
 
 **Mixed precision: only where no quantizer runs.** Training a network without quantizers -- the fp32
-pretraining -- runs under bf16 autocast on CUDA (`train.mixed_precision`, `autocast`). A quantized
+pretraining, the comparison's fp32 ceiling (finetune_fp32) -- runs under bf16 autocast on CUDA
+(`train.mixed_precision`, `autocast`). A quantized
 network (QAT, PE ranking, every method's training, evaluation) always computes in fp32: a 4-bit level
 times its layer's fp32 scale is not representable in bf16 (8 significant bits) and mostly not in fp16
 (11), and neither are the activation quantizer's outputs, so autocast would move weights and

@@ -56,6 +56,26 @@ def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return w * best, b * best
 
 
+def head_images(n: int, seed: int) -> torch.Tensor:
+    """The seeded training images (up to HEAD_INIT_IMAGES) a head is fit on (and the guard compares losses on)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+
+
+@torch.no_grad()
+def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512,
+             workers: int | None = None) -> None:
+    """`net.head` in closed form (`closed_form_head`) on the features of images `idx` of `data`, as the
+    network computes them in its current mode (on its device)."""
+    feats, labels = [], []
+    chunks = [chunk.tolist() for chunk in idx.split(batch_size)]
+    for x, y in batches(data, chunks, model_device(net), workers):
+        feats.append(net.features(as_input(x)))
+        labels.append(y)
+    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
+    net.head.weight.copy_(w)
+    net.head.bias.copy_(b)
+
+
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     torch.manual_seed(seed)
     if threads:

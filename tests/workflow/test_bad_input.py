@@ -207,6 +207,8 @@ BAD_INPUT = [
                                        ("--shift-levels",))),
     row("cli-memory-spare-ratio", Bad([*CLI, "memory", "--model", "small_resnet", "--spare-ratio", "0"],
                                       ("--spare-ratio",))),
+    row("cli-energy-scenario-unknown", Bad([*CLI, "energy", "--model", "small_resnet", "--preset", "paper",
+                                            "--scenario", "nope"], ("--scenario", "steady", "first-task", "paper"))),
     row("cli-wrong-type", Bad([*ADD, "t3", *DIGITS, "--epochs", "three"], ("'--epochs'",))),
     row("cli-unknown-option", Bad([*ADD, "t3", *DIGITS, "--lr", "1"], ("--lr",))),
     # zero or negative epochs, crossbar sizes, energy constants
