@@ -132,11 +132,21 @@ def autocast(model: nn.Module, enabled: bool) -> contextlib.AbstractContextManag
 
 
 def to_cpu(obj: Any) -> Any:
-    """`obj` with every tensor inside (dicts, lists, tuples) on the CPU: what artifacts hold."""
+    """`obj` with every tensor inside (dicts, lists, tuples) on the CPU: what artifacts hold. A container
+    whose tensors are all on the CPU comes back as it is; a dict keeps its type and a state_dict's
+    `_metadata` (module versions that load_state_dict reads)."""
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
     if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
+        items = {k: to_cpu(v) for k, v in obj.items()}
+        if all(items[k] is v for k, v in obj.items()):
+            return obj
+        out = type(obj)()
+        out.update(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, list | tuple):
-        return type(obj)(to_cpu(v) for v in obj)
+        items = [to_cpu(v) for v in obj]
+        return obj if all(a is b for a, b in zip(items, obj)) else type(obj)(items)
     return obj

@@ -112,3 +112,21 @@ def test_mixed_precision_changes_nothing_on_the_cpu_and_never_runs_a_quantizer()
     net = build_model(ModelParams(width=4, blocks=1), 3, 1)
     assert not quantized(net) and quantized(quantize_model(net))
     assert isinstance(autocast(net, True), type(autocast(net, False)))  # the CPU: no autocast either way
+
+
+def test_artifacts_on_the_cpu_are_saved_as_they_are():
+    # a state_dict keeps its type and its _metadata (BN's version, read by load_state_dict): saving a CPU
+    # checkpoint through to_cpu writes the same bytes as before the GPU work
+    import io
+
+    from xbar.models import build_model
+    from xbar.params import ModelParams
+    from xbar.runtime import to_cpu
+
+    state = build_model(ModelParams(width=4, blocks=1), 3, 1).state_dict()
+    checkpoint = {"state_dict": state, "num_classes": 3, "layers": [torch.zeros(2), (1, "a")]}
+    assert to_cpu(checkpoint) is checkpoint and to_cpu(state) is state
+    a, b = io.BytesIO(), io.BytesIO()
+    torch.save(checkpoint, a)
+    torch.save(to_cpu(checkpoint), b)
+    assert a.getvalue() == b.getvalue()
