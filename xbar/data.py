@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from xbar.errors import UserError
 from xbar.params import DatasetSpec
+from xbar.photos import colour_textures, photos
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -189,9 +190,11 @@ def content_digest(images: np.ndarray, labels: np.ndarray) -> str:
 def _unique(images: np.ndarray, near: bool) -> np.ndarray:
     """Indices of the first occurrence of each image (near: of each 7x7 average hash)."""
     flat = images.reshape(len(images), -1)
-    if near:  # average hash: 4x4 blocks of a 28x28 image, thresholded at the image mean
+    if near:  # average hash: 7x7 blocks (4x4 pixels of a 28x28 image, any size), thresholded at the image mean
         n, c, h, w = images.shape
-        blocks = images.reshape(n, c, 7, h // 7, 7, w // 7).mean((1, 3, 5))
+        rows, cols = (np.linspace(0, side, 8).astype(int) for side in (h, w))
+        sums = np.add.reduceat(np.add.reduceat(images, rows[:-1], axis=2, dtype=np.int64), cols[:-1], axis=3)
+        blocks = sums.sum(1) / (c * np.diff(rows)[:, None] * np.diff(cols)[None, :])
         flat = (blocks > blocks.mean((1, 2), keepdims=True)).reshape(n, -1)
     first: dict[bytes, int] = {}
     for i, row in enumerate(np.ascontiguousarray(flat)):
@@ -360,6 +363,8 @@ _BUILTIN = {
     "textures": _textures,
     "fashion_mnist": _fashion_mnist,
     "animal_mnist": _animal_mnist,
+    "photos": photos,  # colour (xbar.photos)
+    "colour_textures": colour_textures,
 }
 
 

