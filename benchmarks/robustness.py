@@ -41,11 +41,12 @@ from xbar.crossbar import mapped_layers
 from xbar.data import TaskData, load_task_data, stratified_split
 from xbar.errors import UserError
 from xbar.methods import backbone_net, crossbar_spec, deploy_cells, names
-from xbar.models import build_model
+from xbar.methods.recipe import MIN_STEPS
+from xbar.models import build_model, input_statistics
 from xbar.params import Params, TaskSpec, load_params, parse_params
 from xbar.quant import calibrate, clip_parameters, export_levels, quantize_model
 from xbar.step import Backbone, learn, rank, selected_pes
-from xbar.training import as_input, fit, seed_everything
+from xbar.training import as_input, fit, optimizer_steps, seed_everything
 
 DEFAULT_EPOCHS = TaskSpec.model_fields["epochs"].default
 EPOCHS = (1, 2, DEFAULT_EPOCHS)
@@ -130,6 +131,7 @@ def build_backbone(params: Params, source: TaskData, epochs: int) -> Backbone:
     """Pretrain (one-cycle SGD) and quantize (calibration + one QAT epoch) as the pipeline's stages do."""
     seed_everything(params.seed, params.train.threads)
     model = build_model(params.model, source.num_classes, source.channels)
+    model.input_norm.set(*input_statistics(params.model, source.train, source.channels))
     opt = torch.optim.SGD(model.parameters(), lr=params.source.lr, momentum=params.train.momentum,
                           weight_decay=5e-4, nesterov=True)
     steps = epochs * math.ceil(len(source.train) / params.train.batch_size)
@@ -274,11 +276,17 @@ def main() -> None:
     rows = []
     for backbone_name, params, backbone, task, data in tasks:
         probe = round(probe_accuracy(params, backbone, data), 2)
+        done: dict[tuple[str, int], dict] = {}  # (method, optimizer steps) -> its result
         for epochs in (1,) if args.quick else EPOCHS:
+            # a tiny task's epoch settings can make the same number of steps (MIN_STEPS): the same run
+            steps = optimizer_steps(len(data.train), epochs, params.train.batch_size, MIN_STEPS)
             for method in methods:
                 row = {"backbone": backbone_name, "task": task, "train_images": len(data.train),
-                       "classes": data.num_classes, "epochs": epochs, "probe": probe}
-                row |= run_method(params, backbone, data, method, epochs, f"{backbone_name} {task} {epochs} ep")
+                       "classes": data.num_classes, "epochs": epochs, "steps": steps, "probe": probe}
+                if (method, steps) not in done:
+                    done[method, steps] = run_method(params, backbone, data, method, epochs,
+                                                     f"{backbone_name} {task} {epochs} ep")
+                row |= done[method, steps]
                 rows.append(row)
                 if not args.json:
                     acc = "diverged" if row["diverged"] else f"{row['accuracy']:6.2f}"

@@ -52,9 +52,9 @@ from flows.lock import workspace_lock
 from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
 from workflow.tracking import comparison_key, git_commit, tracker
 from xbar.chip.sweep import ChipPlan
-from xbar.compare import (RATIOS, Configuration, ConfigurationResult, accuracy_table, chip_sweep_table, chip_table,
-                          comparison_table, configuration_params, configurations, energy_table, markdown,
-                          report_markdown, run_configuration)
+from xbar.compare import (ENERGY_SCENARIO, FP32_CEILING, RATIOS, Configuration, ConfigurationResult, accuracy_table,
+                          chip_sweep_table, chip_table, comparison_table, configuration_params, configurations,
+                          energy_table, markdown, report_markdown, run_configuration)
 from xbar.errors import UserError
 from xbar.methods import names as method_names
 from xbar.params import Params, ShiftLevels, SpareRatio, load_params
@@ -235,7 +235,12 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
         params, configs = plan_comparison(root, methods, ratios, bn_ablation, shift_levels)
-        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"))
+        fp32 = root / BACKBONE / "fp32.pt"  # the fp32 ceiling's start
+        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"),
+                            load_torch(fp32) if fp32.exists() else None)
+    if backbone.fp32 is None and any(c.method == FP32_CEILING for c in configs):
+        logger.warning(f"{FP32_CEILING} (the fp32 ceiling) is left out: {BACKBONE / 'fp32.pt'} is missing")
+        configs = [c for c in configs if c.method != FP32_CEILING]
     seeds = list(dict.fromkeys(seeds or [params.seed]))
     labels = [c.label for c in configs]
     tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare",
@@ -257,7 +262,8 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
                                   "ratios": ",".join(f"{c.spare_ratio:g}" for c in configs if c.spare_ratio),
                                   "seeds": ",".join(map(str, seeds)), "model": params.model.name,
-                                  "preset": params.energy.preset, "bn": params.train.bn,
+                                  "preset": params.energy.preset, "energy_scenario": ENERGY_SCENARIO,
+                                  "bn": params.train.bn,
                                   "bn_ablation": bn_ablation or "",
                                   "shift_levels": ",".join(map(str, shift_levels or [])),
                                   "chip_instances": chip.instances if chip else 0,

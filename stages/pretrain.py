@@ -15,22 +15,8 @@ from workflow.io import BACKBONE, METRICS, save_torch, stage_main, write_json
 from xbar.data import load_task_data
 from xbar.models import build_model, input_statistics, weights_lineage
 from xbar.params import Params
-from xbar.training import HEAD_INIT_IMAGES, accuracy, as_input, closed_form_head, fit, seed_everything
-
-
-@torch.no_grad()
-def fit_source_head(model: torch.nn.Module, train: torch.utils.data.Dataset, seed: int) -> None:
-    """The head in closed form on up to HEAD_INIT_IMAGES seeded training images (the body as it is)."""
-    model.eval()
-    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
-    feats, labels = [], []
-    for chunk in idx.split(256):
-        x, y = zip(*(train[int(i)] for i in chunk))
-        feats.append(model.features(as_input(torch.stack(x))))
-        labels.append(torch.as_tensor(y, dtype=torch.int64))
-    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), model.head.out_features)
-    model.head.weight.copy_(w)
-    model.head.bias.copy_(b)
+from xbar.runtime import compute_device
+from xbar.training import accuracy, fit, fit_head, head_images, seed_everything
 
 
 def pretrain(params: Params) -> None:
@@ -39,6 +25,7 @@ def pretrain(params: Params) -> None:
     model = build_model(params.model, data.num_classes, data.channels)
     mean, std = input_statistics(params.model, data.train, data.channels)
     model.input_norm.set(mean, std)
+    model.to(compute_device(params.train.device))
     start = time.perf_counter()
     if params.source.epochs:
         opt = torch.optim.SGD(model.parameters(), lr=params.source.lr, momentum=params.train.momentum,
@@ -46,10 +33,12 @@ def pretrain(params: Params) -> None:
         steps = params.source.epochs * -(-len(data.train) // params.train.batch_size)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, params.source.lr, total_steps=steps)
         fit(model, data.fit_train, [opt], params.source.epochs, params.train.batch_size, params.seed,
-            "pretrain", after_step=sched.step)
+            "pretrain", after_step=sched.step, workers=params.train.workers,
+            mixed_precision=params.train.mixed_precision)
     else:
-        fit_source_head(model, data.train, params.seed)
-    acc = accuracy(model, data.test, params.train.eval_batch_size)
+        model.eval()  # the head in closed form on the body as it is
+        fit_head(model, data.train, head_images(len(data.train), params.seed), workers=params.train.workers)
+    acc = accuracy(model, data.test, params.train.eval_batch_size, params.train.workers)
     save_torch(BACKBONE / "fp32.pt", {"state_dict": model.state_dict(), "num_classes": data.num_classes,
                                       "channels": data.channels})
     write_json(METRICS / "pretrain.json", {

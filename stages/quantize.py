@@ -24,6 +24,7 @@ from xbar.errors import UserError
 from xbar.models import build_model
 from xbar.params import Params
 from xbar.quant import calibrate, clip_parameters, export_levels, quantize_model
+from xbar.runtime import compute_device
 from xbar.training import accuracy, as_input, fit, seed_everything
 
 CALIBRATION_IMAGES = 256
@@ -56,12 +57,14 @@ def quantize(params: Params) -> None:
     except RuntimeError:
         raise UserError(f"{BACKBONE / 'fp32.pt'}: does not fit model {params.model.name!r} "
                         "(model parameters changed since pretrain: run pretrain again)") from None
+    device, workers = compute_device(params.train.device), params.train.workers
+    model.to(device)
     start = time.perf_counter()
-    fp32_acc = accuracy(model, data.test, params.train.eval_batch_size)
+    fp32_acc = accuracy(model, data.test, params.train.eval_batch_size, workers)
 
     quantize_model(model, params.crossbar.weight_bits, params.quant.act_bits)
-    calibrate(model, calibration_batch(data.train))
-    ptq_acc = accuracy(model, data.test, params.train.eval_batch_size)
+    calibrate(model, calibration_batch(data.train).to(device))
+    ptq_acc = accuracy(model, data.test, params.train.eval_batch_size, workers)
 
     clips = clip_parameters(model)
     clip_ids = {id(p) for p in clips}
@@ -72,8 +75,8 @@ def quantize(params: Params) -> None:
     steps = params.quant.epochs * math.ceil(len(qat) / params.train.batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     loss = fit(model, qat, [opt], params.quant.epochs, params.train.batch_size, params.seed, "quantize",
-               after_step=sched.step)
-    quant_acc = accuracy(model, data.test, params.train.eval_batch_size)
+               after_step=sched.step, workers=workers)
+    quant_acc = accuracy(model, data.test, params.train.eval_batch_size, workers)
 
     mapped = {name for name, _ in mapped_layers(model)}
     levels = {name: entry for name, entry in export_levels(model).items() if name in mapped}

@@ -18,6 +18,7 @@ import torch
 
 from xbar.errors import UserError
 from xbar.params import Params, load_params
+from xbar.runtime import compute_device, to_cpu
 
 ARTIFACTS = Path("artifacts")
 METRICS = Path("metrics")
@@ -86,8 +87,9 @@ def read_json(path: Path) -> Any:
 
 
 def save_torch(path: Path, obj: Any) -> None:
+    """Atomically, and always as CPU tensors: a checkpoint written on a GPU loads on a CPU machine."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(to_cpu(obj), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -122,7 +124,8 @@ def save_parquet(path: Path, df) -> None:  # noqa: ANN001 (polars DataFrame)
 
 
 def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
-    """Run a stage: parse `--params` (and `--task`), turn a UserError into one line + exit 2."""
+    """Run a stage: parse `--params` (and `--task`), turn a UserError into one line + exit 2 (`train.device: cuda`
+    on a machine without CUDA is one, before the stage reads anything else)."""
     main = sys.modules["__main__"]  # `python -m stages.X` runs X as __main__; its spec keeps the name
     own_process = fn.__module__ == "__main__"  # else a caller (a test) runs the stage in its process
     module = main.__spec__.name if own_process and main.__spec__ else fn.__module__
@@ -133,6 +136,7 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
     args = parser.parse_args()
     try:
         params: Params = load_params(args.params)
+        compute_device(params.train.device)
         if task_arg:
             if args.task not in params.tasks:
                 raise UserError(f"--task: {args.task!r} is not a task in {args.params} (tasks: {', '.join(params.tasks)})")

@@ -172,6 +172,8 @@ def energy(
     preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
     spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
     inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),
+    scenario: str = typer.Option("steady", "--scenario", help="How writes are counted: steady (a chip that "
+                                 "served the previous task), first-task or paper (docs/energy.md)."),
     adc_bits: int = typer.Option(5, "--adc-bits", help="ADC bits per conversion, 1..16 (crossbar.adc_bits' "
                                  "default, 5; the preset's ADC is booked at it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
@@ -187,13 +189,13 @@ def energy(
 
     check_value(AdcBits, adc_bits, "--adc-bits")
     result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences,
-                          adc_bits=adc_bits)
+                          adc_bits=adc_bits, scenario=scenario)
     if as_json:
         print(json.dumps(result, indent=2))
         return
     a = result["assumptions"]
-    table = Table(title=f"{model}, preset {preset}, {adc_bits}-bit ADC, {a['spare_pes']} spare PEs of {a['pes']}, "
-                        f"{inferences} inference(s) per task")
+    table = Table(title=f"{model}, preset {preset}, scenario {scenario}, {adc_bits}-bit ADC, {a['spare_pes']} spare "
+                        f"PEs of {a['pes']}, {inferences} inference(s) per task")
     for col in ("method", "inference J", "re-programming J", "total J", "cells written", "total / XMA2"):
         table.add_column(col, justify="left" if col == "method" else "right")
     x2 = result["methods"]["xma2"]["total_j"]
@@ -201,7 +203,9 @@ def energy(
         table.add_row(name, f"{m['inference_j']:.3g}", f"{m['reprogram_j']:.3g}", f"{m['total_j']:.3g}",
                       f"{m['cells_written']:,}", f"{m['total_j'] / x2:.2f}x")
     console().print(table)
-    print(f"scenario: {a['scenario']}")
+    r = result["ratios"]
+    print(f"scenario {scenario}: {a['scenario_description']}\nfinetune / xma2 {r['finetune_over_xma2']:.2f}x, "
+          f"piggyback / xma2 {r['piggyback_over_xma2']:.2f}x (the paper: 13.72x, 4.38x)")
 
 
 @app.command()

@@ -36,6 +36,7 @@ from xbar.chip.layout import ChipLayout
 from xbar.crossbar import spare_pe_count
 from xbar.data import TaskData, load_task_data
 from xbar.energy.presets import energy_preset
+from xbar.energy.scenarios import STEADY
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
 from xbar.params import Params, ShiftLevels, SpareRatio, check_value, parse_params
@@ -43,6 +44,11 @@ from xbar.step import Backbone
 from xbar.training import seed_everything
 
 RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for a method with spare PEs
+# the energy column's accounting (xbar.energy.scenarios): each task programmed on the chip the previous one left
+ENERGY_SCENARIO = STEADY.name
+# the paper's accuracy ceiling (Table 3's fine-tune row): fp32 weights and activations, no chip
+# (`step.learn_fp32`); a configuration next to the 4-bit fine-tunes, not a registered method
+FP32_CEILING = "finetune_fp32"
 
 # one row per (configuration, task); accuracy_final and forgetting are added by comparison_table
 TASK_SCHEMA = {
@@ -77,11 +83,12 @@ class Configuration:
 
 
 def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float] = RATIOS,
-                   bn_ablation: str | None = None, shift_levels: Iterable[int] = ()) -> list[Configuration]:
+                   bn_ablation: str | None = None, shift_levels: Iterable[int] = (),
+                   ceiling: bool = True) -> list[Configuration]:
     """One configuration per method (default: every registered one), a method with spare PEs once per
     spare-PE ratio (in the given order, duplicates dropped); with `shift_levels` (the paper's Table 2 sweep),
     a method with column masks once per N; with `bn_ablation` (a BN rule), each configuration whose method
-    can use that rule once more with it."""
+    can use that rule once more with it; with `ceiling`, the fp32 fine-tune when a 4-bit fine-tune is compared."""
     levels = list(dict.fromkeys(int(n) for n in shift_levels))
     for n in levels:
         check_value(ShiftLevels, n, "shift_levels")
@@ -106,12 +113,16 @@ def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float]
     if bn_ablation is not None:
         out += [Configuration(c.method, c.spare_ratio, bn_ablation, c.shift_levels) for c in list(out)
                 if bn_ablation in get(c.method).bn_rules and len(get(c.method).bn_rules) > 1]
+    if ceiling and any(get(m).trains_all for m in methods):  # beside the 4-bit fine-tunes
+        out.append(Configuration(FP32_CEILING))
     return out
 
 
 def configuration_params(params: Params, config: Configuration) -> Params:
     """`params` with every task learned by the configuration's method (and spare ratio), validated as
     params.yaml is (an XMA2 ratio above crossbar.spare_pe_ratio is refused)."""
+    if config.method == FP32_CEILING:  # no method of the registry: the tasks' specs serve as they are
+        return params
     raw = params.model_dump()
     if config.bn is not None:
         raw["train"]["bn"] = config.bn
@@ -150,6 +161,8 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
                       chip_plan: ChipPlan | None = None) -> ConfigurationResult:
     """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None.
     `chip_plan`: then evaluate every task on the chip (the chip column, and the sweeps if asked)."""
+    if config.method == FP32_CEILING:
+        return fp32_ceiling(params, backbone, data)
     run = configuration_params(params, config)
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
@@ -191,6 +204,26 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
     on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
     return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),
                                *([] if on_chip is None else [on_chip]))
+
+
+def fp32_ceiling(params: Params, backbone: Backbone, data: Mapping[str, TaskData] | None) -> ConfigurationResult:
+    """Every task fine-tuned in fp32 from the fp32 backbone, each its own copy: accuracy only (storage: the
+    whole fp32 network per task; nothing is programmed, so no energy or chip figures)."""
+    rows, matrix, done = [], [], {}
+    for order, (name, spec) in enumerate(params.tasks.items(), start=1):
+        seed_everything(params.seed, params.train.threads)
+        task_data = data[name] if data is not None else load_task_data(spec.dataset, params.seed)
+        began = time.perf_counter()
+        done[name] = acc = step.learn_fp32(params, spec, backbone, task_data, f"{FP32_CEILING} {name}")
+        matrix += [{"label": FP32_CEILING, "after": name, "task": t, "accuracy": a} for t, a in done.items()]
+        body = sum(v.numel() for k, v in backbone.fp32["state_dict"].items() if not k.startswith("head."))
+        weights = body + (backbone.fp32["state_dict"]["head.weight"].shape[1] + 1) * task_data.num_classes
+        rows.append({"label": FP32_CEILING, "method": FP32_CEILING, "task": name, "order": order,
+                     "dataset": spec.dataset.source, "bn": "per_task", "accuracy_at_learn": acc, "spare_pes": 0,
+                     "task_bytes": 4 * weights, "test_images": len(task_data.test), "mask_digest": "",
+                     "seconds": time.perf_counter() - began})
+    return ConfigurationResult(Configuration(FP32_CEILING), pl.DataFrame(rows, schema=TASK_SCHEMA),
+                               pl.DataFrame(matrix, schema=MATRIX_SCHEMA))
 
 
 # --- tables ------------------------------------------------------------------------------------------
@@ -243,12 +276,14 @@ def accuracy_table(table: pl.DataFrame, column: str = "accuracy_final") -> pl.Da
 
 
 def energy_table(table: pl.DataFrame) -> pl.DataFrame:
-    """Per configuration: mean mask memory per task, spare PEs, and energy summed over its tasks."""
-    return table.group_by("label", maintain_order=True).agg(
+    """Per configuration on the chip (not the fp32 ceiling): mean mask memory per task, spare PEs, and
+    energy summed over its tasks."""
+    return table.filter(pl.col("method") != FP32_CEILING).group_by("label", maintain_order=True).agg(
         pl.col("method").first(), pl.col("spare_ratio").first(),
         pl.col("mask_bytes").mean(), pl.col("task_bytes").mean(), pl.col("spare_pes").mean(), pl.col("cells_written").sum(),
         pl.col("inference_j").sum(), pl.col("reprogram_j").sum(), pl.col("total_j").sum(), pl.col("switch_j").sum(),
-    ).with_columns(reprogram_over_inference=pl.col("reprogram_j") / pl.col("inference_j"))
+    ).with_columns(reprogram_over_inference=pl.col("reprogram_j") / pl.col("inference_j"),
+                   energy_scenario=pl.lit(ENERGY_SCENARIO))
 
 
 def markdown(df: pl.DataFrame, digits: int = 4) -> str:
@@ -292,7 +327,7 @@ def report_markdown(table: pl.DataFrame, chip: pl.DataFrame | None = None) -> st
         "## Forgetting (points: when learned - after the last task)", points("forgetting"),
         *([chip_markdown(table, chip)] if chip is not None and chip.height else []),
         "## Mask memory and all-in storage (bytes per task, packed: masks + re-programmed cells + per-task "
-        "BN + head) and energy (summed over the tasks; inference over each "
-        "task's test set)", markdown(energy.drop("method", "spare_ratio")),
+        f"BN + head) and energy (scenario {ENERGY_SCENARIO}: measured on the chip the previous task left, summed "
+        "over the tasks; inference over each task's test set)", markdown(energy.drop("method", "spare_ratio")),
         "## Every configuration and task (energy in joules)", markdown(table.drop("mask_digest")),
     ]) + "\n"

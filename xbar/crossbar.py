@@ -192,9 +192,10 @@ class LayerMap:
         return place_weights(self)
 
     def index_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(column, pe) of every weight, both int64 of the weight's shape; column is local, pe global.
-        A view of `placement` in the dtype torch's index ops take everywhere."""
-        return self.placement.column.long(), self.placement.pe.long()
+        """(column, pe) of every weight, of the weight's shape; column is local, pe global. `placement`'s own
+        tensors (int16 where they fit, else int32), built once per layer and shared by every caller: convert
+        at the point of use where an op wants int64 (`m[column.long()]`), never keep a converted copy."""
+        return self.placement.column, self.placement.pe
 
 
 def _layer_crossbars(lm: LayerMap) -> list[dict]:

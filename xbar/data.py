@@ -107,14 +107,19 @@ class _Augmented(Dataset):
         return (h - side) // 2, (w - side) // 2, side, side
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x, y = self.base[i]
+        return self.draw(x), y
+
+    def draw(self, x: torch.Tensor) -> torch.Tensor:
+        """The next seeded crop and flip of image `x` (DataLoader workers leave this to the main process,
+        in read order: xbar.runtime)."""
         from torchvision.transforms.v2 import functional as TF
 
-        x, y = self.base[i]
         top, left, h, w = self._box(*x.shape[-2:])
         x = TF.resized_crop(x, top, left, h, w, [self.size, self.size], antialias=True)
         if self.augment.flip and bool(torch.rand((), generator=self.generator) < 0.5):
             x = x.flip(-1)
-        return x, y
+        return x
 
 
 def _stored_task_data(spec: DatasetSpec, seed: int) -> TaskData:

@@ -38,9 +38,12 @@ def gumbel_sigmoid(logits: torch.Tensor, temperature: float, generator: torch.Ge
 
     log(pi0 / (1 - pi0)) with pi0 = sigma(m_r) is m_r itself, so the logits are the real mask.
     The difference of two Gumbel samples is a logistic sample: log(u) - log(1 - u).
-    `generator`: the noise stream (None: torch's global one).
+    `generator`: the noise stream (None: torch's global one), drawn on its own device (a seeded CPU
+    generator gives the same noise whether the mask trains on the CPU or a GPU).
     """
-    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=logits.device).clamp_(1e-6, 1 - 1e-6)
+    where = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape, generator=generator, dtype=logits.dtype, device=where).to(logits.device)
+    u = u.clamp_(1e-6, 1 - 1e-6)
     return torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
 
 

@@ -93,6 +93,14 @@ class TrainParams(Frozen):
     temperature: PositiveFloat = 1.0  # Gumbel-sigmoid temperature of the column mask
     bn: BnRule = "frozen"  # every method that can use it (a fine-tune rewrites its own BN with every weight)
     threads: PositiveInt = 2
+    # where every stage and the comparison compute (docs/gpu.md): auto = CUDA when torch.cuda.is_available()
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # DataLoader workers of a lazy source (torchvision / imagefolder); None: 4 (at most the CPU count) on CUDA, 0
+    # on the CPU. In-memory sources never use workers; augmentation draws stay in the main process either way
+    workers: Annotated[int, Field(ge=0)] | None = None
+    # bf16 autocast while training a network without quantizers (fp32 pretraining and ceiling) on CUDA; a quantized
+    # network always computes in fp32 (docs/gpu.md)
+    mixed_precision: bool = True
 
 
 class InputStats(Frozen):

@@ -43,6 +43,7 @@ def _best_clip(x: torch.Tensor, levels: int, signed: bool) -> float:
     x = x.detach().flatten().float()
     if x.numel() > CLIP_SAMPLE:  # a fixed stride, not random: initialization stays deterministic
         x = x[:: x.numel() // CLIP_SAMPLE + 1]
+    x = x.cpu()  # the search on the CPU: the same clip whichever device the layer runs on
     top = float(x.abs().max()) if signed else float(x.clamp_min(0).max())
     if top <= 0:
         return 1e-3

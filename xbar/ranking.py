@@ -23,6 +23,7 @@ from torch import nn
 from xbar.crossbar import spare_pe_count
 from xbar.errors import UserError
 from xbar.methods import CrossbarLayer, ridge_head
+from xbar.runtime import model_device
 from xbar.training import as_input
 
 
@@ -49,6 +50,8 @@ def rank_pes(net: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_cla
     for p in net.parameters():
         p.requires_grad_(False)
     pe_masks = {n: layer.attach_pe_mask() for n, layer in layers.items()}
+    device = model_device(net)  # the batch goes where the network is (xbar.runtime)
+    images, labels = images.to(device), labels.to(device)
     try:
         features = net.features(as_input(images))
         weight, bias = ridge_head(features, labels, num_classes)

@@ -6,6 +6,9 @@ same functions with nothing on disk. The checks live here, so both paths get
 them: a learned task is rebuilt from its exported task.pt and must predict
 exactly as the trained model did; a task is evaluated only on the data it was
 learned with (dataset digest).
+
+Ranking, learning and evaluation run on `train.device` (xbar.runtime): the network is built on the CPU
+and moved there; what comes back (rankings, task.pt contents, accuracies) is on the CPU.
 """
 
 from __future__ import annotations
@@ -30,16 +33,22 @@ from xbar.errors import UserError
 from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)
 from xbar.params import Params, TaskSpec
+from xbar.methods.recipe import (MIN_BN_IMAGES, MIN_STEPS, WEIGHT_DECAY, bn_mode, check_converged, lr_factor,
+                                 recalibrate_bn)
+from xbar.models import build_model
 from xbar.ranking import rank_batch, rank_pes
-from xbar.training import accuracy, predict
+from xbar.runtime import compute_device
+from xbar.training import (accuracy, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
+                           predict)
 
 
 @dataclass(frozen=True)
 class Backbone:
-    """The deployed backbone: quant.pt and levels.pt contents."""
+    """The deployed backbone: quant.pt and levels.pt contents (and fp32.pt's, for the fp32 ceiling)."""
 
     quant: dict
     levels: dict
+    fp32: dict | None = None
 
     @cached_property
     def cells(self) -> dict[str, torch.Tensor]:
@@ -59,6 +68,7 @@ def rank(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData) -> 
     check_spec(spec, len(data.train), data.num_classes)
     net = backbone_net(params, backbone.quant)
     deploy_cells(net, backbone.levels, crossbar_spec(params))
+    net.to(compute_device(params.train.device))
     images, labels = rank_batch(data.train, spec.rank_batch_size, params.seed)
     return rank_pes(net, images, labels, data.num_classes, spec.spare_ratio)
 
@@ -97,21 +107,68 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     method = get(spec.method)
     start = previous if method.continues_previous and previous and previous.get("method") == method.name else None
     began = time.perf_counter()
+    device = compute_device(params.train.device)
     model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
                              spare_pes=spare_pes, start=start)
+    model.net.to(device)
     loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented)
     task = export_task(model, data.num_classes, data.channels, data.digest)
     seconds = time.perf_counter() - began
 
     deployed = load_task_model(task, backbone.levels, params)
-    batch = params.train.eval_batch_size
-    trained_preds, labels = predict(model.net, data.test, batch)
-    deployed_preds, _ = predict(deployed.net, data.test, batch)
+    deployed.net.to(device)  # the same device as the trained model: the same kernels, the same predictions
+    batch, workers = params.train.eval_batch_size, params.train.workers
+    trained_preds, labels = predict(model.net, data.test, batch, workers)
+    deployed_preds, _ = predict(deployed.net, data.test, batch, workers)
     if not torch.equal(trained_preds, deployed_preds):
         raise RuntimeError(f"{desc}: the model rebuilt from task.pt predicts differently from the trained one")
     test_acc = float((deployed_preds == labels).float().mean() * 100)
-    train_acc = accuracy(deployed.net, data.train, batch) if train_accuracy else None
+    train_acc = accuracy(deployed.net, data.train, batch, workers) if train_accuracy else None
     return Learned(task, model, loss, seconds, test_acc, train_acc, start is not None)
+
+
+def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, desc: str) -> float:
+    """The paper's accuracy ceiling: the fp32 backbone (fp32.pt: no quantizer, no crossbar) fine-tuned
+    whole on the task, its own copy (it cannot forget); returns its test accuracy. Nothing goes on a chip.
+
+    The recipe is the 4-bit fine-tune's where it applies: the closed-form head first, then SGD on every
+    weight, BN included, at train.lr (scaled to a small task's batch), warm-up and cosine, at least
+    MIN_STEPS steps, and the divergence guard.
+    """
+    if backbone.fp32 is None:
+        raise UserError("finetune_fp32 needs the fp32 backbone, artifacts/backbone/fp32.pt (run the pipeline)")
+    check_spec(spec, len(data.train), data.num_classes)
+    net = build_model(params.model, int(backbone.fp32["num_classes"]), int(backbone.fp32["channels"]))
+    net.load_state_dict(backbone.fp32["state_dict"])
+    net.head = torch.nn.Linear(net.head.in_features, data.num_classes)
+    device = compute_device(params.train.device)
+    net.to(device)
+    n, train = len(data.train), params.train
+    own_bn = n >= MIN_BN_IMAGES  # a fine-tune's BN is its own: the task's statistics, where there are enough
+    if own_bn:
+        recalibrate_bn(net, data.train, params.seed, workers=train.workers)
+    idx = head_images(n, params.seed)
+    images, labels = (torch.stack(t).to(device) for t in zip(*(data.train[int(i)] for i in idx)))
+    net.eval()
+    fit_head(net, data.train, idx, workers=train.workers)
+    with torch.no_grad():
+        before = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
+    batch = batch_images(n, train.batch_size)
+    share = min(1.0, batch / train.batch_size)
+    opt = torch.optim.SGD(net.parameters(), lr=train.lr * share, momentum=train.momentum, nesterov=train.momentum > 0,
+                          weight_decay=WEIGHT_DECAY)
+    steps = optimizer_steps(n, spec.epochs, train.batch_size, MIN_STEPS)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps))
+    fit(net, data.fit_train, [opt], spec.epochs, train.batch_size, params.seed, f"{desc} (finetune_fp32)",
+        after_step=sched.step, train_mode=bn_mode(batch >= MIN_BN_IMAGES), min_steps=MIN_STEPS,
+        hint=f"lower train.lr (now {train.lr:g})", workers=train.workers, mixed_precision=train.mixed_precision)
+    if own_bn:
+        recalibrate_bn(net, data.train, params.seed, workers=train.workers)
+    net.eval()
+    with torch.no_grad():
+        after = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
+    check_converged(before, after, f"{desc} (finetune_fp32)", f"lower train.lr (now {train.lr:g})")
+    return accuracy(net, data.test, train.eval_batch_size, train.workers)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------
@@ -121,14 +178,15 @@ def evaluate(params: Params, tasks: dict[str, dict], levels: dict, data: Mapping
     """Test accuracy of every task of `tasks` (name -> task.pt, in learning order) as the chip runs it
     once all of them are learned, each on the model rebuilt from its task.pt over the backbone's cells
     (`levels`: levels.pt)."""
-    result = {}
+    result, device = {}, compute_device(params.train.device)
     for name in tasks:
         task = chip_view(tasks, name)
         if data[name].digest != task["dataset_digest"]:
             raise UserError(f"task {name}: its test data changed since it was learned "
                             f"(digest {data[name].digest} != {task['dataset_digest']}); restore the dataset")
         model = load_task_model(task, levels, params)
-        result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size)
+        model.net.to(device)
+        result[name] = accuracy(model.net, data[name].test, params.train.eval_batch_size, params.train.workers)
     return result
 
 

@@ -1,4 +1,8 @@
-"""Training and evaluation loops shared by pretraining, QAT and every method."""
+"""Training and evaluation loops shared by pretraining, QAT and every method.
+
+Each loop runs on the device of the model it is given and moves its batches there (xbar.runtime: the
+device, DataLoader workers of lazy sources, mixed precision).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset, Sampler
 
 from xbar.errors import UserError
+from xbar.runtime import autocast, batches, model_device
 
 GUARD_WINDOW = 8  # steps whose mean loss the divergence guard checks (all of a shorter run's)
 HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
@@ -22,7 +27,8 @@ HEAD_LABEL_SMOOTHING = 0.1
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> float in [0, 1] (what the first layer's DACs see)."""
+    """uint8 images [N, C, H, W] -> float in [0, 1] (what the first layer's DACs see), on the images' device
+    (move the uint8 batch: a quarter of the float's bytes)."""
     return images.float().div_(255.0)
 
 
@@ -34,7 +40,8 @@ def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -
     target = F.one_hot(labels, num_classes).double()
     gram = fc.T @ fc
     penalty = RIDGE * (gram.diagonal().mean() + 1e-12)
-    w = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype), fc.T @ (target - target.mean(0)))
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    w = torch.linalg.solve(gram + penalty * eye, fc.T @ (target - target.mean(0)))
     b = target.mean(0) - mean @ w
     return w.T.to(features.dtype), b.to(features.dtype)
 
@@ -49,6 +56,26 @@ def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     return w * best, b * best
 
 
+def head_images(n: int, seed: int) -> torch.Tensor:
+    """The seeded training images (up to HEAD_INIT_IMAGES) a head is fit on (and the guard compares losses on)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
+
+
+@torch.no_grad()
+def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512,
+             workers: int | None = None) -> None:
+    """`net.head` in closed form (`closed_form_head`) on the features of images `idx` of `data`, as the
+    network computes them in its current mode (on its device)."""
+    feats, labels = [], []
+    chunks = [chunk.tolist() for chunk in idx.split(batch_size)]
+    for x, y in batches(data, chunks, model_device(net), workers):
+        feats.append(net.features(as_input(x)))
+        labels.append(y)
+    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
+    net.head.weight.copy_(w)
+    net.head.bias.copy_(b)
+
+
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     torch.manual_seed(seed)
     if threads:
@@ -56,9 +83,9 @@ def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def loader(data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)
+def in_order(n: int, batch_size: int) -> list[list[int]]:
+    """Indices 0..n-1 in batches of `batch_size` (the last one smaller): evaluation's order."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 def progress() -> Progress:
@@ -110,16 +137,19 @@ def divergence_limit(start: float, num_classes: int) -> float:
 
 
 @torch.no_grad()
-def starting_loss(model: nn.Module, data: Dataset, batch_size: int, seed: int, batches: int,
-                  train_mode: Callable[[nn.Module], None] | None = None) -> float:
-    """Mean loss of the untrained model over `batches` seeded training batches, in training mode."""
+def starting_loss(model: nn.Module, data: Dataset, batch_size: int, seed: int, steps: int,
+                  train_mode: Callable[[nn.Module], None] | None = None, workers: int | None = None,
+                  mixed_precision: bool = False) -> float:
+    """Mean loss of the untrained model over `steps` seeded training batches, in training mode."""
     (train_mode or nn.Module.train)(model)
     sampler = BalancedBatches(len(data), batch_size, seed + 1)
-    losses = []
-    while len(losses) < batches:
-        for x, y in DataLoader(data, batch_sampler=sampler, num_workers=0):
-            losses.append(F.cross_entropy(model(as_input(x)), y).item())
-            if len(losses) == batches:
+    device, losses = model_device(model), []
+    while len(losses) < steps:
+        for x, y in batches(data, sampler, device, workers):
+            with autocast(model, mixed_precision):
+                logits = model(as_input(x))
+            losses.append(F.cross_entropy(logits.float(), y).item())
+            if len(losses) == steps:
                 break
     return sum(losses) / len(losses)
 
@@ -127,12 +157,14 @@ def starting_loss(model: nn.Module, data: Dataset, batch_size: int, seed: int, b
 def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimizer], epochs: int,
         batch_size: int, seed: int, desc: str, after_step: Callable[[], None] | None = None,
         train_mode: Callable[[nn.Module], None] | None = None, min_steps: int = 0,
-        hint: str = "lower the learning rate") -> float:
+        hint: str = "lower the learning rate", workers: int | None = None, mixed_precision: bool = False) -> float:
     """Cross-entropy training; returns the mean loss over the last epoch's worth of steps.
 
     Batches come from `BalancedBatches`, `optimizer_steps` of them (`min_steps`: cycle the data
     for at least that many). `after_step` runs after each optimizer step (e.g. an lr schedule);
-    `train_mode` sets which submodules train (e.g. frozen BN), default `model.train()`.
+    `train_mode` sets which submodules train (e.g. frozen BN), default `model.train()`. The steps run on
+    the model's device; `workers` read a lazy source, and `mixed_precision` asks for bf16 autocast where
+    xbar.runtime allows it (CUDA, a network without quantizers).
 
     The divergence guard stops the run with a one-line UserError that names `desc` and what to
     change (`hint`), before the caller writes anything, when the loss is NaN or infinite, when
@@ -151,22 +183,23 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
         raise UserError(f"{desc}: {epochs} epoch(s) over {n} training images at batch size {batch_size} make no "
                         "optimizer step (the task needs training images); nothing was written")
     sampler = BalancedBatches(n, batch_size, seed)
-    dl = DataLoader(data, batch_sampler=sampler, num_workers=0)
+    device = model_device(model)
     per_epoch = len(sampler)
     window = min(total, GUARD_WINDOW)
     recent: deque[float] = deque(maxlen=window)
     last_epoch: deque[tuple[float, int]] = deque(maxlen=per_epoch)
-    start = starting_loss(model, data, batch_size, seed, window, train_mode)
+    start = starting_loss(model, data, batch_size, seed, window, train_mode, workers, mixed_precision)
     step = 0
     with progress() as bar:
         job = bar.add_task(desc, total=total, loss=float("nan"))
         while step < total:
             (train_mode or nn.Module.train)(model)
-            for x, y in dl:
+            for x, y in batches(data, sampler, device, workers):
                 if step == total:
                     break
-                logits = model(as_input(x))
-                loss = F.cross_entropy(logits, y)
+                with autocast(model, mixed_precision):
+                    logits = model(as_input(x))
+                loss = F.cross_entropy(logits.float(), y)
                 value = loss.item()
                 where = f"epoch {step // per_epoch + 1}, step {step % per_epoch + 1}"
                 if not math.isfinite(value):
@@ -202,16 +235,17 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
 
 
 @torch.no_grad()
-def predict(model: nn.Module, data: Dataset, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predicted labels, true labels) in dataset order, in eval mode."""
+def predict(model: nn.Module, data: Dataset, batch_size: int = 512,
+            workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted labels, true labels) in dataset order, in eval mode, on the CPU (computed on the model's device)."""
     model.eval()
     preds, labels = [], []
-    for x, y in loader(data, batch_size, shuffle=False):
-        preds.append(model(as_input(x)).argmax(1))
-        labels.append(y)
+    for x, y in batches(data, in_order(len(data), batch_size), model_device(model), workers):
+        preds.append(model(as_input(x)).argmax(1).cpu())
+        labels.append(y.cpu())
     return torch.cat(preds), torch.cat(labels)
 
 
-def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512) -> float:
-    preds, labels = predict(model, data, batch_size)
+def accuracy(model: nn.Module, data: Dataset, batch_size: int = 512, workers: int | None = None) -> float:
+    preds, labels = predict(model, data, batch_size, workers)
     return float((preds == labels).float().mean() * 100)

@@ -117,7 +117,7 @@ def test_chip_forward_matches_a_cell_by_cell_computation(name, shape, groups, co
     slow = slow_chip(codes, lm, cells, adc, mult, conv, spec.weight_levels if signed == "offset" else 0)
     assert torch.allclose(fast, slow, atol=1e-3), (fast - slow).abs().max()
     if bits == 16:  # an exact ADC: the chip computes the masked integer convolution
-        column = lm.index_tensors()[0]
+        column = lm.index_tensors()[0].long()
         w = levels.float() * mult[column]
         ideal = F.linear(codes, w) if conv is None else F.conv2d(codes, w, None, *conv, groups)
         assert torch.allclose(fast, ideal, atol=1e-3)

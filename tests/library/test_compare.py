@@ -21,8 +21,11 @@ TASKS = ("digits", "faces")
 
 def test_configurations_one_per_method_and_xma2_per_ratio():
     configs = configurations(["finetune_shared", "xma2", "piggyback"], [0.05, 0.1, 0.125])
-    assert [c.label for c in configs] == ["finetune_shared", "xma2@5", "xma2@10", "xma2@12.5", "piggyback"]
-    assert [c.spare_ratio for c in configs] == [None, 0.05, 0.1, 0.125, None]
+    assert [c.label for c in configs] == ["finetune_shared", "xma2@5", "xma2@10", "xma2@12.5", "piggyback",
+                                          "finetune_fp32"]  # the fp32 ceiling beside a 4-bit fine-tune
+    assert [c.spare_ratio for c in configs] == [None, 0.05, 0.1, 0.125, None, None]
+    assert "finetune_fp32" not in [c.label for c in configurations(["xma2", "finetune_shared"], [0.1], ceiling=False)]
+    assert "finetune_fp32" not in [c.label for c in configurations(["xma2", "piggyback"], [0.1])]
     assert [c.label for c in configurations(["xma", "xma"], [])] == ["xma"]  # no xma2: no ratio needed
     for methods, ratios, words in ((["magic"], [0.1], "unknown"), (["xma2"], [0.0], "ratios: .*greater than 0"),
                                    (["xma2"], [1.5], "ratios: .*less than or equal to 1"), (["xma2"], [], "at least one"), ([], [0.1], "one")):
@@ -36,7 +39,7 @@ def test_the_bn_ablation_runs_every_mask_method_once_more():
     from project import tiny_params
 
     params = parse_params(tiny_params({"digits": {"method": "xma", "bn": "per_task"}, "faces": {"dataset": "lfw_faces"}}))
-    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task")
+    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task", ceiling=False)
     assert [c.label for c in configs] == ["finetune_separate", "xma2@10", "piggyback", "xma2@10+bn_per_task",
                                           "piggyback+bn_per_task"]
     rules = {c.label: {params_bn(configuration_params(params, c), t) for t in params.tasks} for c in configs}
@@ -117,6 +120,7 @@ def test_markdown_report_names_every_configuration(table):
     text = report_markdown(table[0])
     assert text.count("| xma2@10 ") >= 4 and "| mean " in text and "| finetune_shared " in text
     assert "mask_digest" not in text
+    assert "energy (scenario steady:" in text and "| steady " in text  # which accounting the energy column uses
 
 
 def test_mlflow_names_are_valid_and_read_back(table):
@@ -346,3 +350,36 @@ def test_cli_refuses_bad_comparison_input_before_the_flow_starts(tmp_path, monke
         lines = out.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], out.stderr
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_the_fp32_ceiling_fine_tunes_the_fp32_backbone_and_forgets_nothing():
+    """finetune_fp32: each task from the fp32 backbone (no quantizer), its own copy; accuracy only."""
+    import math
+
+    import torch
+
+    from tiny_backbone import tiny_params
+    from xbar.compare import FP32_CEILING, fp32_ceiling
+    from xbar.data import load_task_data
+    from xbar.models import build_model
+    from xbar.step import Backbone
+    from xbar.training import fit, seed_everything
+
+    params = parse_params({**tiny_params({"digits": {"dataset": {"source": "optdigits", "max_train": 300}},
+                                          "faces": {"dataset": "lfw_faces"}})})
+    seed_everything(0, 1)
+    source = load_task_data(params.source.dataset, 0)
+    net = build_model(params.model, source.num_classes, 1)
+    fit(net, source.train, [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)], 1, 128, 0, "pretrain")
+    fp32 = {"state_dict": {k: v.clone() for k, v in net.state_dict().items()}, "num_classes": source.num_classes,
+            "channels": 1}
+    data = {n: load_task_data(s.dataset, 0) for n, s in params.tasks.items()}
+    result = fp32_ceiling(params, Backbone({}, {}, fp32), data)
+    table, _ = comparison_table([result])
+    assert table["label"].to_list() == [FP32_CEILING] * 2 and table["forgetting"].to_list() == [0.0, 0.0]
+    assert all(a > 100 / 2 for a in table["accuracy_at_learn"])  # above chance on both
+    weights = sum(v.numel() for k, v in fp32["state_dict"].items() if not k.startswith("head."))
+    assert table["task_bytes"][0] == 4 * (weights + (fp32["state_dict"]["head.weight"].shape[1] + 1) * 10)
+    assert energy_table(table).height == 0  # nothing programmed: no energy row
+    assert torch.equal(fp32["state_dict"]["stem.0.weight"], net.state_dict()["stem.0.weight"])  # untouched
+    assert not math.isnan(result.tasks["seconds"][0])

@@ -108,6 +108,18 @@ def test_index_tensors_agree_with_the_tables(desc, shape, groups, cpp):
     assert torch.equal(m.pe_counts()[1][lm.first_pe:lm.first_pe + lm.n_pes], counts)
 
 
+def test_index_tensors_are_the_placements_compact_tensors_built_once():
+    # ResNet-50's 23.5 M weights: per-weight indices in int64 cost hundreds of MB; the placement's are
+    # int16 where they fit and every caller shares them (no converted copy)
+    lm = _one((512, 512, 3, 3), 1).layers[0]
+    column, pe = lm.index_tensors()
+    assert column.dtype == pe.dtype == torch.int16
+    again = lm.index_tensors()
+    assert again[0] is column and again[1] is pe and lm.placement.column is column
+    wide = map_layers([("a", "conv", (64, 8, 3, 3), 1), ("b", "conv", (40000, 1, 1, 1), 1)], SPEC).layers[1]
+    assert wide.n_columns > 2**15 and wide.index_tensors()[0].dtype == torch.int32
+
+
 @pytest.mark.parametrize("desc,shape,groups", [(c[0], c[1], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_every_weight_lies_in_its_crossbars_row_and_output_range(desc, shape, groups):
     m = _one(shape, groups)
@@ -120,7 +132,7 @@ def test_every_weight_lies_in_its_crossbars_row_and_output_range(desc, shape, gr
     group = o // (cout // groups)
     row = (group * cin_g + c) * k + p  # row of the unrolled [Cin*kh*kw, Cout] matrix
     table = m.crossbar_table()
-    xb = pe.reshape(cout, cin_g, k)
+    xb = pe.reshape(cout, cin_g, k).long()  # index ops want int64 (the placement stores int16)
     start, used = table["row_start"].to_torch()[xb], table["rows_used"].to_torch()[xb]
     ostart, ocount = table["out_start"].to_torch()[xb], table["columns"].to_torch()[xb]
     assert bool(((row >= start) & (row < start + used)).all())

@@ -1,8 +1,9 @@
 """The analytic energy model: presets, overrides, inference accounting, typical method figures,
-the paper's ResNet-50 check, and the `xbar energy` command."""
+the energy scenarios and the paper's ResNet-50 check, and the `xbar energy` command."""
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,10 +13,10 @@ from xbar.cli import app
 from xbar.crossbar import CrossbarSpec, map_layers, map_model
 from xbar.energy.inference import BN_AFFINE_J, COMPONENTS, ColumnUse, inference_energy
 from xbar.energy.layer_io import layer_io
-from xbar.energy.named import named_energy
 from xbar.energy.presets import MAY_BE_ZERO, PRESETS, _sar_cell, _sar_static, energy_preset, resolve_preset
 from xbar.energy.reprogramming import write_energy
-from xbar.energy.typical import change_stats, level_distribution, typical_methods
+from xbar.energy.scenarios import SCENARIOS, energy_scenario
+from xbar.energy.typical import TYPICAL, change_stats, level_distribution, typical_methods
 from xbar.errors import UserError
 from xbar.memory import build_named_model
 
@@ -31,8 +32,11 @@ def small():
 
 
 @pytest.fixture(scope="module")
-def resnet50_paper():
-    return named_energy("resnet50", "paper", spare_ratio=0.1, inferences=1)
+def resnet50():
+    """ResNet-50 (no weights, its classifier excluded as `xbar energy` does): mapping and layer I/O."""
+    model = build_named_model("resnet50")
+    mapping = map_model(model, SPEC, exclude=("fc",))
+    return mapping, layer_io(model, [lm.name for lm in mapping.layers], (3, 224, 224))
 
 
 # --- presets -------------------------------------------------------------------------------------
@@ -45,9 +49,46 @@ def test_presets_validate_and_cite_every_constant():
         assert set(preset.source) == set(preset.constants), preset.name  # one note per constant
         assert all(len(note) > 10 for note in preset.source.values())
         assert all(v > 0 for k, v in preset.constants.items() if k not in MAY_BE_ZERO)
-    # the paper's setup: a 5-bit ADC per column is booked per conversion; writes cost far more than reads
-    paper = PRESETS["paper"]
-    assert paper.write_pulse_j > 100 * paper.cell_read_j
+
+
+# The numbers each preset's sources cite, written out here: a constant that drifts from its source fails.
+# (name, constant, value from the cited numbers, words its source note must contain)
+G_PAPER = (1 / 100e3 + 1 / 1e6) / 2  # Ron 100 kOhm, on/off 10, four levels evenly spaced in conductance
+G_NS = (1 / 6e3 + 1 / 900e3) / 2  # Ron 6 kOhm, Roff 900 kOhm
+G_MN = (1 / 30e3 + 1 / 150e3) / 2  # 30 / 150 kOhm
+CITED = [
+    # NeuroSim's SAR ADC: (a * bits + b) uW for (bits + 1) ns; its column current c / R_col for as long
+    ("paper", "adc_j", (1.1294 * 5 + 8.8998) * 1e-6 * 6e-9, ("SarADC", "5 bits")),
+    ("paper", "cell_read_j", 0.079449 * G_PAPER * 6e-9, ("0.079449", "100 kOhm", "on/off 10")),
+    ("paper", "write_pulse_j", 4.0**2 * G_PAPER * 50e-9, ("4 V", "50 ns")),  # Vw^2 G t: 4.4 pJ
+    ("paper", "pulses_per_level", 32 / 3, ("32 pulses", "3 level steps")),
+    ("neurosim-22nm", "adc_j", (0.538 * 5 + 4.3753) * 1e-6 * 6e-9, ("22 nm", "levelOutput 32")),
+    ("neurosim-22nm", "cell_read_j", 0.072341 * G_NS * 6e-9, ("0.072341", "Ron 6 kOhm")),
+    ("neurosim-22nm", "write_pulse_j", 2.0**2 * G_NS * 10e-9, ("2 V", "10 ns")),
+    ("neurosim-22nm", "pulses_per_level", 64 / 3, ("64", "3 level steps")),
+    # MNSIM: ADC_Choice 4 is 1.26 mW for (6 + 2) ns; read Vr^2 G t; write ((0 + Vw) / 2)^2 / sqrt(R_HRS R_LRS) t
+    ("mnsim-45nm", "adc_j", 1.26e-3 * 8e-9, ("1.26 mW", "6-bit")),
+    ("mnsim-45nm", "cell_read_j", 0.5**2 * G_MN * 3.16e-9, ("0.5 V", "3.16 ns")),
+    ("mnsim-45nm", "write_pulse_j", 1.5**2 / math.sqrt(30e3 * 150e3) * 10e-9, ("3 V", "10 ns")),
+]
+
+
+@pytest.mark.parametrize(("preset", "constant", "value", "words"), CITED,
+                         ids=[f"{p}-{c}" for p, c, _, _ in CITED])
+def test_preset_constants_follow_from_their_cited_numbers(preset, constant, value, words):
+    p = PRESETS[preset]
+    assert getattr(p, constant) == pytest.approx(value, rel=1e-9)
+    for word in words:
+        assert word in p.source[constant], (preset, constant, word)
+
+
+def test_preset_magnitudes_match_the_documented_table():
+    """docs/energy.md's table, in the units it prints: the figures a reader checks against the simulators."""
+    paper, ns, mn = PRESETS["paper"], PRESETS["neurosim-22nm"], PRESETS["mnsim-45nm"]
+    assert paper.adc_j == pytest.approx(87.3e-15, rel=1e-3) and paper.cell_read_j == pytest.approx(2.62e-15, rel=2e-3)
+    assert paper.write_pulse_j == pytest.approx(4.4e-12, rel=1e-9)
+    assert ns.write_pulse_j == pytest.approx(3.36e-12, rel=2e-3) and ns.adc_j == pytest.approx(42.4e-15, rel=2e-3)
+    assert mn.adc_j == pytest.approx(10.08e-12, rel=1e-9) and mn.write_pulse_j == pytest.approx(0.335e-12, rel=2e-3)
 
 
 def test_overrides_replace_constants_and_bad_input_is_one_line():
@@ -250,19 +291,122 @@ def test_typical_methods_shape_and_mask_methods_write_nothing(small):
         typical_methods(mapping, io, PRESETS["paper"], inferences=0)
 
 
-def test_paper_check_resnet50(resnet50_paper):
-    """XMA2 paper, section 5.2: XMA2's total energy (inference + re-programming) is 13.72x below
-    fine-tuning and 4.38x below Piggyback; XBM / XMA re-program nothing. Our model, honest
-    assumptions (docs/energy.md): at least 5x and 2x."""
-    m = resnet50_paper["methods"]
-    assert m["xbm"]["reprogram_j"] == 0 and m["xma"]["reprogram_j"] == 0
-    assert m["xbm"]["cells_written"] == m["xma"]["cells_written"] == 0
-    assert m["finetune_separate"]["total_j"] / m["xma2"]["total_j"] >= 5
-    assert m["piggyback"]["total_j"] / m["xma2"]["total_j"] >= 2
-    a = resnet50_paper["assumptions"]
-    assert a["spare_pes"] == math.ceil(0.1 * a["pes"]) and 22e6 < a["weights"] < 24e6  # conv weights only
-    # many inferences per task amortize the writes: every total converges to inference
-    many = named_energy("resnet50", "paper", 0.1, inferences=10_000)["methods"]
+# --- energy scenarios and the paper's check ---------------------------------------------------------
+
+
+PAPER_FINETUNE, PAPER_PIGGYBACK = 13.72, 4.38  # XMA2 paper, section 5.2: total energy, method / XMA2
+PAPER_PIGGYBACK_TOTAL = 8.16  # "reprogramming the element-wise sparsity elevates the total energy up to 8.16x"
+
+
+def laplace_levels(mean_abs: float, top: int = 7) -> dict[int, float]:
+    """P(weight level) over [-top, top]: a discrete Laplace with E|level| = mean_abs, solved here on its own."""
+    from scipy.optimize import brentq
+
+    def probs(b: float) -> dict[int, float]:
+        raw = {w: math.exp(-abs(w) / b) for w in range(-top, top + 1)}
+        return {w: v / sum(raw.values()) for w, v in raw.items()}
+
+    b = brentq(lambda b: sum(abs(w) * q for w, q in probs(b).items()) - mean_abs, 0.05, 100)
+    return probs(b)
+
+
+def cells(level: int) -> tuple[int, int]:
+    """A 4-bit weight level on two 2-bit cells, offset code: level + 7 = 4 * high + low."""
+    return divmod(level + 7, 4)
+
+
+def steps(a: tuple[int, int], b: tuple[int, int]) -> int:
+    return abs(a[0] - b[0]) + abs(a[1] - b[1])
+
+
+def test_scenarios_are_documented_and_unknown_ones_are_one_line():
+    assert list(SCENARIOS) == ["steady", "first-task", "paper"]
+    for scenario in SCENARIOS.values():
+        assert scenario.assumptions and all(len(a) > 10 and len(why) > 10 for a, why in scenario.assumptions)
+    # the paper's assumptions each rest on a sentence of the paper, quoted
+    assert all("'" in why for _, why in SCENARIOS["paper"].assumptions)
+    with pytest.raises(UserError, match="--scenario: unknown energy scenario 'nope' .*steady, first-task, paper") \
+            as err:
+        energy_scenario("nope", what="--scenario")
+    assert "\n" not in str(err.value)
+
+
+def test_steady_scenario_is_the_default_and_scenarios_change_only_writes(small):
+    mapping, io = small
+    default = typical_methods(mapping, io, PRESETS["paper"])
+    steady = typical_methods(mapping, io, PRESETS["paper"], scenario=SCENARIOS["steady"])
+    paper = typical_methods(mapping, io, PRESETS["paper"], scenario=SCENARIOS["paper"])
+    assert default["methods"] == steady["methods"] and default["scenario"] == "steady"
+    assert paper["scenario"] == "paper" and paper["ratios"] == paper["assumptions"]["ratios"]
+    for name, m in paper["methods"].items():  # the same inference; XBM / XMA write nothing in any scenario
+        assert m["inference_j"] == steady["methods"][name]["inference_j"]
+    assert paper["methods"]["xma"]["reprogram_j"] == steady["methods"]["xma"]["reprogram_j"] == 0
+    # the first task (blank spare PEs) is the first-task scenario's table
+    first = typical_methods(mapping, io, PRESETS["paper"], scenario=SCENARIOS["first-task"])
+    assert steady["assumptions"]["first_task"]["ratios"] == first["ratios"]
+
+
+def test_paper_scenario_resnet50(resnet50):
+    """The XMA2 paper (section 5.2): XMA2's total energy (inference + re-programming, one image) is 13.72x
+    below fine-tuning and 4.38x below Piggyback. Under the `paper` scenario (docs/energy.md), fine-tune /
+    XMA2 lies within 25% of 13.72x; Piggyback / XMA2 does not reach 4.38x - 25%, and the reason is the one
+    docs/energy.md gives: Piggyback's writes, set by its masked share (not in the paper), dominate its total,
+    and the paper's own fine-tune / Piggyback ratio needs a larger share, at which 4.38x is met.
+
+    Each method's writes are recomputed here from the offset code and an independently solved level
+    distribution (not from xbar.energy.typical)."""
+    mapping, io = resnet50
+    preset, paper = PRESETS["paper"], SCENARIOS["paper"]
+    result = typical_methods(mapping, io, preset, spare_ratio=0.1, scenario=paper)
+    m, a = result["methods"], result["assumptions"]
+    conv_weights = sum(mod.weight.numel() for mod in build_named_model("resnet50").modules()
+                       if isinstance(mod, torch.nn.Conv2d))
+    assert a["weights"] == conv_weights and a["spare_pes"] == math.ceil(0.1 * a["pes"])
+
+    # writes, independently: joules per level step, and the expected steps per weight of each transition
+    p = laplace_levels(math.sqrt(7) / 2)  # LSQ's initial step: E|level| = sqrt(L) / 2
+    joule = preset.pulses_per_level * preset.write_pulse_j
+    redeploy = sum(q * steps((0, 0), cells(w)) for w, q in p.items())  # from the blank cells
+    to_zero = sum(q * steps(cells(w), cells(0)) for w, q in p.items())
+    moved = TYPICAL.spare_change_share  # weights the task's training moves by one level, clipped at +-7
+    trained = sum(q * moved / 2 * (steps(cells(w), cells(max(w - 1, -7))) + steps(cells(w), cells(min(w + 1, 7))))
+                  for w, q in p.items())
+    masked = TYPICAL.piggyback_masked_share
+    assert m["finetune_separate"]["reprogram_j"] == pytest.approx(conv_weights * redeploy * joule, rel=1e-6)
+    assert m["piggyback"]["reprogram_j"] == pytest.approx(conv_weights * masked * to_zero * joule, rel=1e-6)
+    assert m["xma2"]["reprogram_j"] == pytest.approx(a["spare_pe_weights"] * trained * joule, rel=1e-6)
+    assert m["xbm"]["reprogram_j"] == m["xma"]["reprogram_j"] == 0 and m["xbm"]["cells_written"] == 0
+
+    # the goal: fine-tune / XMA2 within 25% of the paper's
+    r = result["ratios"]
+    assert r["finetune_over_xma2"] == pytest.approx(PAPER_FINETUNE, rel=0.25)
+
+    # Piggyback / XMA2: the documented reason. Its writes dominate its total ...
+    pig, x2 = m["piggyback"], m["xma2"]
+    assert pig["reprogram_j"] / pig["total_j"] > 0.75
+    # ... and the paper's own fine-tune / Piggyback ratio (no XMA2 in it) puts Piggyback's total, with our
+    # fine-tune, at more than 1.5x ours: a masked share the paper does not state, larger than ours ...
+    paper_pig_total = m["finetune_separate"]["total_j"] / (PAPER_FINETUNE / PAPER_PIGGYBACK)
+    share = masked * (paper_pig_total - pig["inference_j"]) / pig["reprogram_j"]
+    assert paper_pig_total > 1.5 * pig["total_j"] and share > 1.5 * masked
+    # ... which its "up to 8.16x" bounds from above, and at which Piggyback / XMA2 meets 4.38x within 25%
+    assert paper_pig_total / pig["inference_j"] < PAPER_PIGGYBACK_TOTAL
+    at_share = typical_methods(mapping, io, preset, spare_ratio=0.1, scenario=paper,
+                               typical=replace(TYPICAL, piggyback_masked_share=share))
+    assert at_share["methods"]["piggyback"]["total_j"] == pytest.approx(paper_pig_total, rel=1e-6)  # writes ~ share
+    assert at_share["ratios"]["piggyback_over_xma2"] == pytest.approx(PAPER_PIGGYBACK, rel=0.25)
+    assert at_share["methods"]["xma2"]["total_j"] == x2["total_j"]
+
+
+def test_steady_scenario_resnet50(resnet50):
+    """Steady state: every method's writes are no more than the paper scenario's re-deployment (fine-tune)
+    and many inferences per task amortize the writes: every total converges to inference."""
+    mapping, io = resnet50
+    steady = typical_methods(mapping, io, PRESETS["paper"], spare_ratio=0.1)["methods"]
+    paper = typical_methods(mapping, io, PRESETS["paper"], spare_ratio=0.1, scenario=SCENARIOS["paper"])["methods"]
+    assert steady["xbm"]["reprogram_j"] == steady["xma"]["reprogram_j"] == 0
+    assert steady["finetune_separate"]["reprogram_j"] < paper["finetune_separate"]["reprogram_j"]
+    many = typical_methods(mapping, io, PRESETS["paper"], spare_ratio=0.1, inferences=10_000)["methods"]
     assert many["finetune_separate"]["total_j"] / many["xma2"]["total_j"] < 1.01
 
 
@@ -274,13 +418,22 @@ def test_cli_json_shape():
                                    "--spare-ratio", "0.2", "--inferences", "5", "--json"])
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout)
-    assert set(data) == {"methods", "assumptions"}
+    assert set(data) == {"scenario", "ratios", "methods", "assumptions"} and data["scenario"] == "steady"
     assert set(data["methods"]) == {"finetune_separate", "piggyback", "xbm", "xma", "xma2"}
     for m in data["methods"].values():
         assert {"inference_j", "reprogram_j", "total_j", "cells_written"} <= set(m)
     assert data["assumptions"]["preset"] == "neurosim-22nm" and data["assumptions"]["inferences"] == 5
     table = CliRunner().invoke(app, ["energy", "--model", "small_resnet", "--preset", "paper"])
-    assert table.exit_code == 0 and "xma2" in table.stdout
+    assert table.exit_code == 0 and "xma2" in table.stdout and "scenario steady" in table.stdout
+    paper = CliRunner().invoke(app, ["energy", "--model", "small_resnet", "--preset", "paper", "--scenario", "paper",
+                                     "--json"])
+    assert paper.exit_code == 0, paper.output
+    data = json.loads(paper.stdout)
+    m = data["methods"]
+    assert data["scenario"] == "paper" and data["assumptions"]["scenario"] == "paper"
+    x2 = m["xma2"]["total_j"]
+    assert data["ratios"]["finetune_over_xma2"] == pytest.approx(m["finetune_separate"]["total_j"] / x2)
+    assert data["ratios"]["piggyback_over_xma2"] == pytest.approx(m["piggyback"]["total_j"] / x2)
 
 
 @pytest.mark.parametrize("args", [["--model", "small_resnet", "--preset", "nope"],
@@ -288,7 +441,8 @@ def test_cli_json_shape():
                                   ["--model", "small_resnet", "--preset", "paper", "--spare-ratio", "1.5"],
                                   ["--model", "small_resnet", "--preset", "paper", "--inferences", "0"],
                                   ["--model", "small_resnet", "--preset", "paper", "--adc-bits", "17"],
-                                  ["--model", "small_resnet", "--preset", "paper", "--adc-bits", "0"]])
+                                  ["--model", "small_resnet", "--preset", "paper", "--adc-bits", "0"],
+                                  ["--model", "small_resnet", "--preset", "paper", "--scenario", "nope"]])
 def test_cli_bad_input_exits_2_with_one_line(args):
     out = CliRunner().invoke(app, ["energy", *args])
     assert out.exit_code == 2

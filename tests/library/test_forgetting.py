@@ -38,6 +38,7 @@ def setup():
     # so every method trains (on a random one the divergence guard can stop a mask method)
     raw = tiny_params({"first": {"dataset": "optdigits", "epochs": 2}, "second": {"dataset": "lfw_faces", "epochs": 2}})
     raw["train"]["bn"] = "per_task"
+    raw["model"]["width"] = 8  # at width 4, XBM's binary column masks ended above the closed-form head (the guard)
     params = parse_params(raw)
     _, quant, levels = pretrained_backbone(width=params.model.width)
     seed_everything(0, 2)

@@ -78,7 +78,7 @@ def test_xma2_export_rebuild_is_exact_and_keeps_the_backbone(pretrained):
         assert codes.dtype == torch.uint8 and codes.shape == (layer.lm.n_columns,)
         column, pe = layer.lm.index_tensors()
         spare = torch.isin(pe, torch.tensor([0, 3]))
-        assert (codes[column[spare]] == 4).all()  # a spare PE's columns are unmasked
+        assert (codes[column[spare].long()] == 4).all()  # a spare PE's columns are unmasked
         assert torch.equal(task["levels"][name][~spare], levels[name]["levels"][~spare])
         assert task["levels"][name].dtype == torch.int8
     deployed = load_task_model(task, levels, params)
@@ -93,6 +93,34 @@ def test_xma2_export_rebuild_is_exact_and_keeps_the_backbone(pretrained):
     assert report["mask_bytes_packed"] == math.ceil(math.ceil(masked / 3) * 7 / 8)
     assert report["mask_bytes_unpacked"] == math.ceil(masked * 3 / 8)
     assert sum(report["mask_histogram"].values()) == masked < model.mapping.n_columns
+
+
+@pytest.mark.parametrize(("shape", "groups", "kernel"), [
+    ((64, 64), 1, 3),  # 3x3 over 8 row tiles, 2 column tiles
+    ((64, 256), 1, 1),  # 1x1 over 4 row tiles
+    ((16, 3), 1, 11),  # 11x11: a channel split over two row tiles
+    ((64, 64), 4, 3),  # grouped, each group mapped like a dense conv
+    ((128, 128), 32, 3),  # grouped, packed block-diagonally
+    ((64, 64), 64, 3),  # depthwise
+])
+def test_crossbar_layer_reaches_each_weights_column_without_a_per_weight_index(shape, groups, kernel):
+    from xbar.crossbar import CrossbarSpec, map_model
+    from xbar.methods import CrossbarLayer
+    from xbar.quant import QuantConv2d
+
+    conv = QuantConv2d(shape[1], shape[0], kernel, groups=groups, bias=False)
+    lm = map_model(torch.nn.Sequential(conv), CrossbarSpec()).layers[0]
+    levels = torch.randint(-7, 8, lm.shape, generator=torch.Generator().manual_seed(0), dtype=torch.int8)
+    layer = CrossbarLayer(conv, levels, torch.tensor(0.1), lm)
+    layer.train_weights(torch.tensor([lm.first_pe + 1]))
+    layer.add_column_mask(3, 1.0)
+    m = torch.rand(lm.n_columns)
+    column = lm.index_tensors()[0]
+    assert torch.equal(layer.weight_multipliers(m), m[column.long()])
+    # per weight it keeps the int8 cells and the spare PEs' bool, nothing wider; no index of its own
+    per_weight = {n: b.dtype for n, b in layer.named_buffers() if b.numel() == lm.weights}
+    assert per_weight == {"cells": torch.int8, "spare": torch.bool}
+    assert torch.equal(layer.cells, levels) and torch.equal(layer.task_levels(), levels.float())
 
 
 def test_rebuild_refuses_changed_backbone_cells(backbone):

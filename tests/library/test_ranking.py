@@ -55,7 +55,7 @@ def test_pe_mask_gradient_is_sum_of_w_times_weight_gradient(backbone):
     layer.weight = weight
     net.features(x).pow(2).sum().backward()
     w, g = captured["w"], captured["w"].grad
-    pe = layer.lm.index_tensors()[1] - layer.lm.first_pe
+    pe = layer.lm.index_tensors()[1].long() - layer.lm.first_pe
     manual = torch.zeros(layer.lm.n_pes).index_add_(0, pe.flatten(), (w * g).detach().flatten())
     assert torch.allclose(pe_mask.grad, manual, rtol=1e-4, atol=1e-6)
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from project import CLI, TinyProject, make_tiny_project, stage, tree_digest
@@ -162,6 +163,7 @@ def row(case_id: str, bad: Bad):  # noqa: ANN201
 
 
 T1 = ("tasks", "t1")
+CUDA = torch.cuda.is_available()
 PRETRAIN, RANK = stage("pretrain"), stage("rank_pes", "t1")
 ADD = [*CLI, "add-task"]  # + name
 DIGITS = ["--dataset", "optdigits"]
@@ -205,6 +207,8 @@ BAD_INPUT = [
                                        ("--shift-levels",))),
     row("cli-memory-spare-ratio", Bad([*CLI, "memory", "--model", "small_resnet", "--spare-ratio", "0"],
                                       ("--spare-ratio",))),
+    row("cli-energy-scenario-unknown", Bad([*CLI, "energy", "--model", "small_resnet", "--preset", "paper",
+                                            "--scenario", "nope"], ("--scenario", "steady", "first-task", "paper"))),
     row("cli-wrong-type", Bad([*ADD, "t3", *DIGITS, "--epochs", "three"], ("'--epochs'",))),
     row("cli-unknown-option", Bad([*ADD, "t3", *DIGITS, "--lr", "1"], ("--lr",))),
     # zero or negative epochs, crossbar sizes, energy constants
@@ -241,6 +245,14 @@ BAD_INPUT = [
         state_dict_file("w.pt"), set_param("model", value={"name": "resnet18", "weights": "w.pt"})))),
     row("normalize-stats-wrong-length", Bad(PRETRAIN, ("model.normalize", "channel"), set_param(
         "model", "normalize", value={"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}))),
+    # train.device (#17): the field's values, and cuda asked for on a machine without it, from any stage
+    row("device-unknown", Bad(PRETRAIN, ("train.device", "'auto', 'cpu' or 'cuda'"),
+                              set_param("train", "device", value="gpu"))),
+    pytest.param(Bad(PRETRAIN, ("train.device: cuda asked for", "no CUDA device", "use auto or cpu"),
+                     set_param("train", "device", value="cuda")), id="device-cuda-without-cuda-pretrain",
+                 marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
+    pytest.param(Bad(RANK, ("train.device: cuda asked for",), set_param("train", "device", value="cuda")),
+                 id="device-cuda-without-cuda-rank", marks=pytest.mark.skipif(CUDA, reason="this machine has CUDA")),
     row("crop-larger-than-image", Bad(RANK, ("tasks.t1.dataset", "crop 40", "image_size 28"),
                                       set_param(*T1, "dataset", value={"source": "optdigits", "crop": 40}))),
     row("imagefolder-single-class", Bad(RANK, ("data/one", "at least 2 classes"), both(

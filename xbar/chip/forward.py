@@ -99,7 +99,7 @@ class LayerPlan:
 
     def __init__(self, lm: LayerMap) -> None:
         cout, cin_g, kernel, groups = lm.out_channels, lm.cin_per_group, lm.kernel, lm.groups
-        column = lm.index_tensors()[0].reshape(cout, cin_g, kernel)
+        column = lm.index_tensors()[0].long().reshape(cout, cin_g, kernel)  # a local int64 copy: index ops below
         tile = column // cout  # the weight's row tile within its group
         self.tiles = int(tile.max()) + 1
         chans = [sorted(set(torch.nonzero((tile == t).any(2).any(0)).flatten().tolist())) for t in range(self.tiles)]

@@ -6,5 +6,7 @@
 * `inference`: one image's inference energy per crossbar, PE and layer, for a learned task's masks.
 * `reprogramming`: the energy of moving cells between levels (the chip's writes, xbar.chip).
 * `typical`: all five methods on an architecture alone, from documented typical cell changes.
+* `scenarios`: how `typical` counts each method's writes (steady, first-task, paper), each assumption with
+  what it rests on.
 * `named`: `xbar energy`'s entry point (an architecture by name).
 """

@@ -6,6 +6,7 @@ from __future__ import annotations
 from xbar.crossbar import CrossbarSpec, map_model
 from xbar.energy.layer_io import layer_io
 from xbar.energy.presets import resolve_preset
+from xbar.energy.scenarios import energy_scenario
 from xbar.energy.typical import typical_methods
 from xbar.errors import UserError
 
@@ -19,12 +20,15 @@ def input_shape_for(name: str) -> tuple[int, int, int]:
 
 
 def named_energy(name: str, preset: str, spare_ratio: float = 0.1, inferences: int = 1,
-                 spec: CrossbarSpec | None = None, act_bits: int = 4, adc_bits: int | None = None) -> dict:
+                 spec: CrossbarSpec | None = None, act_bits: int = 4, adc_bits: int | None = None,
+                 scenario: str = "steady") -> dict:
     """`xbar energy`: the five methods' typical energy on an architecture by name (no weights needed), the
-    ADC booked at `adc_bits` (None: the preset's own precision)."""
+    ADC booked at `adc_bits` (None: the preset's own precision), writes counted as the energy `scenario`
+    (xbar.energy.scenarios) says."""
     from xbar.memory import AUX_NAMES, HEAD_NAMES, build_named_model
 
-    chosen = resolve_preset(preset, adc_bits=adc_bits)  # a bad preset fails before the model is built
+    chosen = resolve_preset(preset, adc_bits=adc_bits)  # a bad preset or scenario fails before the model is built
+    how = energy_scenario(scenario, what="--scenario")
     model = build_named_model(name)
     skip = tuple(n for n, _ in model.named_children() if n in HEAD_NAMES + AUX_NAMES)
     mapping = map_model(model, spec or CrossbarSpec(), exclude=skip)
@@ -35,7 +39,7 @@ def named_energy(name: str, preset: str, spare_ratio: float = 0.1, inferences: i
     except (UserError, NotImplementedError):  # an operator without a meta kernel: run it for real
         model = model.to_empty(device="cpu")
         io = layer_io(model, [lm.name for lm in mapping.layers], input_shape_for(name))
-    result = typical_methods(mapping, io, chosen, act_bits, spare_ratio, inferences)
+    result = typical_methods(mapping, io, chosen, act_bits, spare_ratio, inferences, scenario=how)
     result["assumptions"] = {"model": name, "input_shape": list(input_shape_for(name)),
                              "excluded_layers": list(skip), **result["assumptions"]}
     return result

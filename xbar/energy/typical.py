@@ -1,7 +1,8 @@
 """Typical cell changes of each method, for an architecture without a trained task.
 
 `typical_methods` estimates all five methods on an architecture alone (the
-`xbar energy` command), from documented typical cell changes (TYPICAL).
+`xbar energy` command), from documented typical cell changes (TYPICAL), counted
+as an energy scenario says (xbar.energy.scenarios: steady, first-task, paper).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from xbar.energy.inference import buffer_energy, component_energy, crossbar_use
 from xbar.energy.layer_io import LayerIO
 from xbar.energy.presets import EnergyPreset
 from xbar.energy.reprogramming import level_pulses, write_energy
+from xbar.energy.scenarios import FIRST_TASK, STEADY, EnergyScenario
 from xbar.errors import UserError
 from xbar.memory import fullest_pes, mask_bits_for
 from xbar.methods import Method, get, names
@@ -91,7 +93,9 @@ def change_stats(spec: CrossbarSpec, p: torch.Tensor, spare_change_share: float 
     * `from_blank`: a blank cell (level 0) programmed to a level drawn from p (an empty spare PE);
     * `to_zero`: a level drawn from p set to the zero weight's cells, or back (a Piggyback mask);
     * `same_pe`: two versions of one backbone weight, each moved by +-1 level with probability
-      `spare_change_share` by its own task's training (a spare PE re-using a slot that held the same PE).
+      `spare_change_share` by its own task's training (a spare PE re-using a slot that held the same PE);
+    * `trained`: a backbone weight moved by +-1 level with probability `spare_change_share` (a spare PE
+      that held a copy of the backbone PE it replaces).
     """
     n = 2 * spec.weight_levels + 1
     zero = spec.weight_levels  # index of level 0
@@ -106,20 +110,22 @@ def change_stats(spec: CrossbarSpec, p: torch.Tensor, spare_change_share: float 
         "from_blank": _expected(spec, blank.T),
         "to_zero": _expected(spec, to_zero),
         "same_pe": _expected(spec, same_pe),
+        "trained": _expected(spec, p[:, None] * move),
     }
 
 
 def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPreset, act_bits: int = 4,
                     spare_ratio: float = 0.1, inferences: int = 1, shift_levels: int = 3,
-                    typical: TypicalChanges = TYPICAL) -> dict:
+                    typical: TypicalChanges = TYPICAL, scenario: EnergyScenario = STEADY) -> dict:
     """Every registered method (except those that continue a shared network: one fine-tuned copy per
-    task stands for fine-tuning) on an architecture alone, for one new task added to a chip that served
-    the previous task of the same method (steady state of continual learning), from the method's
-    registry flags: what it rewrites (every weight, masked-out weights, spare PEs) and its masks;
-    inference per image, re-programming for the switch, total = inferences x inference + re-programming.
+    task stands for fine-tuning) on an architecture alone, for one new task, its writes counted as
+    `scenario` says (default: steady, a chip that served the previous task of the same method), from the
+    method's registry flags: what it rewrites (every weight, masked-out weights, spare PEs) and its masks;
+    inference per image, re-programming, total = inferences x inference + re-programming.
 
-    Returns {"methods": {name: {...}}, "assumptions": {...}} (the `xbar energy --json` object); the
-    assumptions include the first task (from the backbone-only chip, blank spare PEs) for comparison.
+    Returns {"scenario", "ratios", "methods": {name: {...}}, "assumptions": {...}} (the `xbar energy
+    --json` object); the assumptions include the first task (from the backbone-only chip, blank spare PEs)
+    for comparison.
     """
     if isinstance(inferences, bool) or not isinstance(inferences, int) or inferences < 1:
         raise UserError(f"--inferences: expected a positive integer, got {inferences!r}")
@@ -154,24 +160,26 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
     def writes(st: ChangeStats, weights: float) -> tuple[float, float]:
         return weights * st.cells, weights * st.steps
 
-    xma2_steady = ChangeStats(h * stats["same_pe"].cells + (1 - h) * stats["redraw"].cells,
-                              h * stats["same_pe"].steps + (1 - h) * stats["redraw"].steps)
-    def changes(method: Method, first: bool) -> tuple[float, float]:
-        """(cells written, level steps) to switch from the previous task of the method to the new one
-        (`first`: from the backbone-only chip)."""
+    spare_stats = {"ha3m": ChangeStats(h * stats["same_pe"].cells + (1 - h) * stats["redraw"].cells,
+                                       h * stats["same_pe"].steps + (1 - h) * stats["redraw"].steps),
+                   "blank": stats["from_blank"], "backbone_copies": stats["trained"]}
+    finetune_stats = {"requantize": stats["redraw"], "redeploy": stats["from_blank"]}
+
+    def changes(method: Method, how: EnergyScenario) -> tuple[float, float]:
+        """(cells written, level steps) of the new task, counted as the scenario `how` says."""
         if method.trains_all:
-            return writes(stats["redraw"], n_w)
-        if method.element_masks:  # first: zero the new mask's; then restore the old mask's, zero the new's
-            return writes(stats["to_zero"], n_w * m if first else n_w * 2 * m * (1 - m))
+            return writes(finetune_stats[how.finetune], n_w)
+        if method.element_masks:  # zero the new mask's; on a switch, restore the old mask's as well
+            return writes(stats["to_zero"], n_w * m if how.piggyback == "zero" else n_w * 2 * m * (1 - m))
         if method.spare_pes:
-            return writes(stats["from_blank"] if first else xma2_steady, spare_weights)
+            return writes(spare_stats[how.spare_pes], spare_weights)
         return 0.0, 0.0  # masks live in the mask buffers only
 
-    def table(first: bool) -> dict[str, dict]:
+    def table(how: EnergyScenario) -> dict[str, dict]:
         out = {}
         for method in methods_modelled:
             image = per_image(method)
-            cells, steps = changes(method, first)
+            cells, steps = changes(method, how)
             name = method.name
             pulses = level_pulses(steps, preset)
             reprogram = write_energy(pulses, preset)
@@ -185,7 +193,7 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
                 "piggyback_over_xma2": t["piggyback"]["total_j"] / t["xma2"]["total_j"],
                 "piggyback_total_over_inference": t["piggyback"]["total_j"] / t["piggyback"]["inference_j"]}
 
-    methods, first_task = table(False), table(True)
+    methods, first_task = table(scenario), table(FIRST_TASK)
     assumptions = {
         "preset": preset.name, "preset_description": preset.description,
         "constants": preset.constants, "sources": preset.source,
@@ -193,28 +201,41 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
         "pes": mapping.n_pes, "weights": n_w, "cells_used": mapping.n_cells_used,
         "spare_ratio": spare_ratio, "spare_pes": n_spare, "spare_pe_weights": spare_weights,
         "spare_pe_choice": "the fullest PEs (an upper bound of spare-PE writes; a real ranking is per task)",
-        "scenario": "a new task on a chip that served the previous task of the same method (steady state); "
-                    "total = inferences x inference per image + re-programming for the switch",
+        "scenario": scenario.name, "scenario_description": scenario.description,
+        "scenario_assumptions": [{"assumption": a, "rests_on": why} for a, why in scenario.assumptions],
         "weight_levels": f"discrete Laplace over [-{spec.weight_levels}, {spec.weight_levels}] with "
                          f"E|level| = {typical.mean_abs_level(spec):.3f} (LSQ initial step: sqrt(L)/2)",
-        "finetune_separate": "a separate fine-tuned copy per task, re-quantized: each weight's new level independent "
-                    "of the old one (paper: 'nearly all cells'); only cells whose level changes are written",
-        "piggyback": f"{m:.0%} of weights masked out (set to the zero level), masks independent between "
-                     f"tasks: {2 * m * (1 - m):.0%} of weights restored or zeroed per switch",
-        "xbm_xma": "column masks live in the mask buffers only: no cell is written",
-        "xma2": f"{h:.0%} of a task's spare PEs land on a spare PE holding an earlier version of the same PE "
-                f"(HA3M re-use), whose weights differ only where either task's training moved a level "
-                f"({typical.spare_change_share:.0%} of weights each); the rest land on a spare PE holding "
-                "an unrelated PE; column masks on the frozen PEs",
+        **method_notes(scenario, typical),
         "column_off_share": typical.column_off_share,
         "typical_changes": asdict(typical),
         "expected_per_weight": {k: asdict(v) for k, v in stats.items()},
         "ratios": ratios(methods),
-        "first_task": {"scenario": "the first task on the backbone-only chip: spare PEs blank (level 0), "
-                                   f"Piggyback zeroes {m:.0%} of weights",
+        "first_task": {"scenario": f"{FIRST_TASK.name}: {FIRST_TASK.description}; Piggyback zeroes {m:.0%} "
+                                   "of weights",
                        "reprogram_j": {k: v["reprogram_j"] for k, v in first_task.items()},
                        "cells_written": {k: v["cells_written"] for k, v in first_task.items()},
                        "ratios": ratios(first_task)},
     }
-    return {"methods": methods, "assumptions": assumptions}
+    return {"scenario": scenario.name, "ratios": ratios(methods), "methods": methods, "assumptions": assumptions}
+
+
+def method_notes(scenario: EnergyScenario, typical: TypicalChanges) -> dict[str, str]:
+    """What each method writes under `scenario`, in words (the `xbar energy --json` assumptions)."""
+    m, h, s = typical.piggyback_masked_share, typical.spare_reuse_share, typical.spare_change_share
+    finetune = {"requantize": "a separate fine-tuned copy per task, re-quantized: each weight's new level "
+                              "independent of the old one; only cells whose level changes are written",
+                "redeploy": "a separate fine-tuned copy per task, deployed anew: every cell programmed from "
+                            "the blank state (level 0), as the backbone was"}
+    piggyback = {"switch": f"{m:.0%} of weights masked out (set to the zero level), masks independent between "
+                           f"tasks: {2 * m * (1 - m):.0%} of weights restored or zeroed per switch",
+                 "zero": f"{m:.0%} of weights masked out: set from the backbone's level to the zero level"}
+    spare = {"ha3m": f"{h:.0%} of a task's spare PEs land on a spare PE holding an earlier version of the same PE "
+                     f"(HA3M re-use), whose weights differ only where either task's training moved a level "
+                     f"({s:.0%} of weights each); the rest land on a spare PE holding an unrelated PE",
+             "blank": "every non-zero cell of the spare PEs programmed from the blank state",
+             "backbone_copies": f"the spare PEs hold copies of the backbone PEs the task selects: only the weights "
+                                f"its training moved ({s:.0%}, by one level) are written"}
+    return {"finetune_separate": finetune[scenario.finetune], "piggyback": piggyback[scenario.piggyback],
+            "xbm_xma": "column masks live in the mask buffers only: no cell is written",
+            "xma2": spare[scenario.spare_pes] + "; column masks on the frozen PEs"}
 

@@ -10,9 +10,18 @@ stay 4-bit with the backbone's clips (trained only by fine-tuning). The head is
 digital (not mapped) and 8-bit, as quantization papers keep the last layer.
 
 Each mapped layer becomes a `CrossbarLayer` that builds its weight ONCE per
-forward: levels x scale, times the column multipliers gathered through the
-precomputed column index of every weight (or the element mask), with the spare
-PEs' region taken from their own trainable levels -- never per activation.
+forward: levels x scale, times the column multipliers (or the element mask),
+with the spare PEs' region taken from their own trainable levels -- never per
+activation.
+
+Memory (ResNet-50 has 23.5 M mapped weights): the cells are int8 levels (the
+arithmetic promotes them to float exactly); the per-weight column and PE
+indices stay in the mapping's compact placement (int16 / int32, built once per
+layer, `LayerMap.index_tensors`), and the forward needs none of them: a
+weight's column is (its row tile) x out_channels + its output, so the column
+multipliers reach every weight through the row tile of each unrolled row
+(`row_tile`, one int64 per row, not per weight). Only the spare PEs' region
+is a per-weight bool.
 """
 
 from __future__ import annotations
@@ -47,14 +56,15 @@ class CrossbarLayer(nn.Module):
         self.max_level = layer.weight_quant.levels
         self.act_quant = layer.act_quant  # the DAC's clip: the backbone's
         self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().clone())
-        # the cells: never saved in model_state (levels.pt / task.pt "levels" hold them)
-        self.register_buffer("cells", levels.float(), persistent=False)
+        # the cells: never saved in model_state (levels.pt / task.pt "levels" hold them); int8 levels, a
+        # quarter of float's bytes, promoted exactly wherever they meet a float
+        self.register_buffer("cells", levels.to(torch.int8), persistent=False)
         self.register_buffer("scale", scale.detach().float().reshape(()), persistent=False)
         self.lm = lm
         self.latent: nn.Parameter | None = None  # fine-tuned / spare-PE weights (real, before quantization)
         self.column_mask: ColumnShiftMask | None = None
         self.element_mask: ElementBinaryMask | None = None
-        self.register_buffer("column", None, persistent=False)  # column index of every weight
+        self.register_buffer("row_tile", None, persistent=False)  # int64 [rows]: each unrolled row's row tile
         self.register_buffer("fixed_columns", None, persistent=False)  # deployed column multipliers
         self.register_buffer("fixed_elements", None, persistent=False)  # deployed element mask
         self.register_buffer("spare", None, persistent=False)  # bool, weight shape: inside a spare PE
@@ -64,22 +74,32 @@ class CrossbarLayer(nn.Module):
 
     # --- setting up a method ------------------------------------------------------
 
-    def _column_index(self) -> torch.Tensor:
-        if self.column is None:
-            self.column = self.lm.index_tensors()[0].to(self.cells.device)
-        return self.column
+    def _row_tiles(self) -> torch.Tensor:
+        """The row tile (within its group) of each unrolled row c * kh*kw + p, from the mapping's column index:
+        column[o, r] = row_tile[r] * out_channels + o for every output o (xbar.crossbar.place_weights)."""
+        if self.row_tile is None:
+            column = self.lm.index_tensors()[0].reshape(self.lm.out_channels, -1)[0]
+            self.row_tile = (column.long() // self.lm.out_channels).to(self.cells.device)
+        return self.row_tile
+
+    def set_spare_columns(self, spare_pes: torch.Tensor) -> torch.Tensor:
+        """Leave the columns inside `spare_pes` (global PE ids) unmasked; returns which weights lie in them
+        (bool, weight shape, on the CPU)."""
+        column, pe = self.lm.index_tensors()  # the placement's compact tensors, on the CPU
+        spare = torch.isin(pe, spare_pes.cpu())
+        spare_columns = torch.zeros(self.lm.n_columns, dtype=torch.bool)
+        spare_columns[column[spare].long()] = True
+        self.spare_columns = spare_columns.to(self.cells.device)
+        return spare
 
     def train_weights(self, spare_pes: torch.Tensor | None = None) -> None:
         """Trainable 4-bit weights from the current levels: all of them, or only inside `spare_pes`."""
         self.latent = nn.Parameter(self.cells * self.scale)
         if spare_pes is not None:
-            pe = self.lm.index_tensors()[1].to(self.cells.device)
-            self.spare = torch.isin(pe, spare_pes)
-            self.spare_columns = torch.zeros(self.lm.n_columns, dtype=torch.bool, device=self.cells.device)
-            self.spare_columns[self._column_index()[self.spare]] = True
+            self.spare = self.set_spare_columns(spare_pes).to(self.cells.device)
 
     def add_column_mask(self, shift_levels: int, temperature: float) -> None:
-        self._column_index()
+        self._row_tiles()
         self.column_mask = ColumnShiftMask(self.lm.n_columns, shift_levels, temperature).to(self.cells.device)
 
     def add_element_mask(self) -> None:
@@ -87,19 +107,31 @@ class CrossbarLayer(nn.Module):
 
     def attach_pe_mask(self) -> torch.Tensor:
         """A PE mask of ones (one value per PE of this layer) that the weight is multiplied by."""
-        self.pe_local = self.lm.index_tensors()[1].to(self.cells.device) - self.lm.first_pe
+        # int32: an index op takes it as it is (int16 it would not); kept only while ranking
+        self.pe_local = (self.lm.index_tensors()[1].to(self.cells.device, torch.int32) - self.lm.first_pe)
         self.pe_mask = torch.ones(self.lm.n_pes, device=self.cells.device, requires_grad=True)
         return self.pe_mask
 
     # --- the weight the crossbar computes with -------------------------------------
 
-    def task_levels(self) -> torch.Tensor:
-        """Integer levels (float dtype) this task's cells hold: the backbone's, fine-tuned, or spare PEs'."""
+    def _levels(self) -> torch.Tensor:
+        """`task_levels`, the backbone's as the int8 cells themselves (no float copy per forward)."""
         if self.latent is None:
             return self.cells
         q = torch.clamp(self.latent / self.scale, -self.max_level, self.max_level)
         q = round_ste(q) if self.training else q.round()
         return q if self.spare is None else torch.where(self.spare, q, self.cells)
+
+    def task_levels(self) -> torch.Tensor:
+        """Integer levels (float dtype) this task's cells hold: the backbone's, fine-tuned, or spare PEs'."""
+        return self._levels().float()
+
+    def weight_multipliers(self, m: torch.Tensor) -> torch.Tensor:
+        """Column multipliers `m` [n_columns] as one per weight: m[row_tile[r] * out_channels + o] at weight
+        [o, r], gathered through the row tiles (a few thousand indices, not one per weight)."""
+        cout = self.lm.out_channels
+        per_row = m.view(-1, cout).index_select(0, self._row_tiles())  # [rows, cout]
+        return per_row.T.reshape(self.cells.shape)
 
     def column_multipliers(self) -> torch.Tensor | None:
         """One multiplier per column (spare PEs' columns are unmasked: 1)."""
@@ -112,10 +144,10 @@ class CrossbarLayer(nn.Module):
         return m if self.spare_columns is None else torch.where(self.spare_columns, 1.0, m)
 
     def weight(self) -> torch.Tensor:
-        w = self.task_levels() * self.scale
+        w = self._levels() * self.scale
         m = self.column_multipliers()
         if m is not None:
-            w = w * m[self.column]  # one gather per forward: the column index was built once
+            w = w * self.weight_multipliers(m)  # one gather per forward, through the row tiles
         if self.element_mask is not None:
             w = w * self.element_mask()
         elif self.fixed_elements is not None:

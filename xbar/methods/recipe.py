@@ -61,7 +61,8 @@ from xbar.methods.layers import TaskModel
 from xbar.methods.registry import get
 from xbar.params import TaskSpec, TrainParams
 from xbar.errors import UserError
-from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, closed_form_head, fit, optimizer_steps,
+from xbar.runtime import batches, model_device
+from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
                            ridge_head)  # noqa: F401 (ridge_head: re-exported by xbar.methods)
 
 WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
@@ -72,28 +73,23 @@ MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(
 CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
 
 
-def head_images(n: int, seed: int) -> torch.Tensor:
-    """The seeded training images (up to HEAD_INIT_IMAGES) the head is fit on and the guard compares losses on."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:HEAD_INIT_IMAGES]
-
-
 @torch.no_grad()
-def image_losses(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512) -> torch.Tensor:  # noqa: ANN001
-    """Cross-entropy of each image `idx` of `data` under the model in eval mode (as deployed)."""
+def image_losses(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512,  # noqa: ANN001
+                 workers: int | None = None) -> torch.Tensor:
+    """Cross-entropy of each image `idx` of `data` under the model in eval mode (as deployed), on the CPU."""
     net = model.net
     was_training = net.training
     net.eval()
-    out = []
-    for chunk in idx.split(batch_size):
-        x, y = zip(*(data[int(i)] for i in chunk))
-        out.append(F.cross_entropy(net(as_input(torch.stack(x))), torch.as_tensor(y, dtype=torch.int64),
-                                   reduction="none"))
+    chunks = [chunk.tolist() for chunk in idx.split(batch_size)]
+    out = [F.cross_entropy(net(as_input(x)), y, reduction="none").cpu()
+           for x, y in batches(data, chunks, model_device(net), workers)]
     net.train(was_training)
     return torch.cat(out)
 
 
 @torch.no_grad()
-def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> torch.Tensor:  # noqa: ANN001 (Dataset)
+def init_head(model: TaskModel, data, seed: int, batch_size: int = 512,  # noqa: ANN001 (Dataset)
+              workers: int | None = None) -> torch.Tensor:
     """Fit the head in closed form on the untrained task model's features (LP-FT's linear probe);
     returns each fit image's loss under the fitted head (`head_images` order).
 
@@ -109,17 +105,10 @@ def init_head(model: TaskModel, data, seed: int, batch_size: int = 512) -> torch
     was_training = net.training
     net.eval()
     idx = head_images(len(data), seed)
-    feats, labels = [], []
-    for chunk in idx.split(batch_size):
-        x, y = zip(*(data[int(i)] for i in chunk))
-        feats.append(net.features(as_input(torch.stack(x))))
-        labels.append(torch.as_tensor(y, dtype=torch.int64))
-    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
-    net.head.weight.copy_(w)
-    net.head.bias.copy_(b)
+    fit_head(net, data, idx, batch_size, workers)
     net.head.weight_quant.ready.fill_(False)  # the 8-bit clips start from the fitted weights / eval features
     net.head.act_quant.ready.fill_(False)
-    losses = image_losses(model, data, idx, batch_size)
+    losses = image_losses(model, data, idx, batch_size, workers)
     net.train(was_training)
     return losses
 
@@ -171,7 +160,8 @@ def trainable_names(model: TaskModel) -> set[str]:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> None:  # noqa: ANN001 (Dataset)
+def recalibrate_bn(net: nn.Module, data, seed: int, batch_size: int = 128,  # noqa: ANN001 (Dataset)
+                   workers: int | None = None) -> None:
     """Re-estimate BN statistics with the deterministic (eval) masks and levels.
 
     During training the column masks are Gumbel samples, so the running
@@ -180,7 +170,6 @@ def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> 
     eval mode and BN averaging (momentum None) fixes the mismatch. The caller
     asks for it only with at least MIN_BN_IMAGES training images (`bn_statistics`).
     """
-    net = model.net
     net.eval()
     bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in bns]
@@ -191,8 +180,9 @@ def recalibrate_bn(model: TaskModel, data, seed: int, batch_size: int = 128) -> 
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + 1))[:HEAD_INIT_IMAGES]
     # chunks of nearly equal size: the cumulative average weighs every chunk alike (a last chunk of
     # one image would count as much as a full one)
-    for chunk in idx.tensor_split(math.ceil(len(idx) / batch_size)):
-        net(as_input(torch.stack([data[int(i)][0] for i in chunk])))
+    chunks = [chunk.tolist() for chunk in idx.tensor_split(math.ceil(len(idx) / batch_size))]
+    for x, _ in batches(data, chunks, model_device(net), workers):
+        net(as_input(x))
     for bn, momentum in zip(bns, momenta):
         bn.momentum = momentum
     net.eval()
@@ -205,13 +195,18 @@ def bn_statistics(model: TaskModel, n_train: int) -> bool:
 
 
 def train_mode(model: TaskModel, batch: int | None = None):  # noqa: ANN201 (a callable for fit)
-    """Training mode, except BN's statistics where they stay fixed: frozen BN (the backbone's), or training batches of fewer than MIN_BN_IMAGES images (`batch`), whose
-    batch statistics would be too noisy; the BN affine still trains where the method trains it."""
-    frozen_bn = model.bn != "per_task" or (batch is not None and batch < MIN_BN_IMAGES)
+    """Training mode, except BN's statistics where they stay fixed: frozen BN (the backbone's), or training
+    batches of fewer than MIN_BN_IMAGES images (`batch`), whose batch statistics would be too noisy; the BN
+    affine still trains where the method trains it."""
+    return bn_mode(model.bn == "per_task" and (batch is None or batch >= MIN_BN_IMAGES))
+
+
+def bn_mode(batch_statistics: bool):  # noqa: ANN201 (a callable for fit)
+    """Training mode; BN normalizes with its batch's statistics only if `batch_statistics`."""
 
     def apply(net: nn.Module) -> None:
         net.train()
-        if frozen_bn:
+        if not batch_statistics:
             for m in net.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
@@ -273,7 +268,8 @@ class TensorAdam(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if not state:
-                    state["t"], state["m"], state["v"] = 0, torch.zeros_like(p), torch.zeros((), dtype=p.dtype)
+                    state["t"], state["m"] = 0, torch.zeros_like(p)
+                    state["v"] = torch.zeros((), dtype=p.dtype, device=p.device)
                 state["t"] += 1
                 state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 state["v"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
@@ -325,10 +321,10 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
     check_task_data(n, classes, who)
     hint = (f"lower train.lr (now {train.lr:g})" + (" or the mask lr" if method.column_masks or method.element_masks
                                                    else "") + ", or give the task more images")
-    own_bn = bn_statistics(model, n)
+    own_bn, workers = bn_statistics(model, n), train.workers
     if own_bn:  # per-task BN starts from the task's own statistics
-        recalibrate_bn(model, data, seed)
-    before = init_head(model, data, seed)
+        recalibrate_bn(model.net, data, seed, workers=workers)
+    before = init_head(model, data, seed, workers=workers)
     noise = torch.Generator().manual_seed(seed)  # Gumbel noise of its own: no other training draws from it
     for layer in model.layers().values():
         if layer.column_mask is not None:
@@ -343,18 +339,19 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
             s.step()
 
     fit(model.net, data if augmented is None else augmented, opts, spec.epochs, train.batch_size, seed, who, after_step=after_step,
-        train_mode=train_mode(model, batch), min_steps=MIN_STEPS, hint=hint)
+        train_mode=train_mode(model, batch), min_steps=MIN_STEPS, hint=hint, workers=workers)
     if own_bn:
-        recalibrate_bn(model, data, seed)
-    after = image_losses(model, data, head_images(n, seed))
+        recalibrate_bn(model.net, data, seed, workers=workers)
+    after = image_losses(model, data, head_images(n, seed), workers=workers)
     if float(after.mean()) > float(before.mean()):
-        after = refit_head(model, data, seed, after)
+        after = refit_head(model, data, seed, after, workers)
     check_converged(before, after, who, hint)
     return float(after.mean())
 
 
 @torch.no_grad()
-def refit_head(model: TaskModel, data, seed: int, trained: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+def refit_head(model: TaskModel, data, seed: int, trained: torch.Tensor,  # noqa: ANN001
+               workers: int | None = None) -> torch.Tensor:
     """The repair tried before the guard's end check fails a run: the closed-form head refit on the
     trained network as deployed (eval masks, final BN), kept when its loss on the head images is lower
     than the trained head's (`trained`); returns the kept head's losses.
@@ -365,7 +362,7 @@ def refit_head(model: TaskModel, data, seed: int, trained: torch.Tensor) -> torc
     A run that trained normally ends below the closed-form head's loss and never gets here.
     """
     head = {k: v.clone() for k, v in model.net.head.state_dict().items()}
-    refit = init_head(model, data, seed)
+    refit = init_head(model, data, seed, workers=workers)
     if float(refit.mean()) < float(trained.mean()):
         return refit
     model.net.head.load_state_dict(head)

@@ -18,6 +18,7 @@ from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar
 from xbar.methods.recipe import set_trainable
 from xbar.methods.registry import get, names
 from xbar.params import Params, TaskSpec
+from xbar.runtime import to_cpu
 
 
 def check_spec(spec: TaskSpec, n_train: int, num_classes: int) -> None:
@@ -76,7 +77,7 @@ def _exported_keys(model: TaskModel) -> set[str]:
 
 @torch.no_grad()
 def export_task(model: TaskModel, num_classes: int, channels: int, dataset_digest: str = "") -> dict:
-    """task.pt's contents (docs/artifacts.md)."""
+    """task.pt's contents (docs/artifacts.md), CPU tensors whatever device the model trained on."""
     was_training = model.net.training
     model.net.eval()
     layers = model.layers()
@@ -97,7 +98,7 @@ def export_task(model: TaskModel, num_classes: int, channels: int, dataset_diges
     skip = _exported_keys(model)
     task["model_state"] = {k: v.detach().clone() for k, v in model.net.state_dict().items() if k not in skip}
     model.net.train(was_training)
-    return task
+    return to_cpu(task)
 
 
 def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
@@ -120,13 +121,9 @@ def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
         if keeps_backbone:
             _check_backbone_cells(name, layer, levels, spare_pes)
         if name in task["column_masks"]:
-            layer._column_index()
             layer.fixed_columns = task["mask_values"].float()[task["column_masks"][name].long()]
             if spare_pes.numel():
-                pe = layer.lm.index_tensors()[1]
-                spare = torch.isin(pe, spare_pes)
-                layer.spare_columns = torch.zeros(layer.lm.n_columns, dtype=torch.bool)
-                layer.spare_columns[layer.column[spare]] = True
+                layer.set_spare_columns(spare_pes)
         if name in task["element_masks"]:
             layer.fixed_elements = task["element_masks"][name].float()
     if task["column_masks"]:
@@ -144,8 +141,7 @@ def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
 def _check_backbone_cells(name: str, layer: CrossbarLayer, levels: dict, spare_pes: torch.Tensor) -> None:
     if name not in levels:
         raise UserError(f"levels.pt: no levels for layer {name}")
-    backbone = levels[name]["levels"].float()
-    same = layer.cells == backbone
+    same = layer.cells == levels[name]["levels"]  # int8 against int8 (or any integer / float dtype: exact)
     if spare_pes.numel():
         same |= torch.isin(layer.lm.index_tensors()[1], spare_pes)
     if not bool(same.all()) or not torch.equal(layer.scale, levels[name]["scale"].float().reshape(())):
@@ -170,7 +166,7 @@ def layer_mask_levels(task: dict, mapping: Mapping) -> dict[str, torch.Tensor]:
         if task["spare_pes"].numel():  # a spare PE's columns carry no mask
             column, pe = lm.index_tensors()
             frozen = torch.ones(lm.n_columns, dtype=torch.bool)
-            frozen[column[torch.isin(pe, task["spare_pes"])]] = False
+            frozen[column[torch.isin(pe, task["spare_pes"])].long()] = False
             codes = codes[frozen]
         out[lm.name] = torch.bincount(codes, minlength=len(task["mask_values"]))
     return out
