@@ -21,7 +21,8 @@ from xbar.runtime import autocast, batches, model_device
 
 GUARD_WINDOW = 8  # steps whose mean loss the divergence guard checks (all of a shorter run's)
 HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form before training
-RIDGE = 1e-2  # relative ridge penalty: keeps the solve stable for batches smaller than the feature width
+# the ridge penalties `ridge_head` chooses from, relative to the features' mean variance (leave-one-out)
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
 HEAD_LABEL_SMOOTHING = 0.1
 
@@ -33,17 +34,48 @@ def as_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def ridge_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [C, D], bias [C]) of the least-squares fit of one-hot labels (float64, deterministic)."""
+    """(weight [C, D], bias [C]) of the ridge regression of one-hot labels (float64, deterministic), its
+    penalty the one of RIDGE_GRID with the least leave-one-out error (`loo_penalty`)."""
     f = features.detach().double()
     mean = f.mean(0)
     fc = f - mean
     target = F.one_hot(labels, num_classes).double()
+    centred = target - target.mean(0)
     gram = fc.T @ fc
-    penalty = RIDGE * (gram.diagonal().mean() + 1e-12)
+    scale = gram.diagonal().mean() + 1e-12
+    penalty = loo_penalty(fc, centred) * scale
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-    w = torch.linalg.solve(gram + penalty * eye, fc.T @ (target - target.mean(0)))
+    w = torch.linalg.solve(gram + penalty * eye, fc.T @ centred)
     b = target.mean(0) - mean @ w
     return w.T.to(features.dtype), b.to(features.dtype)
+
+
+def loo_penalty(fc: torch.Tensor, centred: torch.Tensor) -> float:
+    """The relative penalty of RIDGE_GRID whose ridge fit of `centred` targets on centred features `fc`
+    has the least leave-one-out squared error (Allen's PRESS, exact for ridge: residual / (1 - leverage)).
+
+    A fixed penalty suits one ratio of images to feature width only. With many images per feature (the
+    small ResNet's 64 features) the least penalty generalizes best; with fewer images than features (an
+    ImageNet backbone's 1280 on a few hundred images) a small one interpolates the training images:
+    measured on EfficientNet-Lite0, a 400-image task's head fit them to a loss of 0.07 and reached 31% on
+    the test images, against 51% at a penalty 100 times larger.
+    """
+    n = fc.shape[0]
+    if n < 3:
+        return RIDGE_GRID[len(RIDGE_GRID) // 2]  # nothing to hold out
+    u, s, _ = torch.linalg.svd(fc, full_matrices=False)
+    s2 = s.square()
+    projected = u.T @ centred
+    scale = float(s2.sum()) / fc.shape[1] + 1e-12  # the gram's mean diagonal, as in ridge_head
+    best, best_error = RIDGE_GRID[0], math.inf
+    for relative in RIDGE_GRID:
+        shrink = s2 / (s2 + relative * scale)
+        fitted = u @ (shrink[:, None] * projected)
+        leverage = (u.square() @ shrink + 1.0 / n).clamp(max=1 - 1e-9)  # + 1/n: the intercept
+        error = float((((centred - fitted) / (1 - leverage)[:, None]) ** 2).sum())
+        if error < best_error:
+            best, best_error = relative, error
+    return best
 
 
 def closed_form_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch.utils.data import TensorDataset
 
 from project import ROOT
 from tiny_backbone import random_task
+from xbar import training
 from xbar.errors import UserError
 from xbar.methods import build_task_model, train_task
 from xbar.methods.recipe import TensorAdam, init_head
@@ -223,3 +225,63 @@ def test_refit_head_keeps_the_better_head(pretrained):
     head = {k: v.clone() for k, v in model.net.head.state_dict().items()}
     refit_head(model, data, 0, torch.zeros_like(kept))  # a trained head at loss 0 beats any refit
     assert all(torch.equal(v, model.net.head.state_dict()[k]) for k, v in head.items())
+
+
+def test_the_leave_one_out_error_is_that_of_refitting_without_each_image():
+    """`loo_penalty`'s shortcut (residual / (1 - leverage), intercept included) against refitting the ridge
+    head n times, each time without one image."""
+    gen = torch.Generator().manual_seed(3)
+    features, labels = torch.randn(30, 12, generator=gen, dtype=torch.float64), torch.arange(30) % 3
+    shortcut = {}
+    for relative in (1e-2, 1.0):
+        with patch.object(training, "RIDGE_GRID", (relative,)):
+            assert training.loo_penalty(*centred(features, labels)) == relative
+            shortcut[relative] = loo_error(features, labels, relative, brute=False)
+            brute = loo_error(features, labels, relative, brute=True)
+            assert shortcut[relative] == pytest.approx(brute, rel=1e-9)
+    assert shortcut[1e-2] != pytest.approx(shortcut[1.0])  # the error depends on the penalty
+
+
+def centred(features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    target = torch.nn.functional.one_hot(labels).double()
+    return features - features.mean(0), target - target.mean(0)
+
+
+def loo_error(features: torch.Tensor, labels: torch.Tensor, relative: float, brute: bool) -> float:
+    """Sum of squared leave-one-out residuals at a relative penalty: refit without each image (brute), or
+    `loo_penalty`'s formula. The penalty's scale is the full set's, as in loo_penalty."""
+    fc, tc = centred(features, labels)
+    scale = float(fc.square().sum()) / fc.shape[1]
+    target = torch.nn.functional.one_hot(labels).double()
+    if not brute:
+        u, s, _ = torch.linalg.svd(fc, full_matrices=False)
+        shrink = s.square() / (s.square() + relative * scale)
+        fitted = u @ (shrink[:, None] * (u.T @ tc))
+        leverage = u.square() @ shrink + 1 / len(fc)
+        return float((((tc - fitted) / (1 - leverage)[:, None]) ** 2).sum())
+    error = 0.0
+    for i in range(len(features)):
+        keep = torch.arange(len(features)) != i
+        f, t = features[keep], target[keep]
+        fm, tm = f.mean(0), t.mean(0)
+        w = torch.linalg.solve((f - fm).T @ (f - fm) + relative * scale * torch.eye(f.shape[1], dtype=f.dtype),
+                               (f - fm).T @ (t - tm))
+        error += float(((target[i] - tm - (features[i] - fm) @ w) ** 2).sum())
+    return error
+
+
+def test_the_ridge_penalty_grows_when_images_are_few_against_the_feature_width():
+    """Leave-one-out picks a small penalty where images outnumber features, and a far larger one where a
+    few images in many sparse features (post-ReLU, like an ImageNet backbone's) would be interpolated."""
+    gen = torch.Generator().manual_seed(0)
+
+    def task(n: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % 4
+        signal = torch.nn.functional.one_hot(labels, 4).double() + 0.7 * torch.randn(n, 4, generator=gen,
+                                                                                       dtype=torch.float64)
+        rare = 3.0 * (torch.rand(n, width - 4, generator=gen) < 0.1).double()  # each on in 10% of the images
+        return torch.cat([signal, rare * torch.randn(n, width - 4, generator=gen, dtype=torch.float64)], 1), labels
+
+    many = training.loo_penalty(*centred(*task(2000, 16)))
+    few = training.loo_penalty(*centred(*task(40, 400)))
+    assert few >= 100 * many
