@@ -111,7 +111,7 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
 @app.command()
 @one_line_errors
 def memory(
-    model: str = typer.Option(..., "--model", help="small_resnet, or a torchvision architecture (e.g. resnet50)."),
+    model: str = typer.Option(..., "--model", help="small_resnet, efficientnet_lite0, or a torchvision architecture (e.g. resnet50)."),
     rows: int = typer.Option(72, help="Rows per crossbar."),
     cols: int = typer.Option(72, help="Columns per crossbar."),
     cell_bits: int = typer.Option(2, help="Bits per ReRAM cell."),
@@ -168,7 +168,7 @@ def memory(
 @app.command()
 @one_line_errors
 def energy(
-    model: str = typer.Option(..., "--model", help="small_resnet, or a torchvision architecture (e.g. resnet50)."),
+    model: str = typer.Option(..., "--model", help="small_resnet, efficientnet_lite0, or a torchvision architecture (e.g. resnet50)."),
     preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
     spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
     inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),

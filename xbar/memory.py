@@ -38,6 +38,8 @@ from xbar.crossbar import CrossbarSpec, Mapping, map_model, spare_pe_count
 from xbar.errors import UserError
 
 HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifier modules (and ours)
+# the backbones xbar.models builds itself: (classes, input channels) of their usual form
+OWN_MODELS = {"small_resnet": (10, 1), "efficientnet_lite0": (1000, 3)}
 AUX_NAMES = ("aux1", "aux2", "AuxLogits")  # training-only auxiliary classifiers (GoogLeNet, Inception v3)
 
 
@@ -229,19 +231,22 @@ def head_and_bn_params(model: nn.Module, head: tuple[str, ...] = HEAD_NAMES,
 
 
 def build_named_model(name: str) -> nn.Module:
-    """The project's `small_resnet` (default width/blocks, 10 classes, 1 channel) or a torchvision
-    architecture by name, without weights, on the meta device (shapes only: nothing is allocated)."""
-    if name == "small_resnet":
+    """A backbone xbar builds itself (`small_resnet` at its default width and blocks, 10 classes, 1 channel;
+    `efficientnet_lite0`, 1000 classes, RGB) or a torchvision architecture by name, without weights, on the
+    meta device (shapes only: nothing is allocated)."""
+    if name in OWN_MODELS:
         from xbar.models import build_model
         from xbar.params import ModelParams
 
+        classes, channels = OWN_MODELS[name]
         with torch.device("meta"):
-            return build_model(ModelParams(), num_classes=10, in_channels=1)
+            return build_model(ModelParams(name=name), num_classes=classes, in_channels=channels)
     import torchvision
 
     known = torchvision.models.list_models()
     if name not in known:
-        raise UserError(f"--model: unknown model {name!r} (small_resnet or a torchvision name, e.g. resnet50)")
+        raise UserError(f"--model: unknown model {name!r} ({', '.join(OWN_MODELS)} or a torchvision name, "
+                        "e.g. resnet50)")
     with warnings.catch_warnings():  # e.g. GoogLeNet's notice about its future default initialization
         warnings.simplefilter("ignore", FutureWarning)
         try:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from xbar.cli import app
@@ -93,6 +94,20 @@ def test_paper_resnet50_mask_memory():
     assert r.column_shift_packed_bytes < 100e3  # paper: under 100 KB ...
     assert r.column_shift_packed_bytes / r.piggyback_bytes <= 0.035  # ... 3.4% of Piggyback
     assert r.column_shift_bytes == math.ceil(columns * 3 / 8)  # unpacked: 3 bits for 5 values
+
+
+def test_efficientnet_lite0_is_accounted_by_name():
+    """`--model efficientnet_lite0`: xbar's own EfficientNet, every conv mapped (depthwise included), its
+    1280 x 1000 ImageNet classifier as the head; counted against the network built for real."""
+    from xbar.models import build_model
+    from xbar.params import ModelParams
+
+    mapping, r = named_model_report("efficientnet_lite0", SPEC)
+    net = build_model(ModelParams(name="efficientnet_lite0"), num_classes=1000, in_channels=3)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert r.weights == sum(m.weight.numel() for m in convs)
+    assert {lm.name for lm in mapping.layers} >= {"_blocks.3._depthwise_conv", "_conv_stem", "_conv_head"}
+    assert r.head_params == 1280 * 1000 + 1000
 
 
 def test_cli_json_and_table():
