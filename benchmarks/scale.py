@@ -14,8 +14,9 @@ images and labels, seeded, is the training batch of both sides:
   spare PEs with trainable 4-bit weights, a column shift mask (3 shift levels) on every other PE.
 
 Both are built as the pipeline builds them (`build_task_model`, `optimizers`, `train_mode`), and a step
-is forward + backward + every optimizer's step. Each side runs in its own process, one after the other:
-`--warmup` steps, then the median of `--steps` timed steps (CUDA: synchronized).
+is forward + backward + every optimizer's step (benchmarks.step_ratio's `stepper` and `timed`). Each side
+runs in its own process, one after the other: `--warmup` steps, then the median of `--steps` timed steps
+(CUDA: synchronized).
 
 Peak memory of a side: what building the task model and training it adds on top of a process that
 holds the backbone's quant.pt / levels.pt contents and the batch. On the CPU: the peak resident set
@@ -40,7 +41,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -137,8 +137,8 @@ def warm_runtime(device: torch.device) -> None:
 
 def run_side(side: str, params, folder: Path, spare: list[int], classes: int, steps: int, warmup: int,  # noqa: ANN001
              device: torch.device) -> dict:
-    from xbar.methods import build_task_model, optimizers
-    from xbar.methods.recipe import train_mode
+    from benchmarks.step_ratio import stepper, timed
+    from xbar.methods import build_task_model
     from xbar.params import TaskSpec
     from xbar.training import as_input, seed_everything
 
@@ -159,24 +159,10 @@ def run_side(side: str, params, folder: Path, spare: list[int], classes: int, st
     spec = TaskSpec(dataset="mnist5k", method=SIDES[side], spare_ratio=SPARE_RATIO, shift_levels=SHIFT_LEVELS)
     model = build_task_model(params, spec, quant, levels, classes, spare_pes=spare if side == "xma2" else None)
     model.net.to(device)
-    opts = optimizers(model, params.train)
-    train_mode(model)(model.net)
-
-    def step() -> float:
-        start = time.perf_counter()
-        loss = F.cross_entropy(model.net(x), y)
-        for opt in opts:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for opt in opts:
-            opt.step()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
+    step = stepper(model, params.train, x, y)
     for _ in range(warmup):  # allocator, kernels, the optimizers' state
-        step()
-    times = [step() for _ in range(steps)]
+        timed(step, device)
+    times = [timed(step, device) for _ in range(steps)]
     peak = (torch.cuda.max_memory_allocated(device) / 2**20 if cuda else peak_rss_mb()) - base
     return {"step_s": statistics.median(times), "peak_mb": peak, "peak_reset": reset,
             "threads": torch.get_num_threads()}

@@ -45,6 +45,8 @@ def backbone(params) -> tuple[dict, dict]:  # noqa: ANN001
 
 
 def stepper(model: TaskModel, train, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN001, ANN201
+    """A training step of `model` on (x, y) as the pipeline trains (its optimizers, its train mode): forward,
+    backward, every optimizer's step. benchmarks.scale times the same step."""
     opts = optimizers(model, train)
     train_mode(model)(model.net)
 
@@ -59,9 +61,12 @@ def stepper(model: TaskModel, train, x: torch.Tensor, y: torch.Tensor):  # noqa:
     return step
 
 
-def timed(step) -> float:  # noqa: ANN001
+def timed(step, device: torch.device | None = None) -> float:  # noqa: ANN001
+    """Seconds `step()` takes; on a CUDA `device`, until the device has finished it."""
     start = time.perf_counter()
     step()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - start
 
 

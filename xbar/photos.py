@@ -1,4 +1,4 @@
-"""Colour built-in sources (xbar.data): tiles of the photos that scikit-image, scikit-learn and matplotlib ship.
+"""Colour built-in sources (xbar.sources): tiles of the photos that scikit-image, scikit-learn and matplotlib ship.
 
 Each class is one photo; its images are the photo's non-overlapping square tiles, so a tile-level split
 puts no pixel in both splits (as `textures`). Grey photos are repeated over the three channels.

@@ -32,7 +32,7 @@ after would bring them there; not done.) On the CPU nothing changes.
 None: 4, at most the CPU count, when the model is on CUDA, else 0) into pinned memory on CUDA; an
 in-memory source is tensors already and never uses workers. Batches come in the order of the main
 process's seeded samplers, and a dataset's seeded per-image draw (`draw`: the train-time augmentation
-of xbar.data) runs in the main process in read order: the same images with any number of workers.
+of xbar.augment) runs in the main process in read order: the same images with any number of workers.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def _root(data: Dataset) -> Dataset:
-    """The dataset at the bottom of the wrappers (Subset's `dataset`, xbar.data's `base`)."""
+    """The dataset at the bottom of the wrappers (Subset's `dataset`, xbar.augment's `base`)."""
     while True:
         inner = getattr(data, "dataset", None) if isinstance(data, Subset) else getattr(data, "base", None)
         if not isinstance(inner, Dataset):

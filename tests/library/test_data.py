@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from xbar.data import (TEXTURE_IMAGES, TEXTURE_SIDE, TEXTURE_TILE, _NumpyOnly, _textures, content_digest,
-                       load_task_data, stratified_split)
+from xbar.data import content_digest, load_task_data, stratified_split
 from xbar.errors import UserError
 from xbar.params import DatasetSpec
+from xbar.sources import TEXTURE_IMAGES, TEXTURE_SIDE, TEXTURE_TILE, _NumpyOnly, _textures
 
 SOURCES = ["mnist5k", "optdigits", "lfw_faces", "textures", "animal_mnist", "fashion_mnist"]
 
@@ -120,7 +120,7 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
 
 
 def test_corrupt_fashion_file_is_named(tmp_path):
-    from xbar.data import FASHION_FILES
+    from xbar.sources import FASHION_FILES
 
     for name in FASHION_FILES:
         (tmp_path / name).write_bytes(b"not gzip")

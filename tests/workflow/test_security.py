@@ -103,7 +103,7 @@ def test_source_tree_has_no_unsafe_loading_shells_or_open_binds():
                 found.append(f"{path.name}:{n}: a server started without --host 127.0.0.1")
     assert found == []
     # the one pickle reader is the restricted unpickler of Animal-MNIST (numpy arrays only)
-    from xbar.data import _NumpyOnly
+    from xbar.sources import _NumpyOnly
 
     with pytest.raises(Exception, match="refusing"):
         import io
