@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.utils.data import Dataset, Sampler
@@ -121,8 +122,10 @@ def in_order(n: int, batch_size: int) -> list[list[int]]:
 
 
 def progress() -> Progress:
+    """The training progress bar, on stderr: stdout stays for results (`--json` prints one object there)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn())
+                    TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
+                    console=Console(stderr=True))
 
 
 class BalancedBatches(Sampler[list[int]]):
