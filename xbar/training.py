@@ -122,10 +122,11 @@ def in_order(n: int, batch_size: int) -> list[list[int]]:
 
 
 def progress() -> Progress:
-    """The training progress bar, on stderr: stdout stays for results (`--json` prints one object there)."""
+    """The training progress bar: on stderr, as stdout is for results (`--json` prints one object there), and
+    transient, so it leaves nothing behind (an error stays one line; the stages print their results)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                    console=Console(stderr=True))
+                    console=Console(stderr=True), transient=True)
 
 
 class BalancedBatches(Sampler[list[int]]):
