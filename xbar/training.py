@@ -122,11 +122,13 @@ def in_order(n: int, batch_size: int) -> list[list[int]]:
 
 
 def progress() -> Progress:
-    """The training progress bar: on stderr, as stdout is for results (`--json` prints one object there), and
-    transient, so it leaves nothing behind (an error stays one line; the stages print their results)."""
+    """The training progress bar: on stderr, as stdout is for results (`--json` prints one object there);
+    transient, and only on a terminal, so it leaves nothing in a log (an error stays one line; the stages
+    print their results)."""
+    console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.3f}"), TimeRemainingColumn(),
-                    console=Console(stderr=True), transient=True)
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 class BalancedBatches(Sampler[list[int]]):
