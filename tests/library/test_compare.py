@@ -158,6 +158,11 @@ def test_plots_draw_the_sweep_and_the_stacked_energy(table):
     assert [round(b.get_height(), 6) for b in bars] == [4.0, 4.0, 4.0, 10.0, 2.0, 2.0]
     assert [round(b.get_y(), 6) for b in bars[3:]] == [4.0, 4.0, 4.0]
     assert png(fig)[:4] == b"\x89PNG"
+    # the fp32 ceiling has no chip, so no energy: its rows are left out of the energy plot
+    ceiling = rows.filter(pl.col("label") == rows["label"][0]).with_columns(
+        label=pl.lit("finetune_fp32"), inference_j=pl.lit(None, pl.Float64), reprogram_j=pl.lit(None, pl.Float64))
+    fig = energy_by_method(pl.concat([rows, ceiling]))
+    assert [round(b.get_height(), 6) for b in fig.axes[-1].patches] == [4.0, 4.0, 4.0, 10.0, 2.0, 2.0]
 
 
 # --- the chip column and the sweeps ---------------------------------------------------------------------
