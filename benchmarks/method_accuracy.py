@@ -15,11 +15,10 @@ import argparse
 
 import polars as pl
 
-from workflow.io import BACKBONE, load_torch
+from workflow.backbone import load_backbone
 from xbar.compare import accuracy_table, comparison_table, configurations, markdown, run_configuration
 from xbar.methods import names
 from xbar.params import FIRST_AFTER, Params, load_params, parse_params
-from xbar.step import Backbone
 
 
 def with_tasks(params: Params, tasks: list[str], seed: int) -> Params:
@@ -44,7 +43,7 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: params.seed")
     args = parser.parse_args()
     params = load_params(args.params)
-    backbone = Backbone(load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt"))
+    backbone = load_backbone(fp32=True)
     tables = []
     for seed in args.seeds or [params.seed]:
         run = with_tasks(params, args.tasks or list(params.tasks), seed)

@@ -49,7 +49,8 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.continual import prefect_tags
 from flows.lock import workspace_lock
-from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes, load_torch
+from workflow.backbone import load_backbone
+from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes
 from workflow.tracking import comparison_key, git_commit, tracker
 from xbar.chip.sweep import ChipPlan
 from xbar.compare import (ENERGY_SCENARIO, FP32_CEILING, RATIOS, Configuration, ConfigurationResult, accuracy_table,
@@ -235,9 +236,7 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     # `xbar add-task` or flow rewrites them half-way (a plain `dvc repro` does not take this lock)
     with workspace_lock(root, holder="xbar compare (reading params and backbone)", on_wait=logger.info):
         params, configs = plan_comparison(root, methods, ratios, bn_ablation, shift_levels)
-        fp32 = root / BACKBONE / "fp32.pt"  # the fp32 ceiling's start
-        backbone = Backbone(load_torch(root / BACKBONE / "quant.pt"), load_torch(root / BACKBONE / "levels.pt"),
-                            load_torch(fp32) if fp32.exists() else None)
+        backbone = load_backbone(root, fp32=True)  # fp32.pt: the fp32 ceiling's start
     if backbone.fp32 is None and any(c.method == FP32_CEILING for c in configs):
         logger.warning(f"{FP32_CEILING} (the fp32 ceiling) is left out: {BACKBONE / 'fp32.pt'} is missing")
         configs = [c for c in configs if c.method != FP32_CEILING]

@@ -15,7 +15,8 @@ from pathlib import Path
 import polars as pl
 import torch
 
-from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
+from workflow.backbone import load_backbone
+from workflow.io import (atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
                          write_json)
 from xbar import step
 from xbar.data import load_task_data
@@ -49,7 +50,7 @@ def run(params: Params, task: str) -> None:
     seed_everything(params.seed, params.train.threads)
     data = load_task_data(spec.dataset, params.seed)
     check_spec(spec, len(data.train), data.num_classes)  # before reading the backbone: a user's mistake comes first
-    backbone = step.Backbone(load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt"))
+    backbone = load_backbone()
     mapping = backbone.mapping(params)
     previous = None
     if method.continues_previous and spec.after != FIRST_AFTER:

@@ -112,10 +112,9 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
     os.chdir(workdir)  # the stages and the comparison write under the workspace
     try:
         build_backbone(params, params_path.read_text(), args.fresh)
-        from workflow.io import BACKBONE, load_torch
-        from xbar.step import Backbone
+        from workflow.backbone import load_backbone
 
-        backbone = Backbone(load_torch(BACKBONE / "quant.pt"), load_torch(BACKBONE / "levels.pt"))
+        backbone = load_backbone(fp32=True)
         results, failed = [], {}
         for config in configs:
             try:  # a configuration stops at its first task whose training the guards refuse (xbar.methods.recipe)
