@@ -240,34 +240,29 @@ def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None) -
                  for layer in model.layers().values() if layer.latent is not None]
         opts.append(TensorAdam(cells, lr=adam * CELL_STEP_LEVELS))
     if g.masks:
-        method = get(model.method)
-        opts.append(TensorAdam(g.masks, lr=adam * method.mask_lr(train), bounded=method.element_masks))
+        opts.append(TensorAdam(g.masks, lr=adam * get(model.method).mask_lr(train)))
     return opts
 
 
 class TensorAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one number per tensor (a layer's mask or 4-bit weights), not one per entry.
+    """Adam whose second moment is one number per tensor (a layer's mask or 4-bit weights), not one per
+    entry, and whose step on any entry is at most lr (Adam's own bound).
 
     Per-entry Adam steps every entry whose gradient keeps its sign by the full lr, however small
     that gradient: on a small task, whose batches repeat the same images, every such entry of a
     mask then crosses its threshold on the same step (Piggyback's 1e-2 -> 5e-3 after 10 steps at
     5e-4, a column logit's 2 -> 0 after 4 at 0.5), and the network collapses at once (measured:
     the loss jumped from 0.05 to 80 on the step the masks flipped). With one second moment per
-    tensor, a tensor's entries still move by about lr (root mean square) per step, as with Adam,
-    but each in proportion to its gradient: the entries with the largest gradients flip first.
-
-    `bounded`: no entry moves more than lr per step (the per-entry moment as a floor), for Piggyback's
-    element masks. A mask entry's gradient is the product of its weight's gradient and the weight,
-    heavy-tailed: a few entries at ten times the tensor's root mean square moved ten lr in one step,
-    across the threshold on the first step (measured: EfficientNet-Lite0, loss 0.07 -> 24; the small
-    ResNet on 2327 texture images and ResNet-18 on 800 photos diverged). Not for 4-bit weights: bounded,
-    every weight above the root mean square crossed half a level on the same step (ResNet-18, XMA2's
-    spare PEs: 0.14 -> 11 at step 10).
+    tensor, an entry below the tensor's root mean square gradient moves in proportion to its
+    gradient: the entries with the largest gradients flip first.
+    The bound: where gradients are heavy-tailed (a few entries at ten times the tensor's root mean
+    square), the per-tensor moment alone moved those entries by ten lr in one step, across
+    Piggyback's threshold on the first step (measured: EfficientNet-Lite0, 0.07 -> 24; the small
+    ResNet on 2327 texture images diverged at step 14). The per-entry moment caps them at lr.
     """
 
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12,  # noqa: ANN001
-                 bounded: bool = False) -> None:
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "bounded": bounded})
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12) -> None:  # noqa: ANN001
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 
     @torch.no_grad()
     def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
@@ -280,17 +275,13 @@ class TensorAdam(torch.optim.Optimizer):
                 if not state:
                     state["t"], state["m"] = 0, torch.zeros_like(p)
                     state["v"] = torch.zeros((), dtype=p.dtype, device=p.device)
-                    if group["bounded"]:
-                        state["v_entry"] = torch.zeros_like(p)
+                    state["v_entry"] = torch.zeros_like(p)
                 state["t"] += 1
                 state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
                 state["v"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
-                v = state["v"]
-                if group["bounded"]:
-                    state["v_entry"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    v = torch.maximum(state["v_entry"], v)
+                state["v_entry"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
                 m_hat = state["m"] / (1 - beta1 ** state["t"])
-                v_hat = v / (1 - beta2 ** state["t"])
+                v_hat = torch.maximum(state["v_entry"], state["v"]) / (1 - beta2 ** state["t"])
                 p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
 
 
