@@ -145,23 +145,7 @@ def test_mask_adam_moves_entries_in_proportion_to_their_gradients():
         moved[name] = -p.detach()
     assert torch.allclose(moved["adam"], moved["adam"][0].expand(3), rtol=1e-3)  # lockstep
     assert moved["mask"][0] < moved["mask"][1] < moved["mask"][2]
-    rms = float(grads.pow(2).mean().sqrt())
-    # below the tensor's rms gradient: in proportion to the gradient, lr per step at the rms
-    assert float(moved["mask"][1]) == pytest.approx(0.5 * 1e-3 / rms, rel=1e-3)
-
-
-def test_mask_adam_moves_no_entry_more_than_lr_on_heavy_tailed_gradients():
-    """A few entries with gradients far above the tensor's rms (heavy tails) move by lr per step, as with
-    Adam, not by lr x gradient / rms: that crossed Piggyback's threshold on the first step."""
-    grads = torch.full((10_000,), 1e-4)
-    grads[:10] = 1.0  # rms ~0.03: these are 30x it
-    p = torch.nn.Parameter(torch.zeros(10_000))
-    opt = TensorAdam([p], lr=5e-4)
-    p.grad = grads.clone()
-    opt.step()
-    step = -p.detach()
-    assert float(step.max()) == pytest.approx(5e-4, rel=1e-6)  # capped at lr
-    assert float(step[10:].max()) < 5e-4 * 1e-4 / float(grads.pow(2).mean().sqrt()) * 1.001  # the rest: in proportion
+    assert float(moved["mask"].pow(2).mean().sqrt()) == pytest.approx(0.5, rel=0.05)  # rms: lr per step
 
 
 def test_balanced_batches_never_leave_a_single_image():
