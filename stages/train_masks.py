@@ -70,7 +70,8 @@ def run(params: Params, task: str) -> None:
     write_json(task_metrics(task, "train"), {
         "method": spec.method, "train_accuracy": round(learned.train_accuracy, 2),
         "test_accuracy": round(learned.test_accuracy, 2), "final_loss": round(learned.final_loss, 4),
-        "epochs": spec.epochs, "seconds": round(learned.seconds, 1),
+        "epochs": spec.epochs, "optimizer_steps": model.steps, "kept_step": model.kept_step,
+        "seconds": round(learned.seconds, 1),
         "spare_pes_used": int(exported["spare_pes"].numel()), "spare_pes": exported["spare_pes"].tolist(),
         "pes": mapping.n_pes, "shift_levels": model.shift_levels,
         "continued_from_previous_task": learned.continued,

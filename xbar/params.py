@@ -101,6 +101,9 @@ class TrainParams(Frozen):
     # bf16 autocast while training a network without quantizers (fp32 pretraining and ceiling) on CUDA; a quantized
     # network always computes in fp32 (docs/gpu.md)
     mixed_precision: bool = True
+    # hardware-aware training (xbar.chip.aware): each task's optimizer steps see the chip's forward at
+    # crossbar.adc_bits and the chip device (ADC codes, programming error, faults), gradients straight through
+    hw_aware: bool = False
 
 
 class InputStats(Frozen):

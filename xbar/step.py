@@ -14,6 +14,7 @@ and moved there; what comes back (rankings, task.pt contents, accuracies) is on 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Mapping as MappingABC
 from dataclasses import dataclass
 from functools import cached_property
@@ -111,7 +112,8 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     model = build_task_model(params, spec, backbone.quant, backbone.levels, data.num_classes,
                              spare_pes=spare_pes, start=start)
     model.net.to(device)
-    loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented)
+    with hardware_aware_training(params, model, backbone, data):
+        loss = train_task(model, data.train, spec, params.train, params.seed, desc, data.augmented, data.train_labels)
     task = export_task(model, data.num_classes, data.channels, data.digest)
     seconds = time.perf_counter() - began
 
@@ -125,6 +127,20 @@ def learn(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, de
     test_acc = float((deployed_preds == labels).float().mean() * 100)
     train_acc = accuracy(deployed.net, data.train, batch, workers) if train_accuracy else None
     return Learned(task, model, loss, seconds, test_acc, train_acc, start is not None)
+
+
+def hardware_aware_training(params: Params, model: TaskModel, backbone: Backbone,
+                            data: TaskData) -> AbstractContextManager:
+    """With train.hw_aware, the task trains on the chip's forward (xbar.chip.aware) at params.yaml's ADC and
+    device; otherwise nothing changes."""
+    if not params.train.hw_aware:
+        return nullcontext()
+    from xbar.chip.aware import hardware_aware
+    from xbar.chip.evaluate import calibration_images, chip_settings
+
+    device, adc = chip_settings(params)
+    calibration = calibration_images(data.train, seed=params.seed) if adc.range == "calibrated" else None
+    return hardware_aware(model, device, adc, backbone.levels, params.seed, calibration)
 
 
 def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, desc: str) -> float:

@@ -296,3 +296,48 @@ def test_the_ridge_penalty_grows_when_images_are_few_against_the_feature_width()
     many = training.loo_penalty(*centred(*task(2000, 16)))
     few = training.loo_penalty(*centred(*task(40, 400)))
     assert few >= 100 * many
+
+
+# --- the checkpoint kept on held-out images ------------------------------------------------------------
+
+
+def test_held_out_images_are_a_share_of_each_class_and_seeded():
+    from xbar.methods.recipe import MAX_VAL_IMAGES, VAL_SHARE, held_out
+
+    labels = torch.cat([torch.zeros(200), torch.ones(35), torch.full((9,), 2)]).long().numpy()
+    val = held_out(labels, seed=0)
+    per_class = {c: int((labels[val] == c).sum()) for c in (0, 1, 2)}
+    # rounded down per class: a class of fewer than 1 / VAL_SHARE images keeps all of them for training
+    assert per_class == {0: int(200 * VAL_SHARE), 1: int(35 * VAL_SHARE), 2: 0}
+    assert list(val) == sorted(set(val.tolist())) and list(held_out(labels, seed=0)) == list(val)
+    assert list(held_out(labels, seed=1)) != list(val)
+    assert len(held_out(torch.arange(50000).remainder(10).numpy(), 0)) == MAX_VAL_IMAGES
+
+
+@pytest.mark.parametrize("method", ["xma2", "piggyback"])
+def test_the_kept_checkpoint_is_the_one_with_the_lowest_held_out_loss(pretrained, method):
+    """Every check is recorded; the task ends as the best of them (the start included), and a task with
+    too few images to hold out keeps its last step."""
+    from xbar.methods import recipe
+
+    params = pretrained[0]
+    model, spec = task_model(pretrained, method, classes=3, epochs=2)
+    seen, check = [], recipe.Validation.check
+
+    def recording(self, step, mode):
+        seen.append((step, float(recipe.image_losses(self.model, self.data, self.val).mean())))
+        check(self, step, mode)
+
+    data = random_task(400, seed=4)
+    with patch.object(recipe.Validation, "check", recording):
+        train_task(model, data, spec, params.train, 0, "t")
+    steps = [s for s, _ in seen]
+    assert steps[0] == 0 and steps[1:] == sorted(recipe.Validation.at(model.steps))
+    best_step, best_loss = min(seen, key=lambda s: s[1])
+    val = torch.as_tensor(recipe.held_out(data.tensors[1].numpy(), 0))
+    assert model.kept_step == best_step
+    assert float(recipe.image_losses(model, data, val).mean()) == pytest.approx(best_loss, abs=1e-6)
+
+    small, spec = task_model(pretrained, method, classes=2)
+    train_task(small, faces(64), spec, params.train, 0, "t")  # 3 images per class to spare: too few
+    assert small.kept_step is None and small.steps >= recipe.MIN_STEPS

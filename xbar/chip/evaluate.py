@@ -53,7 +53,8 @@ def act_step(act_quant: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return alpha.abs().clamp_min(1e-8) / act_quant.levels
 
 
-def _chip_forward(chip: ChipLayer):  # noqa: ANN202 (a bound forward)
+def chip_forward(chip: ChipLayer):  # noqa: ANN202 (a bound forward)
+    """The forward of a CrossbarLayer as `chip` computes it: forward(layer, x)."""
     def forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         xq = layer.act_quant(x)
         step = act_step(layer.act_quant, x)
@@ -107,7 +108,7 @@ def chip_mode(model, instance: ChipInstance, adc: AdcConfig,  # noqa: ANN001 (a 
             cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
             chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
                                     layer.column_multipliers(), read_sigma, instance.read)
-            layer.forward = MethodType(_chip_forward(chips[name]), layer)
+            layer.forward = MethodType(chip_forward(chips[name]), layer)
         yield chips
     finally:
         for layer in layers.values():

@@ -143,9 +143,10 @@ class CrossbarLayer(nn.Module):
             return None
         return m if self.spare_columns is None else torch.where(self.spare_columns, 1.0, m)
 
-    def weight(self) -> torch.Tensor:
+    def weight(self, multipliers: torch.Tensor | None = None) -> torch.Tensor:
+        """levels x scale, masked; `multipliers`: the column multipliers to use (default: sampled / deployed now)."""
         w = self._levels() * self.scale
-        m = self.column_multipliers()
+        m = self.column_multipliers() if multipliers is None else multipliers
         if m is not None:
             w = w * self.weight_multipliers(m)  # one gather per forward, through the row tiles
         if self.element_mask is not None:
@@ -157,7 +158,10 @@ class CrossbarLayer(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, w = self.act_quant(x), self.weight()
+        return self.compute(self.act_quant(x), self.weight())
+
+    def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The layer's conv / linear of quantized inputs `x` with weight `w` (ideal arithmetic)."""
         if self.is_conv:
             stride, padding, dilation, groups = self.conv_args
             return F.conv2d(x, w, self.bias, stride, padding, dilation, groups)
@@ -174,6 +178,10 @@ class TaskModel:
     spare_pes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     shift_levels: int | None = None  # column-mask methods only
     bn: str = "frozen"  # the task's BN rule (xbar.params.BnRule)
+    # what training did (xbar.methods.recipe.train_task): optimizer steps run, and the step whose checkpoint was
+    # kept on held-out images (0: the closed-form head on the untrained masks; None: no held-out images, the last)
+    steps: int = 0
+    kept_step: int | None = None
 
     def layers(self) -> dict[str, CrossbarLayer]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, CrossbarLayer)}
