@@ -78,8 +78,9 @@ def run(params: Params, task: str) -> None:
         "trainable_parameters": sum(p.numel() for p in model.net.parameters() if p.requires_grad),
         **masks, "train_images": len(data.train), "test_images": len(data.test), "data_digest": data.digest,
     })
+    kept = "" if model.kept_step is None else f", kept the checkpoint of step {model.kept_step} of {model.steps}"
     print(f"train_masks {task} ({spec.method}): test accuracy {learned.test_accuracy:.2f}% "
-          f"(train {learned.train_accuracy:.2f}%)")
+          f"(train {learned.train_accuracy:.2f}%{kept})")
 
 
 if __name__ == "__main__":
