@@ -302,7 +302,7 @@ def test_the_ridge_penalty_grows_when_images_are_few_against_the_feature_width()
 
 
 def test_held_out_images_are_a_share_of_each_class_and_seeded():
-    from xbar.methods.recipe import MAX_VAL_IMAGES, VAL_SHARE, held_out
+    from xbar.methods.validation import MAX_VAL_IMAGES, VAL_SHARE, held_out
 
     labels = torch.cat([torch.zeros(200), torch.ones(35), torch.full((9,), 2)]).long().numpy()
     val = held_out(labels, seed=0)
