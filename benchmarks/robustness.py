@@ -12,7 +12,8 @@ Builds its own two backbones in memory (nothing is downloaded or written):
 Every method learns every task of the grid on each backbone: task sizes from a
 few images per class (fewer than a batch) to a full dataset, for 1, 2 and the
 default number of epochs. Each row reports the final loss (`train_task`'s: the
-trained model's loss on its training images), the test accuracy, and the test
+trained model's loss on its training images), the test accuracy, the step whose
+checkpoint was kept on held-out images (0: the closed-form head), and the test
 accuracy of a linear probe (logistic regression on the frozen backbone's
 features: the floor every method should clear). A run the divergence guard
 stops counts as diverged. The goals, printed at the end:
@@ -206,7 +207,8 @@ def run_method(params: Params, backbone: Backbone, data: TaskData, method: str, 
         return {"method": method, "diverged": True, "final_loss": None, "accuracy": None, "error": str(err),
                 "seconds": round(time.perf_counter() - began, 1)}
     return {"method": method, "diverged": False, "final_loss": round(learned.final_loss, 4),
-            "accuracy": round(learned.test_accuracy, 2), "seconds": round(time.perf_counter() - began, 1)}
+            "accuracy": round(learned.test_accuracy, 2), "kept_step": learned.model.kept_step,
+            "seconds": round(time.perf_counter() - began, 1)}
 
 
 # --- the grid -----------------------------------------------------------------------------------------
@@ -292,7 +294,8 @@ def main() -> None:
                     acc = "diverged" if row["diverged"] else f"{row['accuracy']:6.2f}"
                     loss = "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
                     print(f"{backbone_name:9s} {task:14s} {epochs:2d} ep {method:18s} loss {loss:>8s}  "
-                          f"accuracy {acc}  probe {probe:6.2f}  ({row['seconds']:.0f} s)", flush=True)
+                          f"accuracy {acc}  probe {probe:6.2f}  kept step {row.get('kept_step')}  "
+                          f"({row['seconds']:.0f} s)", flush=True)
     result = {"rows": rows, "goals": goals(rows), "backbone_seconds": timing,
               "seconds": round(time.perf_counter() - began, 1)}
     if args.json:

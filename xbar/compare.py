@@ -56,7 +56,7 @@ TASK_SCHEMA = {
     "dataset": pl.String, "bn": pl.String, "shift_levels": pl.Int64, "accuracy_at_learn": pl.Float64, "spare_pes": pl.Int64,
     "mask_bytes": pl.Int64, "mask_bytes_unpacked": pl.Int64, "task_bytes": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
     "reprogram_j": pl.Float64, "inference_j": pl.Float64, "total_j": pl.Float64, "test_images": pl.Int64,
-    "mask_digest": pl.String, "seconds": pl.Float64,
+    "mask_digest": pl.String, "seconds": pl.Float64, "optimizer_steps": pl.Int64, "kept_step": pl.Int64,
 }
 MATRIX_SCHEMA = {"label": pl.String, "after": pl.String, "task": pl.String, "accuracy": pl.Float64}
 
@@ -200,6 +200,8 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
             "reprogram_j": programming.reprogram_j, "inference_j": inference_j,
             "total_j": inference_j + programming.reprogram_j, "test_images": len(task_data.test),
             "mask_digest": mask_digest(task), "seconds": seconds,
+            # kept_step 0: training did not beat the closed-form head on held-out images (null: none held out)
+            "optimizer_steps": result.model.steps, "kept_step": result.model.kept_step,
         })
     on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
     return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),

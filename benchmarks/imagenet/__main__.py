@@ -56,6 +56,12 @@ def build_backbone(params: Params, params_text: str, fresh: bool) -> None:
         print(f"  ({time.perf_counter() - began:.0f} s)", flush=True)
 
 
+def kept(row: dict) -> str:
+    """The kept checkpoint for the progress line: 'step 0/120, ' (step 0: the closed-form head), or '' when
+    no images were held out (the last step was kept)."""
+    return "" if row.get("kept_step") is None else f"step {row['kept_step']}/{row['optimizer_steps']}, "
+
+
 def distances(params: Params) -> pl.DataFrame:
     """Per task: Frechet distance of its test features to the source's, and the linear probe's accuracy."""
     from benchmarks.domain_distance import features, frechet_distance
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
                 failed[config.label] = str(err)
                 print(f"{config.label:18s} failed: {err}", flush=True)
                 continue
-            print(f"{config.label:18s} " + "  ".join(f"{r['task']} {r['accuracy_at_learn']:.2f} ({r['seconds']:.0f} s)"
+            print(f"{config.label:18s} " + "  ".join(f"{r['task']} {r['accuracy_at_learn']:.2f} ({kept(r)}{r['seconds']:.0f} s)"
                                                      for r in result.tasks.iter_rows(named=True)), flush=True)
         folder = Path("comparison")
         if folder.exists():

@@ -313,6 +313,10 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
 
     masks = threads.filter(pl.col("method") != "finetune_shared")
     assert (masks["forgetting"] == 0).all()  # no forgetting, exactly
+    # how training went: its optimizer steps, and the checkpoint kept on held-out images (digits holds some out)
+    assert (threads["optimizer_steps"] > 0).all()
+    digits = threads.filter(pl.col("task") == "digits")
+    assert digits["kept_step"].is_not_null().all() and (digits["kept_step"] <= digits["optimizer_steps"]).all()
     assert masks.filter(pl.col("method") == "xma2")["spare_pes"].min() > 0
     assert masks.filter(pl.col("method") == "piggyback")["mask_bytes"].min() > 0
     shared = threads.filter((pl.col("method") == "finetune_shared") & (pl.col("task") == "digits"))
