@@ -57,6 +57,7 @@ TASK_SCHEMA = {
     "mask_bytes": pl.Int64, "mask_bytes_unpacked": pl.Int64, "task_bytes": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
     "reprogram_j": pl.Float64, "inference_j": pl.Float64, "total_j": pl.Float64, "test_images": pl.Int64,
     "mask_digest": pl.String, "seconds": pl.Float64, "optimizer_steps": pl.Int64, "kept_step": pl.Int64,
+    "lr_scale": pl.Float64, "head_fit": pl.String,
 }
 MATRIX_SCHEMA = {"label": pl.String, "after": pl.String, "task": pl.String, "accuracy": pl.Float64}
 
@@ -202,6 +203,10 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
             "mask_digest": mask_digest(task), "seconds": seconds,
             # kept_step 0: training did not beat the closed-form head on held-out images (null: none held out)
             "optimizer_steps": result.model.steps, "kept_step": result.model.kept_step,
+            # below 1: the divergence guard stopped the run at the full lrs, it held at this share of them
+            "lr_scale": result.model.lr_scale,
+            # logistic: the head refit on the kept network held out better than the trained one (recipe step 8)
+            "head_fit": result.model.head_fit,
         })
     on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
     return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),

@@ -35,7 +35,7 @@ from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)
 from xbar.params import Params, TaskSpec
 from xbar.methods.recipe import (MIN_BN_IMAGES, MIN_STEPS, WEIGHT_DECAY, bn_mode, check_converged, lr_factor,
-                                 recalibrate_bn)
+                                 recalibrate_bn, with_backoff)
 from xbar.models import build_model
 from xbar.ranking import rank_batch, rank_pes
 from xbar.runtime import compute_device
@@ -149,7 +149,7 @@ def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskDat
 
     The recipe is the 4-bit fine-tune's where it applies: the closed-form head first, then SGD on every
     weight, BN included, at train.lr (scaled to a small task's batch), warm-up and cosine, at least
-    MIN_STEPS steps, and the divergence guard.
+    MIN_STEPS steps, and the divergence guard with its retries at lower lrs (`with_backoff`).
     """
     if backbone.fp32 is None:
         raise UserError("finetune_fp32 needs the fp32 backbone, artifacts/backbone/fp32.pt (run the pipeline)")
@@ -171,19 +171,25 @@ def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskDat
         before = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
     batch = batch_images(n, train.batch_size)
     share = min(1.0, batch / train.batch_size)
-    opt = torch.optim.SGD(net.parameters(), lr=train.lr * share, momentum=train.momentum, nesterov=train.momentum > 0,
-                          weight_decay=WEIGHT_DECAY)
     steps = optimizer_steps(n, spec.epochs, train.batch_size, MIN_STEPS)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps))
-    fit(net, data.fit_train, [opt], spec.epochs, train.batch_size, params.seed, f"{desc} (finetune_fp32)",
-        after_step=sched.step, train_mode=bn_mode(batch >= MIN_BN_IMAGES), min_steps=MIN_STEPS,
-        hint=f"lower train.lr (now {train.lr:g})", workers=train.workers, mixed_precision=train.mixed_precision)
-    if own_bn:
-        recalibrate_bn(net, data.train, params.seed, workers=train.workers)
-    net.eval()
-    with torch.no_grad():
-        after = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
-    check_converged(before, after, f"{desc} (finetune_fp32)", f"lower train.lr (now {train.lr:g})")
+    who = f"{desc} (finetune_fp32)"
+
+    def attempt(scale: float, retried: str) -> None:
+        hint = f"{retried}lower train.lr (now {train.lr:g})"
+        opt = torch.optim.SGD(net.parameters(), lr=train.lr * share * scale, momentum=train.momentum,
+                              nesterov=train.momentum > 0, weight_decay=WEIGHT_DECAY)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps))
+        fit(net, data.fit_train, [opt], spec.epochs, train.batch_size, params.seed, who, after_step=sched.step,
+            train_mode=bn_mode(batch >= MIN_BN_IMAGES), min_steps=MIN_STEPS, hint=hint, workers=train.workers,
+            mixed_precision=train.mixed_precision)
+        if own_bn:
+            recalibrate_bn(net, data.train, params.seed, workers=train.workers)
+        net.eval()
+        with torch.no_grad():
+            after = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
+        check_converged(before, after, who, hint)
+
+    with_backoff(net, attempt)
     return accuracy(net, data.test, train.eval_batch_size, train.workers)
 
 

@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
-from xbar.errors import UserError
+from xbar.errors import Diverged, UserError
 from xbar.runtime import autocast, batches, model_device
 
 GUARD_WINDOW = 8  # steps whose mean loss the divergence guard checks (all of a shorter run's)
@@ -26,6 +26,8 @@ HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form bef
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
 HEAD_LABEL_SMOOTHING = 0.1
+LOGISTIC_C = 1.0  # the deployed head's logistic regression: scikit-learn's default inverse L2 strength (the probe's)
+LOGISTIC_ITERATIONS = 500  # a cap on L-BFGS's iterations; the convex fit stops earlier at its tolerances
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:
@@ -95,18 +97,60 @@ def head_images(n: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512,
-             workers: int | None = None) -> None:
-    """`net.head` in closed form (`closed_form_head`) on the features of images `idx` of `data`, as the
-    network computes them in its current mode (on its device)."""
+def head_features(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512,
+                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, labels) of images `idx` of `data`, as the network computes them in its current mode."""
     feats, labels = [], []
     chunks = [chunk.tolist() for chunk in idx.split(batch_size)]
     for x, y in batches(data, chunks, model_device(net), workers):
         feats.append(net.features(as_input(x)))
         labels.append(y)
-    w, b = closed_form_head(torch.cat(feats), torch.cat(labels), net.head.out_features)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int = 512,
+             workers: int | None = None) -> None:
+    """`net.head` in closed form (`closed_form_head`) on the features of images `idx` of `data`, as the
+    network computes them in its current mode (on its device)."""
+    feats, labels = head_features(net, data, idx, batch_size, workers)
+    w, b = closed_form_head(feats, labels, net.head.out_features)
     net.head.weight.copy_(w)
     net.head.bias.copy_(b)
+
+
+def logistic_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                  c: float = LOGISTIC_C) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight [C, D], bias [C]) of multinomial logistic regression, L2 penalty 1 / `c` (the linear probe's
+    model, scikit-learn's default) on centred features divided by one number, their root mean variance,
+    by L-BFGS in float64 on the CPU (deterministic), folded back onto the raw features.
+
+    One scale for all features, not one per feature (the probe's standardization): the head is 8-bit
+    with one clip per tensor, and per-feature scales stretch its weights' range where a feature varies
+    little. Measured on the robustness suite's backbones, the standardized fit lost up to 8 points to its
+    8-bit copy (textures, 2,327 images: 59.08% in float, 50.68% in 8 bits); one scale lost at most 1.9.
+    """
+    f = features.detach().double().cpu()
+    y = labels.cpu()
+    mean = f.mean(0)
+    std = (f - mean).square().mean().sqrt().clamp_min(1e-8)
+    z = (f - mean) / std
+    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=LOGISTIC_ITERATIONS, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, y) + 0.5 / (c * len(y)) * w.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    weight = (w / std).detach()
+    bias = (b - weight @ mean).detach()
+    return weight.to(features.dtype), bias.to(features.dtype)
 
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
@@ -241,12 +285,12 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
                 value = loss.item()
                 where = f"epoch {step // per_epoch + 1}, step {step % per_epoch + 1}"
                 if not math.isfinite(value):
-                    raise UserError(f"{desc}: loss is {value} at {where} ({hint}); nothing was written")
+                    raise Diverged(f"{desc}: loss is {value} at {where} ({hint}); nothing was written")
                 recent.append(value)
                 mean = sum(recent) / len(recent)
                 limit = divergence_limit(start, logits.shape[1])
                 if len(recent) == window and mean > limit:
-                    raise UserError(f"{desc}: training diverged at {where}, the loss rose from {start:.3g} to "
+                    raise Diverged(f"{desc}: training diverged at {where}, the loss rose from {start:.3g} to "
                                     f"{mean:.3g} (over start + log {logits.shape[1]} classes = {limit:.3g}; {hint}); "
                                     "nothing was written")
                 for opt in optimizers:
@@ -258,7 +302,7 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
                 except RuntimeError as err:  # e.g. lr 1e300: "value cannot be converted to type float without overflow"
                     if "overflow" not in str(err):
                         raise
-                    raise UserError(f"{desc}: the optimizer step overflowed at {where} ({hint}); "
+                    raise Diverged(f"{desc}: the optimizer step overflowed at {where} ({hint}); "
                                     "nothing was written") from None
                 if after_step:
                     after_step()
@@ -267,7 +311,7 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
                 bar.update(job, advance=1, loss=mean)
     # the last step can still blow a parameter up after a finite loss: never export such a task
     if any(not bool(torch.isfinite(p).all()) for opt in optimizers for g in opt.param_groups for p in g["params"]):
-        raise UserError(f"{desc}: a trained parameter is NaN or infinite after the last step ({hint}); "
+        raise Diverged(f"{desc}: a trained parameter is NaN or infinite after the last step ({hint}); "
                         "nothing was written")
     return sum(v for v, _ in last_epoch) / sum(c for _, c in last_epoch)
 

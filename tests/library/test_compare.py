@@ -317,6 +317,9 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     assert (threads["optimizer_steps"] > 0).all()
     digits = threads.filter(pl.col("task") == "digits")
     assert digits["kept_step"].is_not_null().all() and (digits["kept_step"] <= digits["optimizer_steps"]).all()
+    assert threads["lr_scale"].is_in([1.0, 0.5, 0.25, 0.125]).all()  # the share of the lrs each run held at
+    assert threads["head_fit"].is_in(["trained", "logistic"]).all()
+    assert (threads.filter(pl.col("task") != "digits")["head_fit"] == "trained").all()  # nothing held out there
     assert masks.filter(pl.col("method") == "xma2")["spare_pes"].min() > 0
     assert masks.filter(pl.col("method") == "piggyback")["mask_bytes"].min() > 0
     shared = threads.filter((pl.col("method") == "finetune_shared") & (pl.col("task") == "digits"))

@@ -14,8 +14,8 @@ from torch.utils.data import TensorDataset
 from project import ROOT
 from tiny_backbone import random_task
 from xbar import training
-from xbar.errors import UserError
-from xbar.methods import build_task_model, train_task
+from xbar.errors import Diverged, UserError
+from xbar.methods import build_task_model, recipe, train_task
 from xbar.methods.recipe import TensorAdam, init_head
 from xbar.training import HEAD_LABEL_SMOOTHING
 from xbar.params import ParamsError, TaskSpec, parse_params
@@ -57,7 +57,51 @@ def test_guard_stops_a_run_whose_loss_rises_far_above_its_start(backbone):
         train_task(model, random_task(64), spec, params.train.model_copy(update={"lr": 1e4}), 0, "t1 (finetune_separate)")
     text = one_line(err)
     assert text.startswith("t1 (finetune_separate): ") and "lower train.lr (now 10000)" in text
+    assert f"retried down to 1/{2**recipe.BACKOFFS} of every learning rate" in text
     assert "nothing was written" in text
+
+
+def test_a_stopped_run_is_retried_from_its_start_at_half_the_learning_rates():
+    """`with_backoff`: each retry starts from the state the first run started from, at half the last scale;
+    the scale that held is returned with the run's result."""
+    net = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+
+    def attempt(scale: float, retried: str) -> str:
+        seen.append((scale, retried, all(torch.equal(v, start[k]) for k, v in net.state_dict().items())))
+        with torch.no_grad():
+            net.weight.add_(100.0)  # what a diverging run leaves behind
+        if scale > 0.25:
+            raise Diverged("t: training diverged")
+        return "held"
+
+    assert recipe.with_backoff(net, attempt) == ("held", 0.25)
+    assert [s for s, _, _ in seen] == [1.0, 0.5, 0.25] and all(fresh for _, _, fresh in seen)
+    assert seen[0][1] == "" and seen[2][1].startswith("retried down to 1/4 of every learning rate")
+
+
+def test_train_task_retries_a_stopped_run_at_half_its_optimizers_lrs(backbone):
+    """The recipe's wiring: the guard stops the first run; the retry's optimizers (SGD, mask Adam) run at half
+    the lrs from the untouched start, and the model records the scale it held at."""
+    params, _, _ = backbone
+    model, spec = task_model(backbone, "xma")
+    real_fit, lrs = recipe.fit, []
+
+    def stopped_once(net, data, opts, *args, **kwargs):
+        lrs.append([g["initial_lr"] for opt in opts for g in opt.param_groups])
+        if len(lrs) == 1:
+            with torch.no_grad():
+                for layer in model.layers().values():
+                    layer.column_mask.real.fill_(-5.0)  # every column off: a collapsed run
+            raise Diverged("t (xma): training diverged")
+        assert all(bool((layer.column_mask.real > 0).all()) for layer in model.layers().values())  # the start
+        return real_fit(net, data, opts, *args, **kwargs)
+
+    with patch.object(recipe, "fit", stopped_once):
+        train_task(model, random_task(64), spec, params.train, 0, "t")
+    assert len(lrs) == 2 and lrs[1] == pytest.approx([lr / 2 for lr in lrs[0]])
+    assert model.lr_scale == 0.5
 
 
 def test_fit_guard_on_a_rising_loss():
@@ -336,8 +380,63 @@ def test_the_kept_checkpoint_is_the_one_with_the_lowest_held_out_loss(pretrained
     best_step, best_loss = min(seen, key=lambda s: s[1])
     val = torch.as_tensor(recipe.held_out(data.tensors[1].numpy(), 0))
     assert model.kept_step == best_step
-    assert float(recipe.image_losses(model, data, val).mean()) == pytest.approx(best_loss, abs=1e-6)
+    held = float(recipe.image_losses(model, data, val).mean())
+    if model.head_fit == "trained":  # the kept checkpoint as it was
+        assert held == pytest.approx(best_loss, abs=1e-6)
+    else:  # its head replaced by one that held out better (`deploy_head`)
+        assert held < best_loss
 
     small, spec = task_model(pretrained, method, classes=2)
     train_task(small, faces(64), spec, params.train, 0, "t")  # 3 images per class to spare: too few
     assert small.kept_step is None and small.steps >= recipe.MIN_STEPS
+
+
+# --- the head that deploys ---------------------------------------------------------------------------
+
+
+def test_the_logistic_head_is_the_linear_probes_model_on_features_scaled_as_one():
+    """`logistic_head` fits what scikit-learn's LogisticRegression (C = 1) fits on the centred features divided
+    by their root mean variance: the same probabilities, with the weights folded back onto the raw features."""
+    from sklearn.linear_model import LogisticRegression
+
+    from xbar.training import logistic_head
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(300, 6, generator=gen) * torch.tensor([1.0, 10.0, 0.1, 1.0, 5.0, 1.0]) + 3.0
+    y = (f[:, 0] + f[:, 1] / 10 + torch.randn(300, generator=gen)).gt(3).long() + (f[:, 4] > 3).long()
+    w, b = logistic_head(f, y, 3)
+    ours = (f @ w.T + b).softmax(1)
+    z = (f - f.mean(0)) / (f - f.mean(0)).square().mean().sqrt()
+    probe = LogisticRegression(C=1.0, max_iter=2000).fit(z.numpy(), y.numpy())
+    theirs = torch.as_tensor(probe.predict_proba(z.numpy()), dtype=ours.dtype)
+    assert torch.allclose(ours, theirs, atol=5e-3)  # scikit-learn stops at its own tolerance (1e-4)
+
+
+@pytest.mark.parametrize("better", [True, False])
+def test_the_deployed_head_is_the_one_that_holds_out_better(pretrained, better):
+    """`deploy_head` keeps the trained head where it holds out better than the logistic head, and replaces it
+    (refit on the held-out images too) where it does not; with nothing held out it keeps it."""
+    from xbar.methods.validation import Validation
+    from xbar.training import head_features, head_images, logistic_head
+
+    model, _ = task_model(pretrained, "xma", classes=3)
+    data = random_task(400, seed=4)
+    validation = Validation.of(model, data, data.tensors[1].numpy(), 0)
+    train = torch.utils.data.Subset(data, validation.train)
+    init_head(model, train, 0)
+    if not better:
+        with torch.no_grad():
+            model.net.head.weight.mul_(-1.0)  # a trained head that ended up wrong
+    losses = lambda: float(recipe.image_losses(model, data, validation.val).mean())  # noqa: E731
+    held = losses()
+    head = {k: v.clone() for k, v in model.net.head.state_dict().items()}
+    assert not recipe.deploy_head(model, train, None, 0)  # nothing held out: no evidence, the trained head stays
+    assert all(torch.equal(v, model.net.head.state_dict()[k]) for k, v in head.items())
+    if better:  # the trained head is already the logistic head on these images: nothing holds out better
+        feats, labels = head_features(model.net.eval(), train, head_images(len(train), 0))
+        recipe.set_head(model.net.head, *logistic_head(feats, labels, 3), feats)
+        head, held = {k: v.clone() for k, v in model.net.head.state_dict().items()}, losses()
+    replaced = recipe.deploy_head(model, train, validation, 0)
+    unchanged = all(torch.equal(v, model.net.head.state_dict()[k]) for k, v in head.items())
+    assert replaced != unchanged and replaced == (not better)
+    assert (losses() < held) if replaced else (losses() == held)

@@ -178,10 +178,12 @@ class TaskModel:
     spare_pes: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     shift_levels: int | None = None  # column-mask methods only
     bn: str = "frozen"  # the task's BN rule (xbar.params.BnRule)
-    # what training did (xbar.methods.recipe.train_task): optimizer steps run, and the step whose checkpoint was
+    # what training did (xbar.methods.recipe.train_task): optimizer steps run, the step whose checkpoint was
     # kept on held-out images (0: the closed-form head on the untrained masks; None: no held-out images, the last)
     steps: int = 0
     kept_step: int | None = None
+    lr_scale: float = 1.0  # of every lr, where the run held: below 1 after the divergence guard stopped a run
+    head_fit: str = "trained"  # the deployed head: trained, or logistic (refit on the kept network, recipe step 8)
 
     def layers(self) -> dict[str, CrossbarLayer]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, CrossbarLayer)}
