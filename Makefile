@@ -1,5 +1,6 @@
 # The two commands of the README: `make run` (the pipeline) and `make test`.
-# Both create .venv when missing and install everything first.
+# Both create .venv when missing and install the library with every extra first (workflow, data, test:
+# pyproject.toml); the library alone is `pip install .`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,7 +20,7 @@ install: $(STAMP) data-packages
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[workflow,data,test]'
 	# animal-mnist's metadata wrongly requires tensorflow: it is only a pickle of arrays
 	$(BIN)/python -m pip install -q --no-deps animal-mnist==0.4
 	touch $(STAMP)

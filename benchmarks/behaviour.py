@@ -10,7 +10,7 @@ BN and head state), every metrics JSON of the pipeline without its timings and r
 program.parquet / energy_*.parquet, the comparison's table.csv (when present), and `xbar memory` /
 `xbar energy` on ResNet-50. A refactor that claims to preserve behaviour must leave all of them equal.
 
-benchmarks/records/round1-default.json is the record of the code before round 2's redesign (commit 12e92fe,
+benchmarks/snapshots/round1-default.json is the record of the code before round 2's redesign (commit 12e92fe,
 `dvc repro` on the default params.yaml, no comparison). Expected differences after the redesign: `xbar
 memory`'s packed column-mask bytes (one formula now: 3 codes in ceil(3 log2 K) bits), `xbar energy`'s
 `finetune` entry now named `finetune_separate`, and the energy metrics' `typical_methods` likewise.

@@ -8,7 +8,7 @@ on the backbone's pooled features (what every method's head sees before any mask
 * Frechet distance between the features of the source's test images and the task's test
   images (FID's formula on our backbone): how different the inputs look to the backbone;
 * linear-probe test accuracy: a ridge head on the frozen backbone (what XMA2 starts from,
-  `xbar.methods.init_head`). The gap to `finetune_separate` (README "Comparison") is how
+  `xbar.methods.init_head`). The gap to `finetune_separate` (docs/results.md) is how
   much the backbone's features fall short for the task: what masks and spare PEs must
   recover.
 

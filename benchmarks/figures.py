@@ -1,8 +1,9 @@
-"""The speed and memory figures of the README, measured side by side in one run on this machine.
+"""The speed and memory figures, measured side by side in one run on this machine (record `figures`).
 
     python -m benchmarks.figures [--tasks 3] [--rounds 30]
 
-Needs the default pipeline's artifacts (`make run`). Prints:
+Needs the default pipeline's artifacts (`make run`). Prints, and writes as the result record
+benchmarks/records/figures.json (docs/results.md, `python -m benchmarks.results`):
 
 1. XMA2 training step time / plain fine-tuning step time (target <= 1.3; see step_ratio.py);
 2. PE ranking on one mini-batch / one training epoch, on the first task of params.yaml;
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.records import save_record
 from benchmarks.step_ratio import step_times
 from workflow.io import BACKBONE, load_torch
 from xbar.data import load_task_data
@@ -142,7 +144,7 @@ def flow_seconds(api_url: str, task: str) -> float:
     return float(runs[0]["total_run_time"])
 
 
-def add_tasks(params: Params, k_max: int) -> None:
+def add_tasks(params: Params, k_max: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="xbar-bench-") as tmp:
         root = Path(tmp)
         scratch_workspace(root)
@@ -151,6 +153,7 @@ def add_tasks(params: Params, k_max: int) -> None:
         subprocess.run([sys.executable, "-c", "from workflow.tracking import Tracker; Tracker()"], cwd=root, env=env,
                        check=True)  # the MLflow store exists already in a used workspace
         server, env["PREFECT_API_URL"] = prefect_server(root, env)
+        rows = []
         try:
             print(f"3. adding tasks (spec of {next(iter(params.tasks))!r}) after the {len(params.tasks)} of "
                   "params.yaml, Prefect server already up:")
@@ -171,9 +174,14 @@ def add_tasks(params: Params, k_max: int) -> None:
                       f"between the stages {between:.1f} s, DVC start-up and exit and Prefect {rest:.1f} s), "
                       f"{(wall - own) / wall:.1%} of the whole `xbar add-task` ({wall:.1f} s); "
                       f"train_masks peak memory {peak:.0f} MB")
+                rows.append({"figure": f"add task k={k}: new-task flow (s)", "value": round(flow, 1)})
+                rows.append({"figure": f"add task k={k}: orchestration share of the flow",
+                             "value": round((flow - own) / flow, 4)})
+                rows.append({"figure": f"add task k={k}: train_masks peak memory (MB)", "value": round(peak)})
         finally:
             os.killpg(server.pid, signal.SIGTERM)
             server.wait(30)
+    return rows
 
 
 def main() -> None:
@@ -192,7 +200,12 @@ def main() -> None:
           f"ratio {xma2 / plain:.2f} (target <= 1.3)")
     ranking, epoch = ranking_vs_epoch(params)
     print(f"2. PE ranking {ranking:.2f} s / one training epoch {epoch:.1f} s = {ranking / epoch:.3f}")
-    add_tasks(params, args.tasks)
+    rows = [{"figure": f"XMA2 step / plain fine-tuning step (batch {params.train.batch_size}, "
+                       f"{torch.get_num_threads()} threads)", "value": round(xma2 / plain, 3)},
+            {"figure": "PE ranking (one mini-batch) / one training epoch", "value": round(ranking / epoch, 4)}]
+    rows += add_tasks(params, args.tasks)
+    save_record("figures", title="Speed and memory", recipe=params.train.recipe, seeds=[params.seed], rows=rows,
+                notes=f"On {os.cpu_count()} CPU cores; timings depend on the machine and its load.")
 
 
 if __name__ == "__main__":

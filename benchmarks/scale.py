@@ -2,9 +2,11 @@
 
     python -m benchmarks.scale [--model resnet50] [--image-size 224] [--batch 8] [--classes 1000]
                                [--steps 5] [--warmup 2] [--device auto|cpu|cuda] [--threads N] [--json]
+                               [--record NAME]
 
-The backbone is a freshly initialized quantized `--model` (torchvision resnet50 by default: timing and
-memory do not depend on the weights) on 3-channel `--image-size` images, its clips set on random
+The backbone is a freshly initialized quantized `--model` (any registered backbone, xbar.backbones, or any
+torchvision classification model; resnet50 by default: timing and memory do not depend on the weights) on
+3-channel `--image-size` images, its clips set on random
 images, with a `--classes`-way head (1000 by default, ImageNet's). One batch of `--batch` random uint8
 images and labels, seeded, is the training batch of both sides:
 
@@ -26,8 +28,9 @@ trainable weights, masks, index bookkeeping), the optimizer state, activations a
 the mark cannot be reset, loading the backbone's own peak may count too (said in the output). On CUDA:
 torch.cuda.max_memory_allocated over the same span, minus what was allocated at its start.
 
-Goals (printed, not asserted): xma2 step time at most 1.3x the plain step's, peak memory at most 1.5x.
-With `--json` it prints exactly one line: {"model", "image_size", "batch", "plain_step_s",
+Goals (printed, not asserted): xma2 step time at most 1.0x the plain step's, peak memory at most 0.9x.
+`--record NAME` also writes benchmarks/records/NAME.json (benchmarks.records). With `--json` it prints
+exactly one line: {"model", "image_size", "batch", "plain_step_s",
 "xma2_step_s", "step_ratio", "plain_peak_mb", "xma2_peak_mb", "memory_ratio"}.
 """
 
@@ -49,7 +52,7 @@ import torch.nn.functional as F
 from xbar.errors import UserError
 
 SIDES = {"plain": "finetune_separate", "xma2": "xma2"}
-GOALS = {"step_ratio": 1.3, "memory_ratio": 1.5}
+GOALS = {"step_ratio": 1.0, "memory_ratio": 0.9}  # the XMA2 step against plain fine-tuning (issue #32)
 SPARE_RATIO = 0.1
 SHIFT_LEVELS = 3
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,7 +208,7 @@ def measure(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet50", help="small_resnet | resnet18 | resnet50")
+    parser.add_argument("--model", default="resnet50", help="a registered backbone or a torchvision model name")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--classes", type=int, default=1000, help="classes of the task head")
@@ -214,6 +217,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (as train.device)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    parser.add_argument("--record", default=None, help="also save the result as benchmarks/records/NAME.json")
     parser.add_argument("--side", choices=list(SIDES), help=argparse.SUPPRESS)  # one side, in a child process
     parser.add_argument("--backbone-dir", help=argparse.SUPPRESS)
     parser.add_argument("--spare", default="", help=argparse.SUPPRESS)
@@ -232,6 +236,16 @@ def main() -> None:
         result, details = measure(args)
     except UserError as err:  # e.g. --device cuda on a machine without CUDA
         raise SystemExit(f"benchmarks.scale: {err}") from None
+    if args.record:
+        from benchmarks.records import save_record
+
+        save_record(args.record, recipe={"spare_ratio": SPARE_RATIO, "shift_levels": SHIFT_LEVELS,
+                                         "classes": args.classes, "steps": args.steps, "warmup": args.warmup,
+                                         "device": args.device, "threads": details["threads"]},
+                    seeds=[0], rows=[result | {"spare_pes": details["spare_pes"]}],
+                    title=f"XMA2 step against plain fine-tuning: {args.model} at {args.image_size} px",
+                    notes="one process per side; peak memory: what building and training the task model adds",
+                    load_average=round(os.getloadavg()[0], 1))  # other processes' load skews the step times
     if args.json:
         print(json.dumps(result))
         return

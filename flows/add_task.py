@@ -159,7 +159,8 @@ def check_task_dataset(spec: DatasetSpec, project: Path) -> None:
 
     if spec.root is not None:
         spec = spec.model_copy(update={"root": str(readable_root(spec.root, project))})
-    check_dataset(spec)
+    allowed = [project] + [Path(d).expanduser() for d in os.environ.get(DATA_DIRS_ENV, "").split(os.pathsep) if d.strip()]
+    check_dataset(spec, allowed)  # class folders and images linked outside them are refused too
 
 
 @dataclass(frozen=True)

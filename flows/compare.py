@@ -26,9 +26,11 @@ adds accuracy on the chip against ADC bits, device noise and time
 that `xbar serve` serves with a typed form): it validates the form, picks the task
 runner, runs the `configurations` flow on it as a subflow, and attaches the
 comparison table (a markdown artifact) and a link to the MLflow run to its own run
-page. With several seeds every configuration runs once per seed (params.yaml's
-`seed` replaced); the tables then hold the mean over the seeds, and table.md adds
-each seed's mean accuracy with the spread.
+page. Every configuration runs once per seed (default: 3 seeds from params.yaml's);
+the tables then hold the mean over the seeds, and table.md adds each seed's mean,
+the mean ± 95% CI per configuration and task, the paired differences (XMA2 -
+Piggyback, XMA2 - XMA, each - head only) and one line per configuration that failed
+(xbar.comparison_stats).
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.continual import prefect_tags
 from flows.lock import workspace_lock
+from flows.signals import track_flow_run
 from workflow.backbone import load_backbone
 from workflow.io import ARTIFACTS, BACKBONE, atomic_write_bytes
 from workflow.tracking import comparison_key, git_commit, tracker
@@ -56,6 +59,8 @@ from xbar.chip.sweep import ChipPlan
 from xbar.compare import (ENERGY_SCENARIO, FP32_CEILING, RATIOS, Configuration, ConfigurationResult, accuracy_table,
                           chip_sweep_table, chip_table, comparison_table, configuration_params, configurations,
                           energy_table, markdown, report_markdown, run_configuration)
+from xbar.comparison_stats import statistics_markdown
+from xbar.stats import check_seeds
 from xbar.errors import UserError
 from xbar.methods import names as method_names
 from xbar.params import Params, ShiftLevels, SpareRatio, load_params
@@ -63,6 +68,7 @@ from xbar.plots import accuracy_vs_ratio, chip_sweeps, energy_by_method, png
 from xbar.step import Backbone
 
 COMPARISON = ARTIFACTS / "comparison"
+DEFAULT_SEEDS = 3  # runs per configuration when no seeds are given: a mean with its 95% CI
 CHIP_FILES = {"chip.csv", "chip_sweeps.csv", "chip_sweeps.png"}
 MLFLOW_UI_ENV = "XBAR_MLFLOW_UI"  # where the MLflow UI is, for the run's link (default: `mlflow ui`'s address)
 MLFLOW_UI_DEFAULT = "http://127.0.0.1:5000"
@@ -73,7 +79,7 @@ Methods = Annotated[list[Literal[method_names()]], Field(  # type: ignore[valid-
 Ratios = Annotated[list[SpareRatio], Field(
     description="XMA2's spare-PE ratios P, as shares in (0, 1]; at most params.yaml's crossbar.spare_pe_ratio")]
 Seeds = Annotated[list[Annotated[int, Field(ge=0)]] | None, Field(
-    description="Seeds: every configuration runs once per seed; empty: params.yaml's seed")]
+    description="Seeds: every configuration runs once per seed; empty: 3 seeds from params.yaml's")]
 DaskAddress = Annotated[str | None, Field(pattern=r"^(tcp|tls|ucx|inproc)://\S+$", description=(
     "A running Dask scheduler to fan out over, e.g. tcp://10.0.0.5:8786; empty: threads of the served process"))]
 BnAblation = Annotated[Literal["frozen", "per_task"] | None, Field(
@@ -113,7 +119,8 @@ def plan_comparison(root: Path, methods: list[str] | None = None, ratios: list[f
     params = load_params(root / "params.yaml")
     if bn_ablation == params.train.bn:
         bn_ablation = None  # the ablation is the other rule; the same one adds nothing
-    configs = configurations(methods or None, RATIOS if ratios is None else ratios, bn_ablation, shift_levels or ())
+    configs = configurations(methods or None, RATIOS if ratios is None else ratios, bn_ablation, shift_levels or (),
+                             recipe=params.train.recipe)
     for config in configs:
         configuration_params(params, config)  # e.g. an XMA2 ratio above crossbar.spare_pe_ratio
     for name in ("quant.pt", "levels.pt"):
@@ -240,7 +247,8 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     if backbone.fp32 is None and any(c.method == FP32_CEILING for c in configs):
         logger.warning(f"{FP32_CEILING} (the fp32 ceiling) is left out: {BACKBONE / 'fp32.pt'} is missing")
         configs = [c for c in configs if c.method != FP32_CEILING]
-    seeds = list(dict.fromkeys(seeds or [params.seed]))
+    # default: DEFAULT_SEEDS seeds from params.yaml's (a mean with a CI); a seed given twice is refused
+    seeds = list(check_seeds(seeds if seeds is not None else [params.seed + k for k in range(DEFAULT_SEEDS)]))
     labels = [c.label for c in configs]
     tags = {"xbar.kind": "comparison", "xbar.trigger": "prefect", "xbar.flow": "compare",
             "xbar.git_commit": git_commit(), "xbar.labels": ",".join(labels), "xbar.tasks": ",".join(params.tasks), **prefect_tags()}
@@ -249,13 +257,16 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
                     f"{len(seeds)} seed(s)")
         futures = [[learn_configuration.submit(params, c, backbone, seed, chip) for c in configs] for seed in seeds]
         results = [[f.result() for f in row] for row in futures]
+        failures = [r.failure for row in results for r in row if r.failure]
+        for line in failures:  # one line each; the other configurations' results are still written
+            logger.warning(line)
         per_seed = [comparison_table(row) for row in results]
         chip_rows = pl.concat([chip_table(row).with_columns(seed=pl.lit(s)) for row, s in zip(results, seeds)])
         tables = [t for t, _ in per_seed]
         rows = pl.concat([t.with_columns(seed=pl.lit(s)) for t, s in zip(tables, seeds)])
         matrix = pl.concat([m.with_columns(seed=pl.lit(s)) for (_, m), s in zip(per_seed, seeds)])
         table = tables[0] if len(seeds) == 1 else seed_mean(tables)
-        extra = "" if len(seeds) == 1 else "\n" + seeds_markdown(tables, seeds)
+        extra = ("" if len(seeds) == 1 else "\n" + seeds_markdown(tables, seeds)) + "\n" + statistics_markdown(rows, failures)
         files = write_comparison(root / COMPARISON, table, matrix, extra, rows, chip_rows)
         with tracker() as t:
             t.log(run_id, params={"methods": ",".join(dict.fromkeys(c.method for c in configs)),
@@ -277,7 +288,7 @@ def learn_configurations(methods: list[str] | None = None, ratios: list[float] |
     accuracy = {r["label"]: {n: r[n] for n in params.tasks} | {"mean": r["mean"]}
                 for r in accuracy_table(table).iter_rows(named=True)}
     return {"mlflow_run_id": run_id, "mlflow_experiment_id": experiment_id, "folder": str(COMPARISON),
-            "accuracy": accuracy, "seeds": seeds, "markdown": (report_markdown(table, chip_rows) + extra),
+            "accuracy": accuracy, "seeds": seeds, "failures": failures, "markdown": (report_markdown(table, chip_rows) + extra),
             "chip": chip_means(table)}
 
 
@@ -292,7 +303,7 @@ def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIO
     Args:
         methods: Methods to compare; XMA2 runs once per spare-PE ratio.
         ratios: XMA2's spare-PE ratios P, as shares (0.05 = 5% of the PEs).
-        seeds: Seeds; every configuration runs once per seed (empty: params.yaml's seed).
+        seeds: Seeds; every configuration runs once per seed (empty: 3 seeds from params.yaml's).
         dask_address: A running Dask scheduler (tcp://host:8786) to fan the configurations out over.
         workers: Configurations at once on threads (or local Dask workers).
         dask: Start a local Dask cluster of `workers` processes (when no address is given).
@@ -302,6 +313,7 @@ def compare(methods: Methods = list(method_names()), ratios: Ratios = list(RATIO
         chip_images: Test images per task on the chip (a seeded subset); empty: all.
         chip_sweeps: Also accuracy on the chip against ADC bits 4..8, device noise and time (plots).
     """
+    track_flow_run()  # the run a Ctrl-C marks CANCELLED (flows/signals.py)
     try:
         params, _ = plan_comparison(Path.cwd(), methods, ratios, bn_ablation, shift_levels)
     except UserError as err:  # the run's state is the one line, its log has no traceback

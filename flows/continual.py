@@ -11,6 +11,7 @@ The whole run holds the workspace lock and one MLflow parent run.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,8 +23,9 @@ from prefect.runtime import flow_run
 
 from flows.dvc import dvc_repro, pipeline_order, repro_command
 from flows.lock import DEFAULT_TIMEOUT_S, workspace_lock
+from flows.signals import OPEN_PIPELINES, track_flow_run
 from workflow.io import task_metrics
-from workflow.tracking import git_commit, pipeline_parent, tracker
+from workflow.tracking import close_flow_runs, git_commit, pipeline_parent, tracker
 from xbar.params import load_params
 
 
@@ -48,21 +50,38 @@ def pipeline_run(root: Path, name: str, tags: dict[str, str], closed_by: str | N
     `evaluate` of task `closed_by` (the flow's last stage) if that stage did, else here.
     """
     key = uuid.uuid4().hex
-    run = PipelineRun({"name": name, "closed_by": closed_by, "tags": {
+    run = PipelineRun({"name": name, "closed_by": closed_by, "start_ms": int(time.time() * 1000), "tags": {
         "xbar.kind": "pipeline", "xbar.trigger": "prefect", "xbar.pipeline_key": key, "xbar.git_commit": git_commit(),
         **prefect_tags(), **tags}})
-    status = "FAILED"
+    status, failed_stage = "FAILED", None
+    OPEN_PIPELINES[key] = run.spec
     try:
         yield run
         status = "FINISHED"
+    except BaseException as err:
+        status = "KILLED" if stopped(err) else "FAILED"
+        failed_stage = getattr(err, "stage", None)
+        raise
     finally:
         closed = _closed_by_gate(root, closed_by, key) if status == "FINISHED" else None
         if closed:
             run.run_id = closed
         else:
+            if status != "FINISHED":  # its task runs first: an attempt cut off, a run left RUNNING
+                close_flow_runs(key, status)
             with tracker() as t:
                 run.run_id = pipeline_parent(t, run.spec)
+                if failed_stage:
+                    t.log(run.run_id, tags={"xbar.failed_stage": failed_stage})
                 t.finish(run.run_id, status)
+        OPEN_PIPELINES.pop(key, None)
+
+
+def stopped(err: BaseException) -> bool:
+    """A Ctrl-C, a SIGTERM (Prefect's TerminationSignal) or a cancellation, not a failure."""
+    from prefect.exceptions import TerminationSignal
+
+    return isinstance(err, KeyboardInterrupt | SystemExit | TerminationSignal) or type(err).__name__ == "CancelledError"
 
 
 def _closed_by_gate(root: Path, task: str | None, key: str) -> str | None:
@@ -78,6 +97,7 @@ def _closed_by_gate(root: Path, task: str | None, key: str) -> str | None:
 
 def prefect_tags() -> dict[str, str]:
     """Link the MLflow run back to the Prefect flow run (empty outside a flow run)."""
+    track_flow_run()  # the run a Ctrl-C marks CANCELLED (flows/signals.py)
     run_id = flow_run.get_id()
     return {"prefect.flow_run_id": run_id, "prefect.flow_run_name": flow_run.get_name() or ""} if run_id else {}
 

@@ -35,10 +35,11 @@ TAIL_LINES = 200
 class StageFailed(Exception):
     """`dvc repro` failed; `str()` is one line naming the stage and its own error line."""
 
-    def __init__(self, message: str, returncode: int, transient: bool = False) -> None:
+    def __init__(self, message: str, returncode: int, transient: bool = False, stage: str | None = None) -> None:
         super().__init__(message)
         self.returncode = returncode
         self.transient = transient
+        self.stage = stage  # the stage DVC names as failed, if it names one
 
 
 def repro_command(*targets: str, single_item: bool = False) -> list[str]:
@@ -130,6 +131,7 @@ def run_dvc(cmd: list[str], cwd: Path, env: dict[str, str], log: Callable[[str],
                                 text=True, errors="replace", process_group=0)
     except OSError as err:  # e.g. too many processes / files: worth a retry
         raise StageFailed(f"could not start dvc: {err}", -1, transient=True) from None
+    RUNNING.add(proc)
 
     def expire() -> None:
         timed_out.set()
@@ -152,17 +154,23 @@ def run_dvc(cmd: list[str], cwd: Path, env: dict[str, str], log: Callable[[str],
             timer.cancel()
         if proc.poll() is None:
             _stop(proc)
+        RUNNING.discard(proc)
     if timed_out.is_set():
         raise StageFailed(f"{' '.join(cmd[3:])}: timed out after {timeout_s:.0f} s", returncode)
     if returncode != 0:
         lines = list(tail)
         transient = bool(DVC_BUSY.search("\n".join(lines))) or f"exited with {EX_TEMPFAIL}" in "\n".join(lines)
-        raise StageFailed(error_line(lines, returncode), returncode, transient)
+        failed = next((m.group(1) for ln in reversed(lines) if (m := FAILED_STAGE.search(ln))), None)
+        raise StageFailed(error_line(lines, returncode), returncode, transient, failed)
 
 
-def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
-    """SIGTERM DVC's process group, SIGKILL it after a grace period."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+RUNNING: set[subprocess.Popen] = set()  # the `dvc repro` processes of this process, for stop_all
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Stop DVC's process group as Ctrl-C would (DVC then releases its lock and the stage's atomic writes
+    drop their temp files), then SIGTERM, then SIGKILL: a few seconds at most."""
+    for sig, grace_s in ((signal.SIGINT, 6.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -172,6 +180,14 @@ def _stop(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def stop_all() -> None:
+    """Stop every `dvc repro` this process runs (a signal handler's cleanup: the flow may run them in
+    worker threads, which an exception in the main thread does not reach)."""
+    for proc in list(RUNNING):
+        if proc.poll() is None:
+            _stop(proc)
 
 
 def retry_transient(task, task_run, state) -> bool:  # noqa: ANN001 (Prefect's retry_condition_fn signature)

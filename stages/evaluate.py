@@ -17,6 +17,7 @@ import io
 import json
 import sys
 
+from workflow.attempts import stage_attempt
 from workflow.io import (BACKBONE, METRICS, atomic_write_bytes, load_torch, read_json, stage_main, task_dir, task_metrics,
                          write_json)
 from workflow.tracking import TaskRecord, accuracy_at_learn, file_digest, log_task, tracker
@@ -94,7 +95,7 @@ def evaluate(params: Params, task: str) -> None:
 
 def main() -> None:
     try:
-        stage_main(evaluate, task_arg=True)
+        stage_main(evaluate, task_arg=True, around=stage_attempt)
     except GateFailed as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)

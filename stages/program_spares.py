@@ -18,6 +18,7 @@ mapping or backbone is refused (one line, exit 2) before anything is written.
 
 from __future__ import annotations
 
+from workflow.attempts import stage_attempt
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
 from xbar.chip.deployment import chip_files, learn_on_chip, load_chip
@@ -72,4 +73,4 @@ def run(params: Params, task: str) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, task_arg=True)
+    stage_main(run, task_arg=True, around=stage_attempt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from workflow.attempts import stage_attempt
 from workflow.backbone import load_backbone
 from workflow.io import (atomic_write_bytes, save_parquet, stage_main, task_dir, task_metrics,
                            write_json)
@@ -38,4 +39,4 @@ def run(params: Params, task: str) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, task_arg=True)
+    stage_main(run, task_arg=True, around=stage_attempt)

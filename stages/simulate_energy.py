@@ -17,6 +17,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from workflow.attempts import stage_attempt
 from workflow.io import (BACKBONE, atomic_write_bytes, load_torch, read_json, save_parquet, stage_main, task_dir,
                          task_metrics, write_json)
 from xbar import step
@@ -114,4 +115,4 @@ def run(params: Params, task: str) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, task_arg=True)
+    stage_main(run, task_arg=True, around=stage_attempt)

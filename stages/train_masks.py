@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 import torch
 
+from workflow.attempts import stage_attempt
 from workflow.backbone import load_backbone
 from workflow.io import (atomic_write_bytes, load_torch, save_torch, stage_main, task_dir, task_metrics,
                          write_json)
@@ -87,4 +88,4 @@ def run(params: Params, task: str) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run, task_arg=True)
+    stage_main(run, task_arg=True, around=stage_attempt)

@@ -24,8 +24,8 @@ SWEEP_BITS = tuple(range(4, 9))  # `--sweep`: the ADC bits of the issue's accura
 
 def run_chip(params: Params, device: DevicePreset, adc: AdcConfig, instances: int, time_s: float,
              switches: int = 0, sweep: bool = False, mlflow: bool = True) -> dict:
-    """The `xbar chip --json` object: {"adc_bits", "device", "instances", "time_s", "adc_range", "signed",
-    "tasks": {name: {"ideal", "chip_mean", "chip_std", "chip_min"}}} (with `sweep`: "adc_bits" a list and
+    """The `xbar chip --json` object: {"adc_bits", "device", "instances", "time_s", "adc_range", "adc_clip",
+    "signed", "tasks": {name: {"ideal", "chip_mean", "chip_ci", "chip_std", "chip_min"}}} (with `sweep`: "adc_bits" a list and
     "sweep": {bits: tasks}); with `mlflow`, also on each task's run (a note on stderr for a task without one)."""
     learned = [n for n in params.tasks if (task_dir(n) / "task.pt").exists()]
     if not learned:
@@ -40,7 +40,7 @@ def run_chip(params: Params, device: DevicePreset, adc: AdcConfig, instances: in
             raise UserError(f"task {n}: its data changed since it was learned (digest {data[n].digest} != "
                             f"{tasks[n]['dataset_digest']}); restore the dataset")
     head = {"device": device.name, "instances": instances, "time_s": time_s, "adc_range": adc.range,
-            "signed": adc.signed}
+            "adc_clip": adc.clip, "signed": adc.signed}
     if sweep:
         result = {**head, "adc_bits": list(SWEEP_BITS), "sweep": {
             str(b): evaluate_tasks(params, tasks, levels, data, device, replace(adc, bits=b), instances, time_s)

@@ -11,6 +11,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,11 @@ def save_parquet(path: Path, df) -> None:  # noqa: ANN001 (polars DataFrame)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
+def stage_main(fn: Callable[..., None], task_arg: bool = False,
+               around: Callable[[str, str], AbstractContextManager] | None = None) -> None:
     """Run a stage: parse `--params` (and `--task`), turn a UserError into one line + exit 2 (`train.device: cuda`
-    on a machine without CUDA is one, before the stage reads anything else)."""
+    on a machine without CUDA is one, before the stage reads anything else). `around(task, stage)` wraps a
+    per-task stage's work (workflow.attempts.stage_attempt: the task's MLflow run spans its stages)."""
     main = sys.modules["__main__"]  # `python -m stages.X` runs X as __main__; its spec keeps the name
     own_process = fn.__module__ == "__main__"  # else a caller (a test) runs the stage in its process
     module = main.__spec__.name if own_process and main.__spec__ else fn.__module__
@@ -140,7 +143,8 @@ def stage_main(fn: Callable[..., None], task_arg: bool = False) -> None:
         if task_arg:
             if args.task not in params.tasks:
                 raise UserError(f"--task: {args.task!r} is not a task in {args.params} (tasks: {', '.join(params.tasks)})")
-            fn(params, args.task)
+            with around(args.task, module.rsplit(".", 1)[-1]) if around else nullcontext():
+                fn(params, args.task)
         else:
             fn(params)
     except UserError as err:

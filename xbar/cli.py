@@ -59,8 +59,17 @@ def one_line_errors(fn: Callable) -> Callable:
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(2) from None
+        except ModuleNotFoundError as err:  # the library installed alone (`pip install .`): no pipeline
+            if (err.name or "").partition(".")[0] not in WORKFLOW_PACKAGES:
+                raise
+            print(f"error: this command needs the pipeline's packages ({err.name} is missing): "
+                  "pip install 'xbar[workflow]'", file=sys.stderr)
+            raise typer.Exit(2) from None
 
     return wrapper
+
+
+WORKFLOW_PACKAGES = {"prefect", "prefect_dask", "dask", "distributed", "dvc", "mlflow", "matplotlib", "psutil"}
 
 
 @app.callback()
@@ -111,11 +120,14 @@ def report(as_json: bool = typer.Option(False, "--json", help="One JSON object i
 @app.command()
 @one_line_errors
 def memory(
-    model: str = typer.Option(..., "--model", help="small_resnet, efficientnet_lite0, or a torchvision architecture (e.g. resnet50)."),
+    model: str = typer.Option(..., "--model", help="A registered backbone (small_resnet, efficientnet_lite0, a "
+                              "plugin's) or any torchvision classification model (e.g. resnet50, vit_b_16)."),
     rows: int = typer.Option(72, help="Rows per crossbar."),
     cols: int = typer.Option(72, help="Columns per crossbar."),
     cell_bits: int = typer.Option(2, help="Bits per ReRAM cell."),
     weight_bits: int = typer.Option(4, help="Bits per weight (weight_bits / cell_bits cells each)."),
+    signed: str = typer.Option("offset", "--signed", help="Signed weights: offset, offset_ref (a reference "
+                               "column per slice and crossbar) or differential (two arrays)."),
     shift_levels: int = typer.Option(3, help="Shift levels N of the column shift mask (N + 2 values)."),
     spare_ratio: float = typer.Option(0.1, help="Share of PEs replaced by spare PEs (XMA2)."),
     bn: str = typer.Option("frozen", "--bn", help="train.bn: frozen (the backbone's BN) or per_task (counted)."),
@@ -137,18 +149,30 @@ def memory(
     check_value(BnRule, bn, "--bn")
     if classes is not None:
         check_value(PositiveInt, classes, "--classes")
-    crossbar = dict(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits)
+    from xbar.crossbar import check_scheme
+
+    crossbar = dict(rows=rows, cols=cols, cell_bits=cell_bits, weight_bits=weight_bits, signed=check_scheme(signed))
     spec = CrossbarSpec.from_params(check_value(CrossbarParams, crossbar, "crossbar"))
     mapping, rep = named_model_report(model, spec, shift_levels, spare_ratio, bn, classes)
+    from xbar.backbones.digital import digital_layers
+    from xbar.memory import build_named_model
+
+    # what stays digital beside the crossbars (attention's products, LayerNorm, SE gates): modules by kind
+    digital = {k: len(v) for k, v in digital_layers(build_named_model(model)).items() if v}
     if as_json:
-        print(json.dumps({"model": model, "rows": rows, "cols": cols, "cell_bits": cell_bits,
+        print(json.dumps({"model": model, "rows": rows, "cols": cols, "cell_bits": cell_bits, "signed": signed,
+                          "digital_layers": digital, "cells": mapping.n_cells_used,
                           "utilization": round(mapping.utilization, 6)} | rep.as_dict(), indent=2))
         return
     size = lambda b: f"{b / 1e6:.2f} MB" if b >= 1e6 else f"{b / 1e3:.1f} KB"  # noqa: E731 (decimal, as the paper)
     out = console()
-    out.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights: "
-              f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
+    out.print(f"{model} on {rows}x{cols} crossbars, {cell_bits}-bit cells, {weight_bits}-bit weights, {signed}: "
+              f"{rep.weights:,} weights ({rep.conv_weights:,} conv), {mapping.n_cells_used:,} cells, "
+              f"{rep.crossbars:,} crossbars, {rep.pes:,} PEs, "
               f"{rep.columns:,} columns, utilization {mapping.utilization:.1%}")
+    if digital:
+        out.print("digital, not on crossbars: " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in digital.items())
+                  + " (docs/scale.md)")
     out.print(f"masks alone (the paper's Table 2): Piggyback {size(rep.piggyback_bytes)}, XBM "
               f"{size(rep.column_binary_bytes)}, XMA {size(rep.column_shift_packed_bytes)} packed "
               f"({rep.shift_packed_vs_piggyback:.1%} of Piggyback)")
@@ -168,14 +192,17 @@ def memory(
 @app.command()
 @one_line_errors
 def energy(
-    model: str = typer.Option(..., "--model", help="small_resnet, efficientnet_lite0, or a torchvision architecture (e.g. resnet50)."),
+    model: str = typer.Option(..., "--model", help="A registered backbone (small_resnet, efficientnet_lite0, a "
+                              "plugin's) or any torchvision classification model (e.g. resnet50, vit_b_16)."),
     preset: str = typer.Option(..., "--preset", help="Energy constants: paper, neurosim-22nm or mnsim-45nm."),
     spare_ratio: float = typer.Option(0.1, "--spare-ratio", help="Share of PEs replaced by spare PEs (XMA2)."),
     inferences: int = typer.Option(1, "--inferences", help="Inferences per task counted in the total."),
     scenario: str = typer.Option("steady", "--scenario", help="How writes are counted: steady (a chip that "
-                                 "served the previous task), first-task or paper (docs/energy.md)."),
+                                 "served the previous task), first-task, paper or paper-round-trip (docs/energy.md)."),
     adc_bits: int = typer.Option(5, "--adc-bits", help="ADC bits per conversion, 1..16 (crossbar.adc_bits' "
                                  "default, 5; the preset's ADC is booked at it)."),
+    signed: str = typer.Option("offset", "--signed", help="Signed weights: offset, offset_ref or differential "
+                               "(cells, crossbars, ADC conversions and writes follow it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
 ) -> None:
     """Energy of fine-tuning, Piggyback, XBM, XMA and XMA2 for one new task on a model (no weights needed):
@@ -187,9 +214,11 @@ def energy(
     from xbar.energy.named import named_energy
     from xbar.params import AdcBits, SpareRatio, check_value
 
+    from xbar.crossbar import CrossbarSpec, check_scheme
+
     check_value(AdcBits, adc_bits, "--adc-bits")
     result = named_energy(model, preset, check_value(SpareRatio, spare_ratio, "--spare-ratio"), inferences,
-                          adc_bits=adc_bits, scenario=scenario)
+                          spec=CrossbarSpec(signed=check_scheme(signed)), adc_bits=adc_bits, scenario=scenario)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -219,14 +248,21 @@ def chip(
                                          "(default: chip.instances, 5)."),
     time_s: float | None = typer.Option(None, "--time", help="Seconds since programming: drift and relaxation "
                                         "(default: chip.time_s, 0)."),
-    signed: str | None = typer.Option(None, "--signed", help="Signed weights: offset or differential "
-                                      "(default: crossbar.signed, offset)."),
-    adc_range: str | None = typer.Option(None, "--adc-range", help="ADC range: full or calibrated "
-                                         "(default: chip.adc_range, calibrated)."),
+    signed: str | None = typer.Option(None, "--signed", help="Signed weights on the chip forward: offset, "
+                                      "offset_ref or differential (default: crossbar.signed; the PEs stay "
+                                      "those the tasks were learned on)."),
+    adc_range: str | None = typer.Option(None, "--adc-range", help="ADC range rule: full, per_layer, "
+                                         "per_crossbar or per_column (default: chip.adc_range)."),
+    adc_clip: str | None = typer.Option(None, "--adc-clip", help="Calibrated ranges: a percentile in (0, 100] "
+                                        "of the partial sums seen on training images, or mse (default: "
+                                        "chip.adc_clip)."),
     settings: list[str] | None = typer.Option(None, "--set", help="Override a device constant, KEY=VALUE "
                                               "(repeatable), e.g. --set read_sigma=0.02."),
     switches: int = typer.Option(0, "--switches", help="Also run each task again after N switches of the chip "
                                  "back to it (fresh spare-PE programming each): device-caused forgetting."),
+    verify: float | None = typer.Option(None, "--verify-tolerance", help="Program-and-verify writing: re-write a "
+                                        "cell until within this many levels (default: chip.verify_tolerance, 0: "
+                                        "open loop); its re-writes are reported with --switches."),
     sweep: bool = typer.Option(False, "--sweep", help="Accuracy against ADC bits 4..8 instead of one setting."),
     mlflow: bool = typer.Option(True, "--mlflow/--no-mlflow", help="Log the numbers to each task's MLflow run."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object instead of a table."),
@@ -239,21 +275,29 @@ def chip(
     from pathlib import Path
 
     from workflow.chip import run_chip
+    from xbar.chip.adc import check_clip
     from xbar.chip.devices import parse_settings
     from xbar.chip.evaluate import chip_settings
     from xbar.params import load_params
+    from xbar.stats import check_instances
 
     if adc_bits is not None and not 1 <= adc_bits <= 16:
         raise UserError(f"--adc-bits: {adc_bits} is outside 1..16")
-    if instances is not None and instances < 1:
-        raise UserError(f"--instances: {instances} is below 1 (at least one chip)")
+    if instances is not None and instances < 2:
+        raise UserError(f"--instances: {instances} is below 2 (a 95% CI needs at least 2 chips)")
     if switches < 0:
         raise UserError(f"--switches: {switches} is below 0")
     if time_s is not None and not (math.isfinite(time_s) and time_s >= 0):
         raise UserError(f"--time: {time_s} is not a number of seconds >= 0")
+    if verify is not None and not (math.isfinite(verify) and verify >= 0):
+        raise UserError(f"--verify-tolerance: {verify} is not a tolerance >= 0 levels")
     params = load_params(Path("params.yaml"))
-    preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range)
+    if verify is not None:
+        params = params.model_copy(update={"chip": params.chip.model_copy(update={"verify_tolerance": verify})})
+    clip = None if adc_clip is None else check_clip(_number_or_word(adc_clip), "--adc-clip")
+    preset, adc = chip_settings(params, adc_bits, device, parse_settings(settings), signed, adc_range, clip)
     m = params.chip.instances if instances is None else instances
+    check_instances(m, "chip.instances" if instances is None else "--instances")
     t = params.chip.time_s if time_s is None else time_s
     result = run_chip(params, preset, adc, m, t, switches, sweep, mlflow)
     if as_json:
@@ -262,15 +306,16 @@ def chip(
     from rich.table import Table
 
     runs = result["sweep"] if sweep else {str(adc.bits): result["tasks"]}
-    table = Table(title=f"accuracy % on {m} chip instance(s): device {preset.name}, {adc.range} ADC range, "
+    table = Table(title=f"accuracy % on {m} chip instances: device {preset.name}, ADC range {adc.rule}, "
                         f"{adc.signed} weights, {t:g} s after programming")
-    extra = ("device forgetting (points)",) if switches and not sweep else ()
-    for col in ("task", "ADC bits", "ideal", "chip mean", "chip std (points)", "chip min", *extra):
+    extra = ("device forgetting (points, 95% CI)",) if switches and not sweep else ()
+    for col in ("task", "ADC bits", "ideal", "chip mean ± 95% CI", "chip std (points)", "chip min", *extra):
         table.add_column(col, justify="left" if col == "task" else "right")
     for bits, accs in runs.items():
         for name, r in accs.items():
-            table.add_row(name, bits, f"{r['ideal']:.2f}", f"{r['chip_mean']:.2f}", f"{r['chip_std']:.2f}",
-                          f"{r['chip_min']:.2f}", *([f"{r['device_forgetting']:.2f}"] if extra else []))
+            forgot = [f"{r['device_forgetting']:.2f} ± {r['device_forgetting_ci']:.2f}"] if extra else []
+            table.add_row(name, bits, f"{r['ideal']:.2f}", f"{r['chip_mean']:.2f} ± {r['chip_ci']:.2f}",
+                          f"{r['chip_std']:.2f}", f"{r['chip_min']:.2f}", *forgot)
     console().print(table)
 
 
@@ -328,9 +373,11 @@ def add_task(
 
     from flows.dvc import StageFailed
     from flows.new_task import new_task
+    from flows.signals import stoppable
 
     try:
-        result = new_task(**task.model_dump(exclude_none=True))
+        with stoppable("add-task"):  # Ctrl-C / SIGTERM: stopped in seconds, one line, nothing left running
+            result = new_task(**task.model_dump(exclude_none=True))
     except StageFailed as err:  # the run failed and was rolled back: not an input error
         print(f"error: {err} (params.yaml and dvc.lock restored)", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -352,8 +399,19 @@ def serve(limit: int = typer.Option(1, min=1, help="Flow runs executed at once (
 
     load_params(Path("params.yaml"))  # served runs start here: refuse a wrong directory now
     from flows.new_task import serve as serve_flows
+    from flows.signals import stoppable, stopped_serving
 
-    serve_flows(limit)
+    with stoppable("serve"):
+        serve_flows(limit)
+    stopped_serving()  # it returns only when stopped
+
+
+def _number_or_word(text: str) -> float | str:
+    """A command-line value that is a number or a word (e.g. --adc-clip 99.9 or mse)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
 
 
 def _list_option(values: list[str] | None) -> list[str] | None:
@@ -374,7 +432,7 @@ def compare(
     workers: int | None = typer.Option(None, min=1, help="Configurations at once (threads or local Dask "
                                        "workers; default: CPU cores / train.threads)."),
     seeds: list[str] | None = typer.Option(None, "--seeds", help="Seeds, repeated or comma-separated: every "
-                                           "configuration runs once per seed (default: params.yaml's seed)."),
+                                           "configuration runs once per seed (default: 3 seeds from params.yaml's)."),
     bn_ablation: str | None = typer.Option(None, "--bn-ablation", help="Also run every mask method with this BN "
                                            "rule (frozen or per_task), next to params.yaml's train.bn."),
     shift_levels: list[str] | None = typer.Option(None, "--shift-levels", help="The paper's Table 2: XMA and XMA2 "
@@ -400,8 +458,12 @@ def compare(
         seed_list = None if seeds is None else [int(s) for s in _list_option(seeds) or []]
     except ValueError:
         raise UserError(f"--seeds: expected whole numbers such as 0,1,2, got {' '.join(seeds)!r}") from None
-    if seed_list is not None and (not seed_list or min(seed_list) < 0):
-        raise UserError("--seeds: expected one or more whole numbers >= 0")
+    if seed_list is not None:
+        from xbar.stats import check_seeds
+
+        check_seeds(seed_list, "--seeds")
+        if min(seed_list) < 0:
+            raise UserError("--seeds: expected whole numbers >= 0")
     if chip_instances < 0:
         raise UserError(f"--chip-instances: {chip_instances} is below 0 (0: no chip column)")
     if chip_images < 0:
@@ -420,10 +482,12 @@ def compare(
     from prefect.exceptions import FailedRun
 
     from flows.compare import run_comparison
+    from flows.signals import stoppable
 
     try:
-        result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels,
-                                chip_instances, chip_images or None, chip_sweeps)
+        with stoppable("compare"):
+            result = run_comparison(names, shares, dask, dask_address, workers, seed_list, bn_ablation, levels,
+                                    chip_instances, chip_images or None, chip_sweeps)
     except FailedRun as err:  # refused inside the flow (params.yaml or the backbone changed meanwhile)
         raise UserError(str(err)) from None
     tasks = [t for t in next(iter(result["accuracy"].values())) if t != "mean"]
@@ -436,7 +500,10 @@ def compare(
     if chip:
         print(f"chip mean: on {chip_instances} chip instance(s), 5-bit ADC, params.yaml's device, "
               f"{chip_images or 'all'} test images per task (ideal on the same images: table.md)")
-    print(f"tables and plots in {result['folder']}/; MLflow run {result['mlflow_run_id']}")
+    for line in result.get("failures") or []:  # one line each; the others' results are written
+        print(f"failed: {line}")
+    print(f"tables and plots in {result['folder']}/ (mean ± 95% CI over seeds and paired differences: table.md); "
+          f"MLflow run {result['mlflow_run_id']}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,11 @@ forgetting; `accuracy_table` and `energy_table` are its per-method summaries.
 
 Each configuration seeds itself and draws its training noise from its own
 generators (`train_task`), so its results do not depend on which other
-configurations run beside it in the same process.
+configurations run beside it in the same process. Every row names its recipe
+(train.recipe) and head procedure, and how far its masks moved (`masks_changed`);
+`head_only` (the head on the untouched backbone) is the reference row. A
+configuration that fails returns its one line (`ConfigurationResult.failure`).
+Means over seeds with CIs and paired differences: xbar.comparison_stats.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ from xbar.energy.presets import energy_preset
 from xbar.energy.scenarios import STEADY
 from xbar.errors import UserError
 from xbar.methods import get, mask_report, names
+from xbar.methods.presets import recipe_for
+from xbar.methods.recipe import MIN_STEPS
 from xbar.params import Params, ShiftLevels, SpareRatio, check_value, parse_params
 from xbar.step import Backbone
-from xbar.training import seed_everything
+from xbar.training import optimizer_steps, seed_everything
 
 RATIOS = (0.05, 0.1, 0.2, 0.4)  # the spare-PE ratios P the paper sweeps for a method with spare PEs
 # the energy column's accounting (xbar.energy.scenarios): each task programmed on the chip the previous one left
@@ -49,6 +55,9 @@ ENERGY_SCENARIO = STEADY.name
 # the paper's accuracy ceiling (Table 3's fine-tune row): fp32 weights and activations, no chip
 # (`step.learn_fp32`); a configuration next to the 4-bit fine-tunes, not a registered method
 FP32_CEILING = "finetune_fp32"
+# the reference row: the deployed head on the untouched backbone (xbar.methods.head_only); each method's gain
+# over it is what its masks or weights add
+HEAD_ONLY = "head_only"
 
 # one row per (configuration, task); accuracy_final and forgetting are added by comparison_table
 TASK_SCHEMA = {
@@ -57,7 +66,7 @@ TASK_SCHEMA = {
     "mask_bytes": pl.Int64, "mask_bytes_unpacked": pl.Int64, "task_bytes": pl.Int64, "cells_written": pl.Int64, "program_j": pl.Float64, "switch_j": pl.Float64,
     "reprogram_j": pl.Float64, "inference_j": pl.Float64, "total_j": pl.Float64, "test_images": pl.Int64,
     "mask_digest": pl.String, "seconds": pl.Float64, "optimizer_steps": pl.Int64, "kept_step": pl.Int64,
-    "lr_scale": pl.Float64, "head_fit": pl.String,
+    "recipe": pl.String, "head_fit": pl.String, "masks_changed": pl.Float64, "mask_shares": pl.String,
 }
 MATRIX_SCHEMA = {"label": pl.String, "after": pl.String, "task": pl.String, "accuracy": pl.Float64}
 
@@ -85,21 +94,30 @@ class Configuration:
 
 def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float] = RATIOS,
                    bn_ablation: str | None = None, shift_levels: Iterable[int] = (),
-                   ceiling: bool = True) -> list[Configuration]:
+                   ceiling: bool = True, recipe: str = "default", reference: bool = True) -> list[Configuration]:
     """One configuration per method (default: every registered one), a method with spare PEs once per
     spare-PE ratio (in the given order, duplicates dropped); with `shift_levels` (the paper's Table 2 sweep),
     a method with column masks once per N; with `bn_ablation` (a BN rule), each configuration whose method
-    can use that rule once more with it; with `ceiling`, the fp32 fine-tune when a 4-bit fine-tune is compared."""
+    can use that rule once more with it; with `ceiling`, the fp32 fine-tune when a 4-bit fine-tune is compared;
+    with `reference`, head only (first) when a method that keeps the backbone is compared. `recipe` (train.recipe):
+    by default every method it covers; a method it does not cover is refused (one line)."""
+    from xbar.methods.presets import check_recipe, covered
+
+    cover = covered(recipe)
     levels = list(dict.fromkeys(int(n) for n in shift_levels))
     for n in levels:
         check_value(ShiftLevels, n, "shift_levels")
-    methods = list(dict.fromkeys(names() if methods is None else methods))
+    methods = list(dict.fromkeys([n for n in names() if cover is None or n in cover] if methods is None else methods))
     ratios = list(dict.fromkeys(float(r) for r in ratios))
     unknown = [m for m in methods if m not in names()]
     if unknown:
         raise UserError(f"methods: {unknown[0]!r} is unknown (one of {', '.join(names())})")
     if not methods:
         raise UserError("methods: name at least one method")
+    try:
+        check_recipe(recipe, methods, "train.recipe")
+    except ValueError as err:
+        raise UserError(str(err)) from None
     for r in ratios:
         check_value(SpareRatio, r, "ratios")
     spare = [m for m in methods if get(m).spare_pes]
@@ -116,6 +134,8 @@ def configurations(methods: Iterable[str] | None = None, ratios: Iterable[float]
                 if bn_ablation in get(c.method).bn_rules and len(get(c.method).bn_rules) > 1]
     if ceiling and any(get(m).trains_all for m in methods):  # beside the 4-bit fine-tunes
         out.append(Configuration(FP32_CEILING))
+    if reference and HEAD_ONLY not in methods and any(get(m).keeps_backbone for m in methods):
+        out.insert(0, Configuration(HEAD_ONLY))
     return out
 
 
@@ -144,6 +164,7 @@ class ConfigurationResult:
     matrix: pl.DataFrame  # MATRIX_SCHEMA: accuracy of `task` after `after` was learned
     # every task on the chip after the last task (xbar.chip.sweep); none unless a ChipPlan was given
     chip: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=CHIP_SCHEMA))
+    failure: str | None = None  # the one line of a configuration that failed (its tables are then empty)
 
 
 def mask_digest(task: dict) -> str:
@@ -161,9 +182,22 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
                       data: Mapping[str, TaskData] | None = None,
                       chip_plan: ChipPlan | None = None) -> ConfigurationResult:
     """Learn every task of `params` in order with the configuration; `data` (by task) is loaded when None.
-    `chip_plan`: then evaluate every task on the chip (the chip column, and the sweeps if asked)."""
-    if config.method == FP32_CEILING:
-        return fp32_ceiling(params, backbone, data)
+    `chip_plan`: then evaluate every task on the chip (the chip column, and the sweeps if asked).
+
+    A configuration that fails (a user error, a diverged run) returns empty tables and its one line in
+    `failure`, so the other configurations' results are still written."""
+    try:
+        if config.method == FP32_CEILING:
+            return fp32_ceiling(params, backbone, data)
+        return _run_configuration(params, config, backbone, data, chip_plan)
+    except UserError as err:
+        return ConfigurationResult(config, pl.DataFrame(schema=TASK_SCHEMA), pl.DataFrame(schema=MATRIX_SCHEMA),
+                                   failure=f"{config.label} (seed {params.seed}): {err}")
+
+
+def _run_configuration(params: Params, config: Configuration, backbone: Backbone,
+                       data: Mapping[str, TaskData] | None = None,
+                       chip_plan: ChipPlan | None = None) -> ConfigurationResult:
     run = configuration_params(params, config)
     mapping = backbone.mapping(run)
     layout = ChipLayout(mapping)
@@ -203,14 +237,21 @@ def run_configuration(params: Params, config: Configuration, backbone: Backbone,
             "mask_digest": mask_digest(task), "seconds": seconds,
             # kept_step 0: training did not beat the closed-form head on held-out images (null: none held out)
             "optimizer_steps": result.model.steps, "kept_step": result.model.kept_step,
-            # below 1: the divergence guard stopped the run at the full lrs, it held at this share of them
-            "lr_scale": result.model.lr_scale,
-            # logistic: the head refit on the kept network held out better than the trained one (recipe step 8)
-            "head_fit": result.model.head_fit,
+            "recipe": result.model.recipe, "head_fit": result.model.head_fit,  # the recipe's head procedure
+            **mask_movement(masks),
         })
     on_chip = chip_rows(run, config.label, learned, backbone.levels, loaded, chip_plan) if chip_plan else None
     return ConfigurationResult(config, pl.DataFrame(rows, schema=TASK_SCHEMA), pl.DataFrame(matrix, schema=MATRIX_SCHEMA),
                                *([] if on_chip is None else [on_chip]))
+
+
+def mask_movement(masks: dict) -> dict:
+    """From `mask_report`: the share of masks off their start (column masks: off level 1; element masks:
+    flipped to 0) and the share at each level ("0:0.01 0.125:0 ... 1:0.97"); null without masks."""
+    shares = masks.get("mask_shares") or {}
+    if not shares:
+        return {"masks_changed": None, "mask_shares": None}
+    return {"masks_changed": 1.0 - shares["1"], "mask_shares": " ".join(f"{k}:{v:.4f}" for k, v in shares.items())}
 
 
 def fp32_ceiling(params: Params, backbone: Backbone, data: Mapping[str, TaskData] | None) -> ConfigurationResult:
@@ -222,13 +263,16 @@ def fp32_ceiling(params: Params, backbone: Backbone, data: Mapping[str, TaskData
         task_data = data[name] if data is not None else load_task_data(spec.dataset, params.seed)
         began = time.perf_counter()
         done[name] = acc = step.learn_fp32(params, spec, backbone, task_data, f"{FP32_CEILING} {name}")
+        recipe = recipe_for(params.train.recipe, FP32_CEILING)
         matrix += [{"label": FP32_CEILING, "after": name, "task": t, "accuracy": a} for t, a in done.items()]
         body = sum(v.numel() for k, v in backbone.fp32["state_dict"].items() if not k.startswith("head."))
         weights = body + (backbone.fp32["state_dict"]["head.weight"].shape[1] + 1) * task_data.num_classes
         rows.append({"label": FP32_CEILING, "method": FP32_CEILING, "task": name, "order": order,
                      "dataset": spec.dataset.source, "bn": "per_task", "accuracy_at_learn": acc, "spare_pes": 0,
                      "task_bytes": 4 * weights, "test_images": len(task_data.test), "mask_digest": "",
-                     "seconds": time.perf_counter() - began})
+                     "seconds": time.perf_counter() - began, "recipe": recipe.label(spec.epochs),
+                     "head_fit": recipe.head_procedure, "optimizer_steps": optimizer_steps(len(task_data.train), spec.epochs, params.train.batch_size,
+                                                         MIN_STEPS)})
     return ConfigurationResult(Configuration(FP32_CEILING), pl.DataFrame(rows, schema=TASK_SCHEMA),
                                pl.DataFrame(matrix, schema=MATRIX_SCHEMA))
 

@@ -1,6 +1,6 @@
 """Mapping of a network's layers onto crossbars, PEs and columns.
 
-Conventions (DESIGN.md, "Map to crossbars"):
+Conventions:
 
 * A conv weight [Cout, Cin/groups, kh, kw] is unrolled to Cin*kh*kw rows by
   Cout outputs, row r = channel * kh*kw + kernel position (the order of
@@ -35,6 +35,12 @@ sum((w + L) * x); the shift-adder subtracts L * sum(x), which it gets from the
 digital input bits of the row tile (one popcount per row tile, shared by every
 column of the crossbar), so no cell or column is spent on the sign and one
 column still holds one output. The column mask scales the corrected output.
+
+The signed-weight scheme (`CrossbarSpec.signed`, docs/decisions.md "Signed weights") sets the cells:
+`offset` as above; `offset_ref` the same cells plus, per crossbar, one reference weight (a dummy column
+per bit slice holding L) whose digitized sums the digital side subtracts (NeuroSim); `differential` a
+positive and a negative copy, max(w, 0) and max(-w, 0), each over ceil((weight_bits - 1) / cell_bits)
+cells in adjacent columns (positive first), subtracted in analog before one ADC per slice pair.
 """
 
 from __future__ import annotations
@@ -50,6 +56,15 @@ from torch import nn
 from xbar.errors import UserError
 
 
+SCHEMES = ("offset", "offset_ref", "differential")
+
+
+def check_scheme(signed: str) -> str:
+    if signed not in SCHEMES:
+        raise UserError(f"crossbar.signed: {signed!r} is not a signed-weight scheme (one of {', '.join(SCHEMES)})")
+    return signed
+
+
 @dataclass(frozen=True)
 class CrossbarSpec:
     rows: int = 72
@@ -57,20 +72,34 @@ class CrossbarSpec:
     cell_bits: int = 2
     weight_bits: int = 4
     crossbars_per_pe: int = 1
+    signed: str = "offset"
 
     @classmethod
     def from_params(cls, params: object) -> CrossbarSpec:
         """The way a spec is made: from `Params.crossbar` (xbar.params.CrossbarParams), which checks
         every range once (the spec itself trusts its numbers)."""
-        return cls(**{k: getattr(params, k) for k in ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe")})
+        keys = ("rows", "cols", "cell_bits", "weight_bits", "crossbars_per_pe", "signed")
+        return cls(**{k: getattr(params, k) for k in keys if hasattr(params, k)})
 
     @property
-    def cells_per_weight(self) -> int:
+    def slices(self) -> int:
+        """Bit-slice columns one weight sends to ADCs: offset digits, or the magnitude digits of differential."""
+        if self.signed == "differential":
+            return math.ceil((self.weight_bits - 1) / self.cell_bits)
         return self.weight_bits // self.cell_bits
 
     @property
+    def cells_per_weight(self) -> int:
+        return 2 * self.slices if self.signed == "differential" else self.slices
+
+    @property
+    def reference_cols(self) -> int:
+        """Columns per crossbar holding the reference weight (offset_ref), not outputs."""
+        return self.slices if self.signed == "offset_ref" else 0
+
+    @property
     def outputs_per_crossbar(self) -> int:
-        return self.cols // self.cells_per_weight
+        return (self.cols - self.reference_cols) // self.cells_per_weight
 
     @property
     def cells_per_pe(self) -> int:
@@ -81,23 +110,37 @@ class CrossbarSpec:
         """L: weights take integer levels in [-L, L]."""
         return 2 ** (self.weight_bits - 1) - 1
 
+    def _digits(self, u: torch.Tensor) -> list[torch.Tensor]:
+        base = 2**self.cell_bits
+        return [(u // base**k) % base for k in reversed(range(self.slices))]
+
+    def _number(self, cells: torch.Tensor) -> torch.Tensor:
+        u = torch.zeros(cells.shape[:-1], dtype=torch.int64)
+        for k in range(cells.shape[-1]):  # MSB first: Horner's rule, as the shift-adder merges slices
+            u = u * 2**self.cell_bits + cells[..., k].to(torch.int64)
+        return u
+
     def cell_levels(self, weight_levels: torch.Tensor) -> torch.Tensor:
-        """Offset-encoded cell levels, shape [..., cells_per_weight], MSB slice first (uint8)."""
+        """Cell levels of the scheme, shape [..., cells_per_weight], MSB slice first (uint8); differential:
+        the positive copy's cells, then the negative copy's."""
         w = weight_levels.to(torch.int64)
         if w.numel() and (w.abs().max() > self.weight_levels):
             raise ValueError(f"weight levels must lie in [-{self.weight_levels}, {self.weight_levels}]")
-        u = w + self.weight_levels
-        base = 2**self.cell_bits
-        digits = [(u // base**k) % base for k in reversed(range(self.cells_per_weight))]
+        if self.signed == "differential":
+            digits = self._digits(w.clamp_min(0)) + self._digits((-w).clamp_min(0))
+        else:
+            digits = self._digits(w + self.weight_levels)
         return torch.stack(digits, -1).to(torch.uint8)
+
+    def reference_levels(self) -> torch.Tensor:
+        """Cell levels of the reference weight (offset_ref): L in base 2**cell_bits, MSB first."""
+        return torch.stack(self._digits(torch.tensor(self.weight_levels)))
 
     def weight_from_cells(self, cells: torch.Tensor) -> torch.Tensor:
         """Inverse of `cell_levels`: [..., cells_per_weight] cell levels -> int64 weight levels."""
-        base = 2**self.cell_bits
-        u = torch.zeros(cells.shape[:-1], dtype=torch.int64)
-        for k in range(self.cells_per_weight):  # MSB first: Horner's rule, as the shift-adder merges slices
-            u = u * base + cells[..., k].to(torch.int64)
-        return u - self.weight_levels
+        if self.signed == "differential":
+            return self._number(cells[..., : self.slices]) - self._number(cells[..., self.slices:])
+        return self._number(cells) - self.weight_levels
 
 
 def _row_tiles(cin: int, kernel: int, rows: int) -> int:
@@ -316,6 +359,12 @@ class Mapping:
     def utilization(self) -> float:
         """Cells holding a weight over the cells of every crossbar used."""
         return self.n_cells_used / max(1, self.n_crossbars * self.spec.rows * self.spec.cols)
+
+    def release_placements(self) -> None:
+        """Drop every layer's cached placement (235 MB on ResNet-50): a task model needs it only while its
+        method attaches (row tiles, spare-PE regions); whoever asks for it later rebuilds it."""
+        for lm in self.layers:
+            lm.__dict__.pop("placement", None)
 
     def layer(self, name: str) -> LayerMap:
         for lm in self.layers:

@@ -209,11 +209,23 @@ CHANNEL_SAMPLE = 20  # images per class whose channels check_dataset reads (thei
 COLOUR_MODES = ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LAB", "HSV")  # PIL modes read as 3 channels; others grey
 
 
-def check_dataset(spec: DatasetSpec) -> None:
+def check_links(root: Path, allowed: list[Path] | tuple[Path, ...]) -> None:
+    """Every class folder and image under `root` resolves (symbolic links followed) inside one of `allowed`
+    (resolved directories): a link inside a readable folder must not lead the reader elsewhere."""
+    allowed = [Path(a).resolve() for a in allowed]
+    for path in sorted(root.rglob("*")):
+        if path.is_symlink() and not any(path.resolve().is_relative_to(a) for a in allowed):
+            kind = "class folder" if path.parent == root else "image" if path.is_file() else "entry"
+            raise UserError(f"dataset.root: the {kind} {path} links to {path.resolve()}, outside the directories "
+                            "the server may read (the project and XBAR_DATA_DIRS)")
+
+
+def check_dataset(spec: DatasetSpec, allowed: list[Path] | tuple[Path, ...] | None = None) -> None:
     """Cheap checks of a real-scale source before a run starts (the loader re-checks what it reads).
 
     imagefolder: the root is a directory with at least 2 class sub-directories holding images, and the
-    first CHANNEL_SAMPLE images of each class have `spec.channels` channels. torchvision: the class
+    first CHANNEL_SAMPLE images of each class have `spec.channels` channels; with `allowed`, no class folder
+    or image links outside those directories (`check_links`). torchvision: the class
     exists and the root is a directory. Built-in sources need no files. A mistake raises UserError.
     """
     if spec.source == "torchvision":
@@ -228,6 +240,8 @@ def check_dataset(spec: DatasetSpec) -> None:
         raise UserError(f"dataset.root: {root} is not a directory")
     if spec.source == "torchvision":
         return
+    if allowed is not None:  # the server's policy: links may not lead outside the readable directories
+        check_links(root, allowed)
     classes = {d: sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
                for d in sorted(root.iterdir()) if d.is_dir()}
     classes = {d: files for d, files in classes.items() if files}

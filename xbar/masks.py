@@ -49,23 +49,21 @@ def gumbel_sigmoid(logits: torch.Tensor, temperature: float, generator: torch.Ge
     return torch.sigmoid((logits + u.log() - (-u).log1p()) / temperature)
 
 
-# the share of columns a Gumbel sample turns off at the start of training (module doc of ColumnShiftMask)
+# a column starts "on" and a Gumbel sample turns it off with P = START_OFF_SHARE: training starts from the
+# backbone's function (docs/decisions.md, "Masks that learn")
 START_OFF_SHARE = 0.01
+START_LOGIT = math.log((1 - START_OFF_SHARE) / START_OFF_SHARE)  # ln 99 = 4.6
 
 
 class ColumnShiftMask(nn.Module):
     """One multiplier per crossbar column: 1 (binary part on) or a shift level (0, 1/2 .. 1/2**N).
 
     `init` starts every column at "1" in eval (m_r > 0) and under the training noise at "1" with
-    P = sigma(init), by default 1 - START_OFF_SHARE, so training starts from the backbone's function.
-    The hard sample does not depend on the temperature, only on m_r: at the earlier m_r = 2, 12% of
-    the columns were off (XBM: zero) in every training forward; on a backbone trained for two epochs
-    the training loss then started above chance (3.2 on 9 classes) and diverged, and XMA on
-    EfficientNet-Lite0 started at 6.6 against 0.07 without noise.
+    P = sigma(init) (START_LOGIT: 99%). The hard sample depends on m_r only, not on the temperature.
     """
 
     def __init__(self, n_columns: int, shift_levels: int = 3, temperature: float = 1.0,
-                 init: float = math.log((1 - START_OFF_SHARE) / START_OFF_SHARE)) -> None:
+                 init: float = START_LOGIT) -> None:
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")

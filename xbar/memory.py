@@ -37,10 +37,8 @@ from torch import nn
 from xbar.crossbar import CrossbarSpec, Mapping, map_model, spare_pe_count
 from xbar.errors import UserError
 
-HEAD_NAMES = ("fc", "classifier", "head", "heads")  # torchvision's classifier modules (and ours)
-# the backbones xbar.models builds itself: (classes, input channels) of their usual form
-OWN_MODELS = {"small_resnet": (10, 1), "efficientnet_lite0": (1000, 3)}
-AUX_NAMES = ("aux1", "aux2", "AuxLogits")  # training-only auxiliary classifiers (GoogLeNet, Inception v3)
+HEAD_NAMES = ("head",)  # every backbone's per-task classifier (xbar.backbones: the registry's contract)
+AUX_NAMES: tuple[str, ...] = ()  # training-only classifiers: xbar.backbones.wrap drops them before mapping
 
 
 def shift_values(shift_levels: int) -> int:
@@ -231,29 +229,18 @@ def head_and_bn_params(model: nn.Module, head: tuple[str, ...] = HEAD_NAMES,
 
 
 def build_named_model(name: str) -> nn.Module:
-    """A backbone xbar builds itself (`small_resnet` at its default width and blocks, 10 classes, 1 channel;
-    `efficientnet_lite0`, 1000 classes, RGB) or a torchvision architecture by name, without weights, on the
-    meta device (shapes only: nothing is allocated)."""
-    if name in OWN_MODELS:
-        from xbar.models import build_model
-        from xbar.params import ModelParams
+    """A backbone by name (xbar.backbones: a registered one, or any torchvision classification model) in its
+    usual form (`Backbone.usual`: classes, input channels), without weights, on the meta device (shapes only:
+    nothing is allocated)."""
+    from xbar.backbones import get, known, unknown_message
+    from xbar.models import build_model
+    from xbar.params import ModelParams
 
-        classes, channels = OWN_MODELS[name]
-        with torch.device("meta"):
-            return build_model(ModelParams(name=name), num_classes=classes, in_channels=channels)
-    import torchvision
-
-    known = torchvision.models.list_models()
-    if name not in known:
-        raise UserError(f"--model: unknown model {name!r} ({', '.join(OWN_MODELS)} or a torchvision name, "
-                        "e.g. resnet50)")
-    with warnings.catch_warnings():  # e.g. GoogLeNet's notice about its future default initialization
-        warnings.simplefilter("ignore", FutureWarning)
-        try:
-            with torch.device("meta"):
-                return torchvision.models.get_model(name, weights=None)
-        except (RuntimeError, NotImplementedError):  # an initializer the meta device cannot run
-            return torchvision.models.get_model(name, weights=None)
+    if not known(name):
+        raise UserError(f"--model: {unknown_message(name)}")
+    classes, channels = get(name).usual
+    with torch.device("meta"):
+        return build_model(ModelParams(name=name), num_classes=classes, in_channels=channels)
 
 
 def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3, spare_ratio: float = 0.1,
@@ -261,13 +248,10 @@ def named_model_report(name: str, spec: CrossbarSpec, shift_levels: int = 3, spa
     """Map a model by name (its classifier head excluded) and account one task's mask memory; the task's
     head has `classes` outputs (None: the model's own head, e.g. ImageNet's 1000)."""
     model = build_named_model(name)
-    head = tuple(n for n, _ in model.named_children() if n in HEAD_NAMES)
-    aux = tuple(n for n, _ in model.named_children() if n in AUX_NAMES)
-    mapping = map_model(model, spec, exclude=head + aux)
+    mapping = map_model(model, spec, exclude=HEAD_NAMES)
     if not mapping.layers:
         raise UserError(f"--model: {name} has no Conv2d / Linear layer to map")
-    head_params, bn_params = head_and_bn_params(model, head, skip=aux)
+    head_params, bn_params = head_and_bn_params(model, HEAD_NAMES)
     if classes is not None:
-        linear = [m for n, m in model.named_modules() if _under(n, head) and isinstance(m, nn.Linear)][-1]
-        head_params += (classes - linear.out_features) * (linear.in_features + 1)
+        head_params += (classes - model.head.out_features) * (model.head.in_features + 1)
     return mapping, memory_report(mapping, shift_levels, spare_ratio, head_params, bn_params, bn_rule=bn_rule)

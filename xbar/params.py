@@ -20,7 +20,6 @@ from xbar.errors import UserError
 BUILTIN_DATASETS = ("mnist5k", "optdigits", "lfw_faces", "textures", "fashion_mnist", "animal_mnist", "photos",
                     "colour_textures")
 DATASET_SOURCES = BUILTIN_DATASETS + ("torchvision", "imagefolder")
-MODELS = ("small_resnet", "resnet18", "resnet50", "efficientnet_lite0")
 TASK_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 FIRST_AFTER = "backbone"  # the `after` of the first task; reserved, not a task name
 
@@ -59,9 +58,10 @@ class CrossbarParams(Frozen):
     # the column ADC (bits per conversion), one setting: the chip forward digitizes with it (xbar.chip)
     # and the energy model books its conversions at it (xbar.energy.presets, `at_adc_bits`)
     adc_bits: AdcBits = 5
-    # signed weights on the chip forward: offset (u = w + L, the mapping's encoding) or differential
-    # (a positive and a negative array, subtracted in analog); mapping and energy stay offset-encoded
-    signed: Literal["offset", "differential"] = "offset"
+    # signed weights (xbar.crossbar): offset (u = w + L, digital correction), offset_ref (NeuroSim: a
+    # reference column per slice subtracted after the ADC) or differential (a positive and a negative
+    # array subtracted in analog); sets the mapping's cells, the chip forward and the energy model
+    signed: Literal["offset", "offset_ref", "differential"] = "offset"
 
     @model_validator(mode="after")
     def _cells_fit(self) -> "CrossbarParams":
@@ -69,8 +69,12 @@ class CrossbarParams(Frozen):
             raise ValueError(f"weight_bits ({self.weight_bits}) cannot hold a signed weight (need >= 2)")
         if self.weight_bits % self.cell_bits:
             raise ValueError(f"weight_bits ({self.weight_bits}) must be a multiple of cell_bits ({self.cell_bits})")
-        if self.cols < self.weight_bits // self.cell_bits:
-            raise ValueError(f"cols ({self.cols}) must hold at least one weight ({self.weight_bits // self.cell_bits} cells)")
+        from xbar.crossbar import CrossbarSpec
+
+        spec = CrossbarSpec.from_params(self)
+        if self.cols < spec.cells_per_weight + spec.reference_cols:
+            raise ValueError(f"cols ({self.cols}) must hold at least one {self.signed} weight "
+                             f"({spec.cells_per_weight + spec.reference_cols} columns)")
         return self
 
 
@@ -87,8 +91,10 @@ class TrainParams(Frozen):
     batch_size: PositiveInt = 128
     eval_batch_size: PositiveInt = 512
     lr: PositiveFloat = 0.05  # SGD lr for a batch of batch_size: heads, BN (4-bit weights: recipe.CELL_STEP_LEVELS)
-    # TensorAdam lr for column-mask logits: at 0.05 every mask stayed at 1 on the default benchmark.
-    mask_lr: PositiveFloat = 0.5
+    # a fixed Adam lr on the column masks' logits; None: the reach rule (xbar.methods.recipe.mask_lr)
+    mask_lr: PositiveFloat | None = None
+    # the named recipe (xbar.methods.presets): default (one for every method) | paper (each method's published)
+    recipe: Literal["default", "paper"] = "default"
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9
     temperature: PositiveFloat = 1.0  # Gumbel-sigmoid temperature of the column mask
     bn: BnRule = "frozen"  # every method that can use it (a fine-tune rewrites its own BN with every weight)
@@ -120,7 +126,9 @@ class InputStats(Frozen):
 
 
 class ModelParams(Frozen):
-    name: Literal[MODELS] = "small_resnet"  # type: ignore[valid-type]
+    # a registered backbone (xbar.backbones: small_resnet, efficientnet_lite0, a plugin's) or any
+    # torchvision classification model by name (e.g. resnet50, mobilenet_v3_small)
+    name: str = "small_resnet"
     width: PositiveInt = 16  # small_resnet: channels of the first stage
     blocks: PositiveInt = 3  # small_resnet: residual blocks per stage
     # a path to a local state_dict (e.g. ImageNet), or "imagenet": the ImageNet weights an installed package
@@ -129,6 +137,15 @@ class ModelParams(Frozen):
     # per-channel (x - mean) / std before the first layer's DACs (xbar.models.input_statistics): auto = the
     # ImageNet statistics with model.weights, else the source's own; or `source`, `imagenet`, `none`, {mean, std}
     normalize: Literal["auto", "source", "imagenet", "none"] | InputStats = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from xbar.backbones import known, unknown_message  # the registry imports no torch
+
+        if not known(name):
+            raise ValueError(unknown_message(name))
+        return name
 
 
 class Augment(Frozen):
@@ -201,9 +218,9 @@ class TaskSpec(Frozen):
     @field_validator("method")
     @classmethod
     def _registered(cls, method: str) -> str:
-        from xbar.methods import names  # the registry imports params: resolved at validation time
+        from xbar.methods import known, names  # the registry imports params: resolved at validation time
 
-        if method not in names():
+        if not known(method):
             raise ValueError(f"unknown method {method!r} (one of {', '.join(names())})")
         return method
 
@@ -222,9 +239,17 @@ class ChipParams(Frozen):
     overrides: dict[str, float | list[float] | bool] = {}  # any device constant by name
     instances: PositiveInt = 5  # seeded chip instances: seed .. seed + instances - 1
     time_s: Annotated[float, Field(ge=0)] = 0.0  # seconds since programming (drift, relaxation)
-    adc_range: Literal["full", "calibrated"] = "calibrated"
-    # calibrated range: this percentile of each bit slice's |partial sums| (100: the largest seen)
-    adc_clip_percentile: Annotated[float, Field(ge=50, le=100)] = 100.0
+    # the ADC range rule (xbar.chip.adc): full scale, or calibrated per layer / crossbar / column
+    adc_range: Literal["full", "per_layer", "per_crossbar", "per_column"] = "per_column"
+    # calibrated ranges: a percentile in (0, 100] of |partial sums| seen, or "mse" (the MSE-optimal clip)
+    adc_clip: Annotated[float, Field(gt=0, le=100)] | Literal["mse"] = 100.0
+    calibration_images: PositiveInt = 256  # drawn from each task's training split
+    # train.hw_aware's kind: noise (aihwkit: programming noise on the weights of every training forward,
+    # xbar.chip.noise_aware) or chip (the chip forward, straight through, xbar.chip.aware)
+    aware: Literal["noise", "chip"] = "noise"
+    # program-and-verify writing: a cell is re-written until its error is within this many levels (0: one
+    # open-loop write, the device's programming error as drawn); the re-writes are counted and booked
+    verify_tolerance: Annotated[float, Field(ge=0)] = 0.0
 
 
 class Params(Frozen):
@@ -257,6 +282,14 @@ class Params(Frozen):
                 self.bn_rule(spec)
             except ValueError as err:
                 raise ValueError(f"tasks.{name}.bn: {err}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _recipe_covers(self) -> "Params":
+        """A preset (train.recipe) must cover every task's method (xbar.methods.presets)."""
+        from xbar.methods.presets import check_recipe
+
+        check_recipe(self.train.recipe, [spec.method for spec in self.tasks.values()])
         return self
 
     def bn_rule(self, spec: TaskSpec) -> str:

@@ -117,8 +117,9 @@ class ActQuantizer(nn.Module):
         return round_ste(torch.clamp(x / scale, -self.levels if self.signed else 0, self.levels)) * scale
 
 
-class QuantConv2d(nn.Conv2d):
-    """nn.Conv2d with quantized weights (cell levels) and quantized inputs (DAC levels)."""
+class _Quantized:
+    """What QuantConv2d and QuantLinear share: a weight quantizer (cell levels) and an input quantizer
+    (DAC levels) next to torch.nn's own parameters."""
 
     def __init__(self, *args, weight_bits: int = 4, act_bits: int = 4, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -127,21 +128,17 @@ class QuantConv2d(nn.Conv2d):
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quant(self.weight)
+
+
+class QuantConv2d(_Quantized, nn.Conv2d):
+    """nn.Conv2d with quantized weights (cell levels) and quantized inputs (DAC levels)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self.act_quant(x), self.quantized_weight(), self.bias)
 
 
-class QuantLinear(nn.Linear):
+class QuantLinear(_Quantized, nn.Linear):
     """nn.Linear with quantized weights and inputs (a linear layer is a 1x1 conv on crossbars)."""
-
-    def __init__(self, *args, weight_bits: int = 4, act_bits: int = 4, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.weight_quant = WeightQuantizer(weight_bits)
-        self.act_quant = ActQuantizer(act_bits)
-
-    def quantized_weight(self) -> torch.Tensor:
-        return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.act_quant(x), self.quantized_weight(), self.bias)

@@ -34,13 +34,11 @@ from xbar.errors import UserError
 from xbar.methods import (TaskModel, backbone_net, build_task_model, check_spec, chip_view, crossbar_spec,
                           deploy_cells, export_task, get, load_task_model, train_task)
 from xbar.params import Params, TaskSpec
-from xbar.methods.recipe import (MIN_BN_IMAGES, MIN_STEPS, WEIGHT_DECAY, bn_mode, check_converged, lr_factor,
-                                 recalibrate_bn, with_backoff)
+from xbar.methods.fp32 import train_fp32
 from xbar.models import build_model
 from xbar.ranking import rank_batch, rank_pes
 from xbar.runtime import compute_device
-from xbar.training import (accuracy, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
-                           predict)
+from xbar.training import accuracy, predict
 
 
 @dataclass(frozen=True)
@@ -137,60 +135,27 @@ def hardware_aware_training(params: Params, model: TaskModel, backbone: Backbone
         return nullcontext()
     from xbar.chip.aware import hardware_aware
     from xbar.chip.evaluate import calibration_images, chip_settings
+    from xbar.chip.noise_aware import noise_aware
 
     device, adc = chip_settings(params)
-    calibration = calibration_images(data.train, seed=params.seed) if adc.range == "calibrated" else None
+    if params.chip.aware == "noise":
+        return noise_aware(model, device, adc.signed, params.seed)
+    calibration = calibration_images(data.train, params.chip.calibration_images, params.seed) if adc.calibrated else None
     return hardware_aware(model, device, adc, backbone.levels, params.seed, calibration)
 
 
 def learn_fp32(params: Params, spec: TaskSpec, backbone: Backbone, data: TaskData, desc: str) -> float:
-    """The paper's accuracy ceiling: the fp32 backbone (fp32.pt: no quantizer, no crossbar) fine-tuned
-    whole on the task, its own copy (it cannot forget); returns its test accuracy. Nothing goes on a chip.
-
-    The recipe is the 4-bit fine-tune's where it applies: the closed-form head first, then SGD on every
-    weight, BN included, at train.lr (scaled to a small task's batch), warm-up and cosine, at least
-    MIN_STEPS steps, and the divergence guard with its retries at lower lrs (`with_backoff`).
-    """
+    """The paper's accuracy ceiling (xbar.methods.fp32): the fp32 backbone fine-tuned whole on the task, its own
+    copy (it cannot forget); returns its test accuracy. Nothing goes on a chip."""
     if backbone.fp32 is None:
         raise UserError("finetune_fp32 needs the fp32 backbone, artifacts/backbone/fp32.pt (run the pipeline)")
     check_spec(spec, len(data.train), data.num_classes)
     net = build_model(params.model, int(backbone.fp32["num_classes"]), int(backbone.fp32["channels"]))
     net.load_state_dict(backbone.fp32["state_dict"])
     net.head = torch.nn.Linear(net.head.in_features, data.num_classes)
-    device = compute_device(params.train.device)
-    net.to(device)
-    n, train = len(data.train), params.train
-    own_bn = n >= MIN_BN_IMAGES  # a fine-tune's BN is its own: the task's statistics, where there are enough
-    if own_bn:
-        recalibrate_bn(net, data.train, params.seed, workers=train.workers)
-    idx = head_images(n, params.seed)
-    images, labels = (torch.stack(t).to(device) for t in zip(*(data.train[int(i)] for i in idx)))
-    net.eval()
-    fit_head(net, data.train, idx, workers=train.workers)
-    with torch.no_grad():
-        before = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
-    batch = batch_images(n, train.batch_size)
-    share = min(1.0, batch / train.batch_size)
-    steps = optimizer_steps(n, spec.epochs, train.batch_size, MIN_STEPS)
-    who = f"{desc} (finetune_fp32)"
-
-    def attempt(scale: float, retried: str) -> None:
-        hint = f"{retried}lower train.lr (now {train.lr:g})"
-        opt = torch.optim.SGD(net.parameters(), lr=train.lr * share * scale, momentum=train.momentum,
-                              nesterov=train.momentum > 0, weight_decay=WEIGHT_DECAY)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps))
-        fit(net, data.fit_train, [opt], spec.epochs, train.batch_size, params.seed, who, after_step=sched.step,
-            train_mode=bn_mode(batch >= MIN_BN_IMAGES), min_steps=MIN_STEPS, hint=hint, workers=train.workers,
-            mixed_precision=train.mixed_precision)
-        if own_bn:
-            recalibrate_bn(net, data.train, params.seed, workers=train.workers)
-        net.eval()
-        with torch.no_grad():
-            after = torch.nn.functional.cross_entropy(net(as_input(images)), labels, reduction="none")
-        check_converged(before, after, who, hint)
-
-    with_backoff(net, attempt)
-    return accuracy(net, data.test, train.eval_batch_size, train.workers)
+    net.to(compute_device(params.train.device))
+    train_fp32(net, data.train, data.fit_train, spec, params.train, params.seed, desc)
+    return accuracy(net, data.test, params.train.eval_batch_size, params.train.workers)
 
 
 # --- evaluate ---------------------------------------------------------------------------------------

@@ -26,8 +26,6 @@ HEAD_INIT_IMAGES = 4096  # images whose features fit the head in closed form bef
 RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 # label smoothing of the head's logit-scale search: Szegedy et al.'s 0.1; bounds the head's logit gap (module doc)
 HEAD_LABEL_SMOOTHING = 0.1
-LOGISTIC_C = 1.0  # the deployed head's logistic regression: scikit-learn's default inverse L2 strength (the probe's)
-LOGISTIC_ITERATIONS = 500  # a cap on L-BFGS's iterations; the convex fit stops earlier at its tolerances
 
 
 def as_input(images: torch.Tensor) -> torch.Tensor:
@@ -57,11 +55,7 @@ def loo_penalty(fc: torch.Tensor, centred: torch.Tensor) -> float:
     """The relative penalty of RIDGE_GRID whose ridge fit of `centred` targets on centred features `fc`
     has the least leave-one-out squared error (Allen's PRESS, exact for ridge: residual / (1 - leverage)).
 
-    A fixed penalty suits one ratio of images to feature width only. With many images per feature (the
-    small ResNet's 64 features) the least penalty generalizes best; with fewer images than features (an
-    ImageNet backbone's 1280 on a few hundred images) a small one interpolates the training images:
-    measured on EfficientNet-Lite0, a 400-image task's head fit them to a loss of 0.07 and reached 31% on
-    the test images, against 51% at a penalty 100 times larger.
+    A fixed penalty suits one ratio of images to feature width only (docs/decisions.md, "Recipes").
     """
     n = fc.shape[0]
     if n < 3:
@@ -117,40 +111,6 @@ def fit_head(net: nn.Module, data: Dataset, idx: torch.Tensor, batch_size: int =
     w, b = closed_form_head(feats, labels, net.head.out_features)
     net.head.weight.copy_(w)
     net.head.bias.copy_(b)
-
-
-def logistic_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                  c: float = LOGISTIC_C) -> tuple[torch.Tensor, torch.Tensor]:
-    """(weight [C, D], bias [C]) of multinomial logistic regression, L2 penalty 1 / `c` (the linear probe's
-    model, scikit-learn's default) on centred features divided by one number, their root mean variance,
-    by L-BFGS in float64 on the CPU (deterministic), folded back onto the raw features.
-
-    One scale for all features, not one per feature (the probe's standardization): the head is 8-bit
-    with one clip per tensor, and per-feature scales stretch its weights' range where a feature varies
-    little. Measured on the robustness suite's backbones, the standardized fit lost up to 8 points to its
-    8-bit copy (textures, 2,327 images: 59.08% in float, 50.68% in 8 bits); one scale lost at most 1.9.
-    """
-    f = features.detach().double().cpu()
-    y = labels.cpu()
-    mean = f.mean(0)
-    std = (f - mean).square().mean().sqrt().clamp_min(1e-8)
-    z = (f - mean) / std
-    w = torch.zeros(num_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=LOGISTIC_ITERATIONS, tolerance_grad=1e-7,
-                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(z @ w.T + b, y) + 0.5 / (c * len(y)) * w.square().sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    weight = (w / std).detach()
-    bias = (b - weight @ mean).detach()
-    return weight.to(features.dtype), bias.to(features.dtype)
 
 
 def seed_everything(seed: int, threads: int | None = None) -> torch.Generator:
@@ -254,9 +214,7 @@ def fit(model: nn.Module, data: Dataset, optimizers: Iterable[torch.optim.Optimi
     `divergence_limit` of the starting loss, or when a parameter is not finite after the last
     step. The starting loss is measured, not assumed: the mean loss of the untrained model over
     that many batches, in training mode (Gumbel-sampled masks and batch-statistics BN make it
-    higher than the eval loss: 1.1 against 0.05 for XMA2 on 12 images). The window lets a run
-    recover from a brief excursion (a Piggyback run on 160 images rose from 0.12 to 1.2 for one
-    step, then ended at 0.04).
+    higher than the eval loss). The window lets a run recover from a brief excursion.
     """
     optimizers = list(optimizers)
     n = len(data)

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
     args = parser.parse_args(argv)
     params_path = Path(args.params).resolve()
     params = load_params(params_path)
-    configs = configurations(args.methods, args.ratios)
+    configs = configurations(args.methods, args.ratios, recipe=params.train.recipe)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     began, home = time.perf_counter(), Path.cwd()
@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> pl.DataFrame:
         backbone = load_backbone(fp32=True)
         results, failed = [], {}
         for config in configs:
-            try:  # a configuration stops at its first task whose training the guards refuse (xbar.methods.recipe)
-                results.append(result := run_configuration(params, config, backbone))
-            except UserError as err:
-                failed[config.label] = str(err)
-                print(f"{config.label:18s} failed: {err}", flush=True)
+            # a configuration stops at its first task whose training the guards refuse (xbar.methods.recipe)
+            result = run_configuration(params, config, backbone)
+            if result.failure:
+                failed[config.label] = result.failure
+                print(f"{config.label:18s} failed: {result.failure}", flush=True)
                 continue
+            results.append(result)
             print(f"{config.label:18s} " + "  ".join(f"{r['task']} {r['accuracy_at_learn']:.2f} ({kept(r)}{r['seconds']:.0f} s)"
                                                      for r in result.tasks.iter_rows(named=True)), flush=True)
         folder = Path("comparison")

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.abc
 import json
 import os
 import sys
 import time
+
+from after_import import wrap_after_import  # this folder is on sys.path: Python found this module here
 
 LOG_ENV = "XBAR_BENCH_LOG"
 _mlflow_seconds = [0.0]
@@ -38,27 +39,6 @@ def _timed(retry):  # noqa: ANN001, ANN202
             _mlflow_seconds[0] += time.perf_counter() - start
 
     return timed
-
-
-class _TimeMlflow(importlib.abc.MetaPathFinder):
-    """Once `workflow.tracking` is executed, replace its `retry` with a timed one."""
-
-    def find_spec(self, name, path, target=None):  # noqa: ANN001, ANN201
-        if name != "workflow.tracking":
-            return None
-        sys.meta_path.remove(self)
-        spec = next(filter(None, (f.find_spec(name, path, target) for f in sys.meta_path
-                                  if hasattr(f, "find_spec"))), None)
-        if spec is None or spec.loader is None:
-            return None
-        exec_module = spec.loader.exec_module
-
-        def exec_and_time(module) -> None:  # noqa: ANN001
-            exec_module(module)
-            module.retry = _timed(module.retry)
-
-        spec.loader.exec_module = exec_and_time
-        return spec
 
 
 def _stage() -> str | None:
@@ -96,6 +76,6 @@ def _exit_after_logging(exit_):  # noqa: ANN001, ANN202
 
 
 if os.environ.get(LOG_ENV):
-    sys.meta_path.insert(0, _TimeMlflow())
+    wrap_after_import("workflow.tracking", "retry", _timed)
     atexit.register(_log)
     os._exit = _exit_after_logging(os._exit)  # a stage that succeeded skips the interpreter's teardown

@@ -11,11 +11,12 @@ from typer.testing import CliRunner
 
 from tiny_backbone import random_task, tiny_backbone
 from xbar.chip.devices import DEVICES, resolve_device
-from xbar.chip.evaluate import chip_accuracy, chip_mode, switch_back_accuracies
+from xbar.chip.adc import ADC_RANGES
+from xbar.chip.evaluate import calibrate_adcs, chip_accuracy, chip_mode, switch_back_accuracies
 from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan
 from xbar.chip.instance import ChipInstance, LayerCells, target_cells
 from xbar.cli import app
-from xbar.crossbar import CrossbarSpec, map_layers
+from xbar.crossbar import SCHEMES, CrossbarSpec, map_layers
 from xbar.errors import UserError
 from xbar.methods import build_task_model
 from xbar.params import TaskSpec
@@ -135,13 +136,13 @@ def test_low_bit_adc_clips_and_rounds():
         err = (low(codes, ACT_BITS, (1, 1, 1, 1)) - ideal).abs()
         assert err.max() > 0
     # a calibrated range below the partial sums saturates them
-    chip, _ = chip_of(lm, levels, AdcConfig(5, "calibrated"))
-    chip.clip = torch.full((2,), 4.0)
+    chip, _ = chip_of(lm, levels, AdcConfig(5, "per_layer"))
+    chip.ranges = torch.full((1,), 4.0)
     saturated = chip(codes, ACT_BITS, (1, 1, 1, 1))
     assert not torch.allclose(saturated, ideal, atol=1.0)
 
 
-def test_calibration_sets_each_slice_range_to_a_percentile_of_its_partial_sums():
+def test_calibration_sets_each_range_to_a_percentile_of_its_partial_sums():
     shape = (8, 8, 3, 3)  # 72 rows: one row tile
     lm = layer_of(shape, 1, SPEC)
     levels, g = random_case(shape, seed=3)
@@ -150,13 +151,20 @@ def test_calibration_sets_each_slice_range_to_a_percentile_of_its_partial_sums()
     psums = torch.stack([torch.stack([F.conv2d(((codes.long() >> j) & 1).float(), cells[..., s], None, 1, 1)
                                       for j in range(ACT_BITS)]) for s in range(2)])  # [K, cycles, N, 8, H, W]
     for pct in (100.0, 90.0):
-        chip, _ = chip_of(lm, levels, AdcConfig(5, "calibrated", clip_percentile=pct))
+        chip, _ = chip_of(lm, levels, AdcConfig(5, "per_column", clip=pct))
         chip.start_calibration()
         chip(codes, ACT_BITS, (1, 1, 1, 1))
         chip.finish_calibration()
-        want = [float(torch.quantile(psums[s].flatten(), pct / 100, interpolation="higher")) for s in range(2)]
-        assert chip.clip.tolist() == want
-    assert want[1] < psums[1].max()  # the 90th percentile clips the largest sums
+        # per column: unit (tile 0, group 0, slice s, output o)
+        want = [[float(torch.quantile(psums[s][:, :, o].flatten(), pct / 100, interpolation="higher"))
+                 for o in range(8)] for s in range(2)]
+        assert chip.ranges[chip.unit[0, 0]].tolist() == want
+        layer, _ = chip_of(lm, levels, AdcConfig(5, "per_layer", clip=pct))
+        layer.start_calibration()
+        layer(codes, ACT_BITS, (1, 1, 1, 1))
+        layer.finish_calibration()
+        assert layer.ranges.tolist() == [float(torch.quantile(psums.flatten(), pct / 100, interpolation="higher"))]
+    assert want[1][0] < psums[1][:, :, 0].max()  # the 90th percentile clips the largest sums
 
 
 def test_the_column_mask_acts_on_the_digitized_partial_sum():
@@ -197,10 +205,14 @@ def task_model():
     return model, levels
 
 
-@pytest.mark.parametrize("signed", ["offset", "differential"])
-def test_exact_adc_and_ideal_device_reproduce_ideal_predictions(task_model, signed):
+@pytest.mark.parametrize("signed", SCHEMES)
+@pytest.mark.parametrize("rule", ADC_RANGES)
+def test_exact_adc_and_ideal_device_reproduce_ideal_predictions(task_model, signed, rule):
+    """Every signed scheme and range rule. Calibrated ranges are set on the evaluated images themselves,
+    so that they cover every partial sum the evaluation makes: the 16-bit ADC then resolves all of them."""
     model, _ = task_model
     data = random_task(128, seed=3)
+    calib = data.tensors[0]
     ideal_pred, _ = predict(model.net, data, 64)
     x = as_input(data.tensors[0][:32])
     outputs = {}
@@ -209,7 +221,10 @@ def test_exact_adc_and_ideal_device_reproduce_ideal_predictions(task_model, sign
     with torch.no_grad():
         model.net(x)
         ideal_out = dict(outputs)
-        with chip_mode(model, ChipInstance(0, DEVICES["ideal"], model.mapping), AdcConfig(16, "full", signed)):
+        with chip_mode(model, ChipInstance(0, DEVICES["ideal"], model.mapping), AdcConfig(16, rule, signed)) as chips:
+            if rule != "full":
+                calibrate_adcs(model, chips, calib)
+                assert all(c.ranges is not None for c in chips.values())
             chip_pred, _ = predict(model.net, data, 64)
             model.net(x)
     for h in hooks:
@@ -262,7 +277,10 @@ def test_chip_accuracy_reports_instances_and_the_ideal_device_is_exact(task_mode
     with pytest.raises(UserError, match="instances"):
         chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8), instances=0)
     with pytest.raises(UserError, match="calibration"):
-        chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8, "calibrated"), instances=1)
+        chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8, "per_column"), instances=1)
+    with pytest.raises(UserError, match="calibration"):
+        chip_accuracy(model, data, DEVICES["ideal"], AdcConfig(8, "per_crossbar"), instances=1,
+                      calibration=calib[:0])
 
 
 def test_switching_back_to_a_task_reprograms_its_spare_pes(task_model):
@@ -314,7 +332,10 @@ def test_bad_device_input_is_one_line(name, overrides, words):
 @pytest.mark.parametrize(("adc", "words"), [(AdcConfig(0), "adc_bits"), (AdcConfig(17), "adc_bits"),
                                              (AdcConfig(2.5), "adc_bits"), (AdcConfig(True), "adc_bits"),
                                              (AdcConfig(5, "auto"), "adc_range"), (AdcConfig(5, signed="x"), "signed"),
-                                             (AdcConfig(5, clip_percentile=101), "percentile")])
+                                             (AdcConfig(5, clip=101), "percentile"),
+                                             (AdcConfig(5, clip=0), "percentile"),
+                                             (AdcConfig(5, clip="max"), "percentile"),
+                                             (AdcConfig(5, "calibrated"), "adc_range")])
 def test_bad_adc_settings_are_one_line(adc, words):
     with pytest.raises(UserError, match=words) as err:
         adc.check()
@@ -378,7 +399,10 @@ def test_drift_lowers_conductance_and_compensation_restores_the_scale():
     (["--adc-bits", "17"], "--adc-bits"), (["--adc-bits", "0"], "--adc-bits"),
     (["--device", "nope"], "unknown preset"), (["--set", "bogus=1"], "unknown constant"),
     (["--set", "read_sigma=-0.1"], "must be >= 0"), (["--set", "stuck_high=1.5"], r"\[0, 1\]"),
-    (["--instances", "0"], "below 1"), (["--time", "-5"], "--time"),
+    (["--instances", "0"], "below 2"), (["--instances", "1"], "below 2"), (["--time", "-5"], "--time"),
+    (["--adc-range", "per_row"], "adc_range"), (["--signed", "twos"], "signed"), (["--adc-clip", "0"], "--adc-clip"),
+    (["--adc-clip", "101"], "--adc-clip"), (["--adc-clip", "best"], "--adc-clip"),
+    (["--verify-tolerance", "-0.1"], "--verify-tolerance"),
 ])
 def test_xbar_chip_refuses_bad_input_in_one_line(args, words):
     out = CliRunner().invoke(app, ["chip", *args])
@@ -393,6 +417,9 @@ def test_xbar_chip_refuses_bad_input_in_one_line(args, words):
     ("chip", {"device": "nope"}, "unknown preset"), ("chip", {"overrides": {"sigma": 0.1}}, "unknown constant"),
     ("chip", {"overrides": {"read_sigma": -0.1}}, "must be >= 0"), ("chip", {"instances": 0}, "instances"),
     ("chip", {"overrides": {"stuck_low": 1.5}}, r"\[0, 1\]"), ("energy", {"preset": "nope"}, "unknown preset"),
+    ("chip", {"adc_range": "calibrated"}, "adc_range"), ("chip", {"adc_clip": 0}, "adc_clip"),
+    ("chip", {"adc_clip": 100.5}, "adc_clip"), ("chip", {"calibration_images": 0}, "calibration_images"),
+    ("chip", {"instances": 1}, "instances"), ("crossbar", {"signed": "twos"}, "signed"),
 ])
 def test_xbar_chip_refuses_bad_params_in_one_line(tmp_path, monkeypatch, section, values, words):
     """The same refusals when the bad value comes from params.yaml (before any artifact is read)."""
@@ -409,3 +436,28 @@ def test_xbar_chip_refuses_bad_params_in_one_line(tmp_path, monkeypatch, section
     lines = [line for line in out.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), out.output
     assert re.search(words, lines[0])
+
+
+def test_program_and_verify_rewrites_cells_until_within_tolerance_and_counts_the_rewrites():
+    shape = (40, 16, 3, 3)
+    mapping = map_layers([("l", "conv", shape, 1)], SPEC)
+    lm = mapping.layers[0]
+    targets = target_cells(torch.randint(-7, 8, shape, generator=torch.Generator().manual_seed(0)), SPEC)
+    device = DEVICES["paper"]
+    spare = lm.index_tensors()[1] == lm.first_pe
+    open_loop = ChipInstance(3, device, mapping)
+    open_loop.program_pe(lm.first_pe)
+    err = (open_loop.layer_cells(lm, targets, spare).levels - targets).abs()
+    assert float(err.max()) > 0.2 and open_loop.verify_writes == 0
+    chip = ChipInstance(3, device, mapping, verify=0.05)
+    chip.program_pe(lm.first_pe)
+    cells = chip.layer_cells(lm, targets, spare).levels
+    inside = spare.unsqueeze(0).unsqueeze(-1).expand_as(cells)
+    err = (cells - targets).abs()
+    first_err = (open_loop.layer_cells(lm, targets, spare).levels - targets).abs() > 0.05 + 1e-6
+    # within tolerance but the few that ran out of writes (MAX_VERIFY_WRITES; ~0.77**15 ~ 2% at the worst level)
+    assert float((err > 0.05 + 1e-6).float().mean()) < 0.02 < float(first_err.float().mean())
+    # the re-writes in the spare PE: at least the cells outside +-0.05 at the first write
+    assert chip.verify_writes >= int(first_err[inside].sum()) > 0
+    with pytest.raises(UserError, match="verify_tolerance"):
+        ChipInstance(0, device, mapping, verify=-1.0)

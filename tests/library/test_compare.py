@@ -21,12 +21,21 @@ TASKS = ("digits", "faces")
 
 def test_configurations_one_per_method_and_xma2_per_ratio():
     configs = configurations(["finetune_shared", "xma2", "piggyback"], [0.05, 0.1, 0.125])
-    assert [c.label for c in configs] == ["finetune_shared", "xma2@5", "xma2@10", "xma2@12.5", "piggyback",
-                                          "finetune_fp32"]  # the fp32 ceiling beside a 4-bit fine-tune
-    assert [c.spare_ratio for c in configs] == [None, 0.05, 0.1, 0.125, None, None]
+    # head only first (the reference of every method that keeps the backbone), the fp32 ceiling beside a 4-bit
+    # fine-tune
+    assert [c.label for c in configs] == ["head_only", "finetune_shared", "xma2@5", "xma2@10", "xma2@12.5",
+                                          "piggyback", "finetune_fp32"]
+    assert [c.spare_ratio for c in configs] == [None, None, 0.05, 0.1, 0.125, None, None]
+    assert "head_only" not in [c.label for c in configurations(["finetune_shared"], [], reference=True)]
     assert "finetune_fp32" not in [c.label for c in configurations(["xma2", "finetune_shared"], [0.1], ceiling=False)]
     assert "finetune_fp32" not in [c.label for c in configurations(["xma2", "piggyback"], [0.1])]
-    assert [c.label for c in configurations(["xma", "xma"], [])] == ["xma"]  # no xma2: no ratio needed
+    assert [c.label for c in configurations(["xma", "xma"], [])] == ["head_only", "xma"]  # no xma2: no ratio needed
+    # the paper preset: by default the methods it covers; one it does not cover is refused in one line
+    assert "finetune_shared" not in [c.method for c in configurations(None, [0.1], recipe="paper")]
+    with pytest.raises(UserError, match="train.recipe: the 'paper' preset does not cover method 'finetune_shared'"):
+        configurations(["finetune_shared"], [], recipe="paper")
+    with pytest.raises(UserError, match="train.recipe: 'fancy' is unknown"):
+        configurations(["xma"], [], recipe="fancy")
     for methods, ratios, words in ((["magic"], [0.1], "unknown"), (["xma2"], [0.0], "ratios: .*greater than 0"),
                                    (["xma2"], [1.5], "ratios: .*less than or equal to 1"), (["xma2"], [], "at least one"), ([], [0.1], "one")):
         with pytest.raises(UserError, match=words):
@@ -39,7 +48,8 @@ def test_the_bn_ablation_runs_every_mask_method_once_more():
     from project import tiny_params
 
     params = parse_params(tiny_params({"digits": {"method": "xma", "bn": "per_task"}, "faces": {"dataset": "lfw_faces"}}))
-    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task", ceiling=False)
+    configs = configurations(["finetune_separate", "xma2", "piggyback"], [0.1], "per_task", ceiling=False,
+                             reference=False)
     assert [c.label for c in configs] == ["finetune_separate", "xma2@10", "piggyback", "xma2@10+bn_per_task",
                                           "piggyback+bn_per_task"]
     rules = {c.label: {params_bn(configuration_params(params, c), t) for t in params.tasks} for c in configs}
@@ -51,7 +61,7 @@ def test_the_shift_level_sweep_runs_xma_and_xma2_once_per_n():
     """The paper's Table 2: XMA and XMA2 (at each P) once per N; XBM's mask is binary (N = 0) whatever the sweep."""
     from project import tiny_params
 
-    configs = configurations(["xbm", "xma", "xma2"], [0.1], shift_levels=[0, 3])
+    configs = configurations(["xbm", "xma", "xma2"], [0.1], shift_levels=[0, 3], reference=False)
     assert [c.label for c in configs] == ["xbm", "xma/N0", "xma/N3", "xma2@10/N0", "xma2@10/N3"]
     params = parse_params(tiny_params({"digits": {"method": "xma"}}))
     assert {s.shift_levels for s in configuration_params(params, configs[1]).tasks.values()} == {0}
@@ -294,7 +304,8 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
     # (XBM is left out: under train.bn frozen its binary column masks end above the closed-form head's loss
     # on this 400-image task of a 4-channel backbone, and the divergence guard fails the run, as it should)
-    args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,piggyback,xma2", "--ratios", "0.1,0.2")
+    args = ("-m", "xbar.cli", "compare", "--methods", "finetune_shared,piggyback,xma2", "--ratios", "0.1,0.2",
+            "--seeds", "0")
     out = project.python(*args, "--workers", "2", "--chip-sweeps")  # two configurations at once on threads
     assert "xma2@20" in out.stdout and "chip mean" in out.stdout
     folder = project.root / "artifacts/comparison"
@@ -308,18 +319,21 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     project.python(*args, "--dask", "--workers", "1")  # one worker process: starting more costs more than it saves
     dask = pl.read_csv(folder / "table.csv")
     assert threads.drop("seconds").equals(dask.drop("seconds"))  # accuracies, mask digests, energy: identical
-    assert threads["label"].unique(maintain_order=True).to_list() == ["finetune_shared", "piggyback", "xma2@10",
-                                                                      "xma2@20"]
+    assert threads["label"].unique(maintain_order=True).to_list() == ["head_only", "finetune_shared", "piggyback",
+                                                                      "xma2@10", "xma2@20"]
 
-    masks = threads.filter(pl.col("method") != "finetune_shared")
+    masks = threads.filter(~pl.col("method").is_in(["finetune_shared", "head_only"]))
     assert (masks["forgetting"] == 0).all()  # no forgetting, exactly
     # how training went: its optimizer steps, and the checkpoint kept on held-out images (digits holds some out)
     assert (threads["optimizer_steps"] > 0).all()
     digits = threads.filter(pl.col("task") == "digits")
     assert digits["kept_step"].is_not_null().all() and (digits["kept_step"] <= digits["optimizer_steps"]).all()
-    assert threads["lr_scale"].is_in([1.0, 0.5, 0.25, 0.125]).all()  # the share of the lrs each run held at
-    assert threads["head_fit"].is_in(["trained", "logistic"]).all()
-    assert (threads.filter(pl.col("task") != "digits")["head_fit"] == "trained").all()  # nothing held out there
+    # every row names its recipe and head procedure: one for every method under the default recipe
+    assert (threads["recipe"] == "default").all() and threads["head_fit"].n_unique() == 1
+    moved = threads.filter(pl.col("method").is_in(["piggyback", "xma2"]))["masks_changed"]
+    assert moved.is_not_null().all() and ((moved >= 0) & (moved <= 1)).all()
+    md = (folder / "table.md").read_text()
+    assert "mean ± 95% CI over seeds" in md and "xma2@10 - head_only" in md
     assert masks.filter(pl.col("method") == "xma2")["spare_pes"].min() > 0
     assert masks.filter(pl.col("method") == "piggyback")["mask_bytes"].min() > 0
     shared = threads.filter((pl.col("method") == "finetune_shared") & (pl.col("task") == "digits"))
@@ -356,7 +370,8 @@ def test_cli_refuses_bad_comparison_input_before_the_flow_starts(tmp_path, monke
     monkeypatch.setattr(flows.compare, "run_comparison", lambda *a, **k: pytest.fail("the flow started"))
     for args, words in ((["--methods", "magic"], "unknown"), (["--ratios", "0.5"], "spare_pe_ratio"),
                         (["--ratios", "ten"], "--ratios"), ([], "quant.pt: missing"),
-                        (["--chip-instances", "-1"], "--chip-instances"), (["--chip-images", "-5"], "--chip-images")):
+                        (["--chip-instances", "-1"], "--chip-instances"), (["--chip-images", "-5"], "--chip-images"),
+                        (["--seeds", "1,1"], "--seeds: seed 1 is given twice"), (["--seeds", ","], "--seeds: expected at least one")):
         out = CliRunner().invoke(app, ["compare", *args])
         assert out.exit_code == 2, out.output
         lines = out.stderr.strip().splitlines()
@@ -395,3 +410,57 @@ def test_the_fp32_ceiling_fine_tunes_the_fp32_backbone_and_forgets_nothing():
     assert energy_table(table).height == 0  # nothing programmed: no energy row
     assert torch.equal(fp32["state_dict"]["stem.0.weight"], net.state_dict()["stem.0.weight"])  # untouched
     assert not math.isnan(result.tasks["seconds"][0])
+
+
+def test_an_rgb_image_folder_task_fine_tunes_in_fp32():
+    """The fp32 ceiling on an image folder (RGB, integer labels, as torchvision's ImageFolder gives them): it
+    crashed reading the head images as one stacked tensor (TypeError on the int labels)."""
+    import torch
+
+    from xbar.methods.fp32 import train_fp32
+    from xbar.models import build_model
+    from xbar.params import ModelParams, TaskSpec, TrainParams
+    from xbar.training import accuracy, seed_everything
+
+    class Folder(torch.utils.data.Dataset):  # (uint8 image, int label), like an ImageFolder source
+        def __init__(self):
+            gen = torch.Generator().manual_seed(0)
+            self.y = [i % 2 for i in range(40)]
+            self.x = [(torch.rand(3, 8, 8, generator=gen) * 100 + 120 * y).to(torch.uint8) for y in self.y]
+
+        def __len__(self):
+            return len(self.y)
+
+        def __getitem__(self, i):
+            return self.x[i], self.y[i]
+
+    seed_everything(0, 1)
+    net = build_model(ModelParams(width=4, blocks=1), 2, 3)
+    data = Folder()
+    steps, label = train_fp32(net, data, data, TaskSpec(dataset="optdigits", epochs=1), TrainParams(threads=1), 0, "rgb")
+    assert steps >= 50 and label == "default"
+    assert accuracy(net, data) > 50
+
+
+def test_seed_statistics_give_mean_ci_and_paired_differences_with_the_gain_over_head_only():
+    from xbar.comparison_stats import paired_table, seed_table, statistics_markdown
+    from xbar.stats import mean_ci, paired_ci
+
+    acc = {"head_only": [70.0, 72.0, 71.0], "xma": [75.0, 78.0, 74.0], "xma2@10": [80.0, 79.0, 83.0],
+           "piggyback": [81.0, 77.0, 80.0]}
+    rows = pl.DataFrame([{"label": label, "seed": seed, "task": task, "accuracy_final": a + (task == "b"),
+                          "recipe": "default", "head_fit": "ridge head, then SGD", "optimizer_steps": 10,
+                          "masks_changed": None if label == "head_only" else 0.1}
+                         for label, values in acc.items() for seed, a in enumerate(values) for task in ("a", "b")])
+    table = seed_table(rows)
+    xma = table.filter((pl.col("label") == "xma") & (pl.col("task") == "a")).row(0, named=True)
+    expected = mean_ci(acc["xma"])
+    assert (xma["mean"], xma["ci95"], xma["n"]) == pytest.approx((expected.mean, expected.half_width, 3))
+    assert xma["seeds"] == "0,1,2" and xma["optimizer_steps"] == 20 and xma["recipe"] == "default"
+    pairs = paired_table(rows)
+    assert pairs["difference"].unique(maintain_order=True).to_list()[:2] == ["xma2@10 - piggyback", "xma2@10 - xma"]
+    claim = pairs.filter((pl.col("difference") == "xma2@10 - piggyback") & (pl.col("task") == "mean")).row(0, named=True)
+    assert claim["mean"] == pytest.approx(paired_ci(acc["xma2@10"], acc["piggyback"]).mean)
+    assert claim["ci95"] == pytest.approx(paired_ci(acc["xma2@10"], acc["piggyback"]).half_width)
+    md = statistics_markdown(rows, ["xbm (seed 0): t (xbm): training diverged"])
+    assert "gain_over_head_only" in md and "xma - head_only" in md and "- xbm (seed 0): t (xbm)" in md

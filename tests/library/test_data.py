@@ -154,7 +154,7 @@ def test_bad_crop_and_augment_are_refused():
 
 def test_channel_stats_and_the_normalization_rule():
     from xbar.data import channel_stats
-    from xbar.models import IMAGENET_STATS, input_statistics
+    from xbar.models import imagenet_stats, input_statistics
     from xbar.params import ModelParams
 
     data = load_task_data(DatasetSpec(source="optdigits"), seed=0)
@@ -163,5 +163,29 @@ def test_channel_stats_and_the_normalization_rule():
     assert mean[0] == pytest.approx(float(x.mean()), rel=1e-6) and std[0] == pytest.approx(float(x.std()), rel=1e-6)
     assert input_statistics(ModelParams(), data.train, 1) == (mean, std)  # auto without weights: the source's
     assert input_statistics(ModelParams(normalize="none"), data.train, 1) == ((0.0,), (1.0,))
-    assert input_statistics(ModelParams(name="resnet18", weights="w.pt"), data.train, 3) == IMAGENET_STATS["resnet18"]
+    assert input_statistics(ModelParams(name="resnet18", weights="w.pt"), data.train, 3) == imagenet_stats("resnet18")
     assert input_statistics(ModelParams(normalize={"mean": [0.1], "std": [0.3]}), data.train, 1) == ((0.1,), (0.3,))
+
+
+def test_class_folders_and_images_linked_outside_the_allowed_directories_are_refused(tmp_path):
+    """The server's policy reaches inside the folder: a class folder or an image that is a symbolic link
+    leading outside the readable directories is refused, one line naming it; inside them, links are read."""
+    from project import image_folder
+    from xbar.data import check_dataset
+
+    project, outside = tmp_path / "project", tmp_path / "outside"
+    root = image_folder(project / "data" / "faces", ["a", "b"])
+    secret = image_folder(outside / "secret", ["c"])
+    spec = DatasetSpec(source="imagefolder", root=str(root))
+    check_dataset(spec, [project])  # no link: read
+
+    (root / "c").symlink_to(secret / "c", target_is_directory=True)
+    with pytest.raises(UserError, match=r"^dataset\.root: the class folder .*/c links to .*outside.*XBAR_DATA_DIRS"):
+        check_dataset(spec, [project])
+    check_dataset(spec, [project, outside])  # outside listed (XBAR_DATA_DIRS): read
+    check_dataset(spec)  # no policy (a stage run by the project's owner): read
+
+    (root / "c").unlink()
+    (root / "a" / "leak.png").symlink_to(secret / "c" / "0.png")
+    with pytest.raises(UserError, match=r"^dataset\.root: the image .*leak\.png links to"):
+        check_dataset(spec, [project])

@@ -41,8 +41,13 @@ SHAPES = [("c3", "conv", (40, 16, 3, 3), 1),      # 2 row tiles x 2 column tiles
 
 
 @pytest.mark.parametrize("spec", [CrossbarSpec(), CrossbarSpec(rows=36, cols=16, crossbars_per_pe=2),
-                                  CrossbarSpec(cell_bits=1, weight_bits=4)])
+                                  CrossbarSpec(cell_bits=1, weight_bits=4), CrossbarSpec(signed="differential"),
+                                  CrossbarSpec(signed="offset_ref"),
+                                  CrossbarSpec(rows=36, cols=16, signed="differential"),
+                                  CrossbarSpec(cell_bits=1, weight_bits=4, signed="offset_ref")])
 def test_cells_sit_inside_their_crossbars(spec):
+    """Every scheme (xbar.crossbar): its cells inside the crossbar's output columns (offset_ref's reference
+    columns stay free at the crossbar's end), no two cells in one place, and the image decodes to the weights."""
     mapping = map_layers(SHAPES, spec)
     layout = ChipLayout(mapping)
     cpe, per_xb = spec.cells_per_pe, spec.rows * spec.cols
@@ -57,6 +62,7 @@ def test_cells_sit_inside_their_crossbars(spec):
         cols_used = torch.tensor([x["columns"] for x in lm.crossbars]) * spec.cells_per_weight
         assert bool((local_xb < lm.n_crossbars).all())
         assert bool((row < rows_used[local_xb]).all()) and bool((col < cols_used[local_xb]).all())
+        assert bool((col < spec.cols - spec.reference_cols).all())
     flat = torch.cat(everything)
     assert flat.unique().numel() == flat.numel()  # no two cells share a place
     _, weights = mapping.pe_counts()

@@ -14,7 +14,7 @@ from torch import nn
 
 from xbar.crossbar import CrossbarSpec, map_model
 from xbar.errors import UserError
-from xbar.models import IMAGENET_STATS, EfficientNetLite0, build_model, same_pad, weights_file
+from xbar.models import imagenet_stats, EfficientNetLite0, build_model, same_pad, weights_file
 from xbar.params import ModelParams
 from xbar.quant import calibrate, quant_layers, quantize_model
 
@@ -41,7 +41,7 @@ def photo(name: str, size: int = 224) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def imagenet() -> nn.Module:
     model = build_model(LITE0, num_classes=1000, in_channels=3).eval()
-    model.input_norm.set(*IMAGENET_STATS["efficientnet_lite0"])
+    model.input_norm.set(*imagenet_stats("efficientnet_lite0"))
     return model
 
 
@@ -102,7 +102,7 @@ def test_every_depthwise_and_pointwise_conv_is_mapped(imagenet):
 def test_4bit_activations_keep_the_cat(imagenet, photos):
     """4-bit DACs everywhere (the first layer's signed: normalized pixels), 8-bit weights (4 cells of 2 bits).
     4-bit weights rounded after training (per layer, or even per channel) lose the cat: EfficientNet-Lite needs
-    QAT at 4 bits (README, "A second benchmark")."""
+    QAT at 4 bits (docs/decisions.md, "The RGB benchmark")."""
     net = quantize_model(copy.deepcopy(imagenet), weight_bits=8, act_bits=4)
     calibration = torch.cat([photo(n, 224) for n in ("astronaut", "rocket", "immunohistochemistry", "camera")])
     calibrate(net, calibration)
@@ -123,9 +123,10 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path):
     import torchvision
 
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pt")
-    with pytest.raises(UserError, match=r"^model\.weights: .*does not fit efficientnet_lite0") as err:
+    # weights of another architecture: the first key that does not fit is named
+    with pytest.raises(UserError, match=r"^model\.weights: .*does not fit efficientnet_lite0 \(key 'conv1.weight' is not") as err:
         build_model(ModelParams(name="efficientnet_lite0", weights=str(tmp_path / "resnet18.pt")), 10, in_channels=3)
     assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match=r"^model\.weights: .*does not fit torchvision's resnet18") as err:
+    with pytest.raises(UserError, match=r"^model\.weights: .*does not fit resnet18 \(key '_conv_stem.weight' is not") as err:
         build_model(ModelParams(name="resnet18", weights=str(weights_file(LITE0))), 10, in_channels=3)
     assert "\n" not in str(err.value)

@@ -73,7 +73,7 @@ def test_training_forward_is_the_chips_and_the_gradient_the_ideal_layers(xma2):
 def test_calibrated_adc_needs_calibration_images(xma2):
     model, levels = xma2
     with pytest.raises(UserError, match="calibration images"):
-        with hardware_aware(model, NOISY, AdcConfig(5, "calibrated"), levels, seed=0):
+        with hardware_aware(model, NOISY, AdcConfig(5, "per_column"), levels, seed=0):
             pass
 
 
@@ -87,7 +87,7 @@ def test_hw_aware_learn_is_deterministic_and_trains_on_the_chip(pretrained):
     def masks(hw_aware: bool) -> dict:
         p = params.model_copy(update={"train": params.train.model_copy(update={"hw_aware": hw_aware,
                                                                                "device": "cpu"})})
-        p = p.model_copy(update={"chip": p.chip.model_copy(update={"device": "paper",
+        p = p.model_copy(update={"chip": p.chip.model_copy(update={"device": "paper", "aware": "chip",
                                                                    "overrides": {"noise_scale": 3.0}})})
         spec = TaskSpec(dataset="optdigits", method="xma", epochs=2)
         seed_everything(0, 2)
@@ -97,3 +97,49 @@ def test_hw_aware_learn_is_deterministic_and_trains_on_the_chip(pretrained):
     first, again, plain = masks(True), masks(True), masks(False)
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], plain[k]) for k in first)
+
+
+# --- noise-aware training (chip.aware: noise, xbar.chip.noise_aware) ----------------------------------
+
+
+def test_noise_aware_forward_perturbs_weights_by_the_cells_sigma_and_keeps_the_ideal_gradient(xma2):
+    """Training forwards see W + dW with dW ~ N(0, sigma_w^2) from the cells' programming error; the
+    gradient reaches the trainables through the ideal layer; eval mode and the block's exit are ideal."""
+    from xbar.chip.noise_aware import noise_aware, weight_noise_sigma
+
+    model, _ = xma2
+    layer = next(iter(model.layers().values()))
+    x = as_input(random_task(8, seed=1).tensors[0])
+    model.net.eval()
+    with torch.no_grad():
+        ideal = model.net(x)
+    spec = model.mapping.spec
+    for signed in ("offset", "differential"):
+        sigma = weight_noise_sigma(layer.task_levels().round(), spec, DEVICES["paper"], signed)
+        # by definition, for a zero weight: offset cells (1, 3), differential (0, 0) (0, 0)
+        s = DEVICES["paper"].sigma_levels(torch.tensor([0, 1, 3]), 3)
+        zero = (layer.task_levels().round() == 0)
+        want = torch.sqrt((4 * s[1]) ** 2 + s[2] ** 2) if signed == "offset" else torch.sqrt(2 * 17 * s[0] ** 2)
+        assert torch.allclose(sigma[zero], want.expand(int(zero.sum())), rtol=1e-5)
+    with noise_aware(model, DEVICES["paper"], "offset", seed=0):
+        model.net.eval()
+        with torch.no_grad():
+            assert torch.equal(model.net(x), ideal)  # eval stays ideal
+        model.net.train()
+        torch.manual_seed(5)  # the same Gumbel sample of the column masks for both forwards
+        out1 = model.net(x)
+        torch.manual_seed(5)
+        out2 = model.net(x)
+        assert not torch.allclose(out1, out2)  # fresh weight noise per forward
+        out1.sum().backward()
+        grads = [p.grad for p in model.net.parameters() if p.requires_grad and p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    with noise_aware(model, DEVICES["ideal"], "offset", seed=0):  # an ideal device: the ideal forward
+        model.net.train()
+        torch.manual_seed(5)
+        a = model.net(x)
+    model.net.train()
+    torch.manual_seed(5)
+    assert torch.allclose(a, model.net(x), atol=1e-6)
+    model.net.eval()
+    assert "forward" not in layer.__dict__

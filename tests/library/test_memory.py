@@ -83,7 +83,7 @@ def test_paper_resnet50_mask_memory():
     # conv weights independently: every parameter minus the fc and the BN scales/shifts
     total = sum(p.numel() for p in model.parameters())
     bn = sum(p.numel() for n, p in model.named_parameters() if ".bn" in n or "downsample.1" in n or n.startswith("bn1"))
-    conv = total - model.fc.weight.numel() - model.fc.bias.numel() - bn
+    conv = total - model.head.weight.numel() - model.head.bias.numel() - bn
     assert r.conv_weights == r.weights == conv and 23.4e6 < conv < 23.5e6
     # columns independently: out_channels x ceil(in_channels / G), G = 72 // (kh*kw), no grouped conv
     columns = sum(m.out_channels * math.ceil(m.in_channels / (72 // (m.kernel_size[0] * m.kernel_size[1])))
@@ -131,7 +131,7 @@ def test_cli_json_and_table():
 
 @pytest.mark.parametrize("args", [["--rows", "0"], ["--cell-bits", "3"], ["--spare-ratio", "2"],
                                   ["--shift-levels", "-1"], ["--model", "no_such_net"], ["--bn", "sometimes"],
-                                  ["--classes", "0"]])
+                                  ["--classes", "0"], ["--signed", "twos"], ["--signed", "differential", "--cols", "3"]])
 def test_cli_bad_input_is_one_line_exit_2(args):
     argv = ["memory", "--json"] + (args if "--model" in args else ["--model", "small_resnet"] + args)
     result = CliRunner().invoke(app, argv)
@@ -148,3 +148,15 @@ def test_cli_entry_point_subprocess():
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
     ok = subprocess.run([exe, "memory", "--model", "small_resnet", "--json"], capture_output=True, text=True)
     assert ok.returncode == 0 and json.loads(ok.stdout)["pes"] >= 100
+
+
+def test_signed_schemes_set_the_cells_and_crossbars_of_xbar_memory():
+    """differential: twice the cells, 18 outputs per 72-column crossbar; offset_ref: 35 outputs (2 reference
+    columns); the mask bytes of a column follow the columns, which do not change."""
+    runner = CliRunner()
+    out = {s: json.loads(runner.invoke(app, ["memory", "--model", "small_resnet", "--json", "--signed", s]).stdout)
+           for s in ("offset", "offset_ref", "differential")}
+    assert out["differential"]["cells"] == 2 * out["offset"]["cells"] == 2 * out["offset_ref"]["cells"]
+    assert out["offset"]["crossbars"] <= out["offset_ref"]["crossbars"] < out["differential"]["crossbars"]
+    assert out["offset"]["columns"] == out["differential"]["columns"] == out["offset_ref"]["columns"]
+    assert all(o["signed"] == s for s, o in out.items())

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,53 @@ def test_a_task_on_an_image_folder_added_from_the_browser_form_is_learned(browse
     assert (spec.after, spec.dataset.source, spec.dataset.root) == ("backbone", "imagefolder", "data/shapes")
     child, parent = learned_task(project, "shapes")
     assert parent.data.tags["prefect.flow_run_id"] == str(run.id)
+
+
+@pytest.fixture
+def mlflow_ui(stack: dict[str, Any]) -> Iterator[str]:
+    """`mlflow server` on the stack project's store (127.0.0.1, a free port): the UI a user opens; stopped after
+    its test (the Prefect UI's tests need the cores)."""
+    from prefect_stack import free_port, start, stop
+
+    project: TinyProject = stack["project"]
+    url = f"http://127.0.0.1:{free_port()}"
+    log = project.root.parent / "mlflow-ui.log"
+    proc = start([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", project.mlflow_uri, "--host",
+                  "127.0.0.1", "--port", url.rsplit(":", 1)[1], "--workers", "1"], project.root, project.env, log)
+    try:
+        import urllib.request
+
+        wait_for("the MLflow UI", lambda: urllib.request.urlopen(f"{url}/health", timeout=5).status == 200 or None,
+                 180, [log], procs=[proc])
+        yield url
+    finally:
+        stop(proc)
+
+
+def test_the_mlflow_ui_shows_a_learned_tasks_model_and_its_metrics(browser: Any, stack: dict[str, Any],
+                                                                   mlflow_ui: str):
+    """After the form's task (the first test) is learned: its logged model, with its accuracy, in MLflow 3's
+    UI of a model-training experiment."""
+    from mlflow import MlflowClient
+
+    project: TinyProject = stack["project"]
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("xbar")
+    model = next(m for m in client.search_logged_models([exp.experiment_id]) if m.name == "shapes")
+    at_learn = next(m.value for m in model.metrics if m.key == "accuracy_at_learn")
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/models")  # the experiment's models tab
+        page.get_by_text("shapes", exact=True).first.wait_for(timeout=60_000)
+        page.goto(f"{mlflow_ui}/#/experiments/{exp.experiment_id}/models/{model.model_id}")
+        page.get_by_text("accuracy_at_learn").first.wait_for(timeout=60_000)
+        shown = {repr(at_learn).removesuffix(".0"), f"{at_learn:.2f}"}  # its value as JavaScript prints it, or rounded
+        page.get_by_text(re.compile("^(" + "|".join(map(re.escape, shown)) + ")$")).first.wait_for(timeout=30_000)
+        page.get_by_text("xbar-chip").first.wait_for(timeout=30_000)  # registered: a version of the chip's model
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=ARTIFACTS / "mlflow-model.png", full_page=True)
+    finally:
+        page.close()
 
 
 def test_a_missing_directory_from_the_browser_form_fails_with_one_line(browser: Any, stack: dict[str, Any]):

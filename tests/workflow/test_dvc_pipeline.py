@@ -50,6 +50,69 @@ def test_fresh_repro_runs_every_stage(pipeline):
     assert "accuracy_at_learn" in shown and "test_accuracy" in shown
 
 
+def runs(project, query: str = "") -> list:
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("xbar")
+    return client.search_runs([exp.experiment_id], query, max_results=1000)
+
+
+def mtime_ms(path) -> float:
+    return path.stat().st_mtime * 1000
+
+
+def test_the_task_run_spans_its_stages_and_the_pipeline_run_ends_with_repro(pipeline):
+    project, _ = pipeline
+    root = project.root
+    (task,) = runs(project, "tags.`xbar.task` = 'first'")
+    info = task.info
+    assert info.status == "FINISHED" and task.data.tags["xbar.gate"] == "passed"
+    assert task.data.tags["xbar.stages"] == "rank_pes,train_masks,program_spares,simulate_energy"
+    # it opened before rank_pes wrote its output and closed after the last stage before evaluate wrote its own
+    assert info.start_time <= mtime_ms(root / "artifacts/tasks/first/ranking.parquet")
+    assert info.end_time >= mtime_ms(root / "artifacts/tasks/first/energy_pes.parquet")
+    parent = MlflowClient(project.mlflow_uri).get_run(task.data.tags["mlflow.parentRunId"])
+    assert parent.info.run_name == "dvc-pipeline" and parent.info.status == "FINISHED"
+    assert parent.info.start_time <= mtime_ms(root / "artifacts/backbone/fp32.pt")  # started with `dvc repro`
+    assert parent.info.end_time >= info.end_time
+    assert [r.info.run_name for r in runs(project, "attributes.status = 'RUNNING'")] == []
+    exp = MlflowClient(project.mlflow_uri).get_experiment_by_name("xbar")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a model-training experiment
+
+
+def test_a_logged_model_per_task_loads_and_predicts_as_the_task_did(pipeline):
+    import mlflow
+    import torch
+
+    from xbar.data import load_task_data
+    from xbar.params import load_params
+
+    project, _ = pipeline
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("xbar")
+    models = {m.name: m for m in client.search_logged_models([exp.experiment_id])}
+    assert set(models) == {"backbone", "first"} and {m.status.to_proto() for m in models.values()} == {2}  # READY
+    (task,) = runs(project, "tags.`xbar.task` = 'first'")
+    model = models["first"]
+    tags = model.tags
+    assert model.source_run_id == task.info.run_id
+    assert tags["xbar.backbone_model_id"] == models["backbone"].model_id  # lineage: the backbone's model
+    assert tags["xbar.task_digest"] == task.data.tags["xbar.task_digest"] and len(tags["xbar.train_digest"]) == 16
+    assert tags["xbar.git_commit"] != "unknown" and tags["dvc.train_masks@first.task.pt"]
+    registered = client.get_registered_model("xbar-chip")
+    chip = client.get_model_version_by_alias("xbar-chip", "chip")
+    assert chip.source == f"models:/{model.model_id}" and registered.aliases["task-first"] == int(chip.version)
+    assert client.get_model_version_by_alias("xbar-chip", "backbone").source == f"models:/{models['backbone'].model_id}"
+
+    params = load_params(project.params)
+    data = load_task_data(params.tasks["first"].dataset, params.seed)
+    images = torch.stack([data.test[i][0] for i in range(len(data.test))]).numpy()
+    labels = torch.tensor([int(data.test[i][1]) for i in range(len(data.test))])
+    mlflow.set_tracking_uri(project.mlflow_uri)  # as in the project directory, whose mlflow.db is MLflow's default
+    predicted = mlflow.pyfunc.load_model("models:/xbar-chip@chip").predict(images)  # the documented call
+    accuracy = float((torch.as_tensor(predicted) == labels).float().mean() * 100)
+    assert abs(accuracy - task.data.metrics["accuracy_at_learn"]) <= 0.01  # the gate's own tolerance
+
+
 def test_second_repro_runs_nothing(pipeline):
     project, _ = pipeline
     out = project.dvc("repro")
@@ -113,6 +176,9 @@ def test_report_json_and_the_forgetting_matrix_in_mlflow(pipeline):
     run = client.search_runs([exp.experiment_id], "tags.`xbar.task` = 'second'")[0]
     history = client.get_metric_history(run.info.run_id, "acc/first")
     assert [(m.step, m.value) for m in history] == [(2, first["accuracy_at_learn"])]
+    # the chip serves the task learned last; each task keeps its own alias
+    assert client.get_model_version_by_alias("xbar-chip", "chip").run_id == run.info.run_id
+    assert client.get_model_version_by_alias("xbar-chip", "task-first").run_id == first["run_id"]
 
 
 def test_gate_fails_when_an_earlier_task_changes(pipeline):
@@ -133,3 +199,31 @@ def test_gate_fails_when_an_earlier_task_changes(pipeline):
     line = out.stderr.strip().splitlines()[-1]
     assert "no-forgetting gate failed" in line and "task first" in line
     assert len(re.findall(r"\d+\.\d\d%", line)) == 2
+
+
+def test_a_failed_stage_leaves_its_runs_failed_not_running(pipeline):
+    """A stage failing under `dvc repro` closes the task's run FAILED (the stage named) and that invocation's
+    pipeline run FAILED with the stage: nothing stays RUNNING."""
+    project, _ = pipeline
+    before = project.params.read_text()
+    params = yaml.safe_load(before)
+    from project import image_folder
+
+    image_folder(project.root / "data/one", ["only"])  # one class: rank_pes refuses it
+    params["tasks"]["third"] = {"after": "second", "dataset": {"source": "imagefolder", "root": "data/one"},
+                                "epochs": 1}
+    project.params.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        out = project.dvc("repro", check=False)
+    finally:
+        project.params.write_text(before)
+    assert out.returncode != 0 and "rank_pes@third" in out.stderr + out.stdout
+    (failed,) = runs(project, "tags.`xbar.task` = 'third'")
+    assert failed.info.status == "FAILED" and failed.data.tags["xbar.stopped_at"] == "rank_pes@third"
+    assert "at least 2 classes" in failed.data.tags["mlflow.note.content"]
+    parent = MlflowClient(project.mlflow_uri).get_run(failed.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED" and parent.data.tags["xbar.failed_stage"] == "rank_pes@third"
+    assert [r.info.run_name for r in runs(project, "attributes.status = 'RUNNING'")] == []
+    assert not (project.root / ".dvc/tmp/xbar-runs/third.json").exists()
+    assert [t["name"] for t in json.loads(project.python("-m", "xbar.cli", "report", "--json").stdout)["tasks"]] == [
+        "first", "second"]  # a task whose gate was never reached is not a learned task

@@ -82,3 +82,12 @@ def test_kill_9_mid_write_then_rerun_completes_the_task_and_keeps_earlier_bytes(
     held = {s["task"] for s in meta["slots"] if s}  # spare PEs are placed to save writes (HA3M): t2's may reuse t1's
     assert meta["serving"] == "t2" and "t2" in held and held <= {"t1", "t2"}
     assert "up to date" in project.dvc("status").stdout
+    # MLflow: each killed attempt of t2 ended KILLED (by the next stage of t2 that ran), the last one learned it
+    from mlflow import MlflowClient
+
+    client = MlflowClient(project.mlflow_uri)
+    exp = client.get_experiment_by_name("xbar")
+    t2_runs = client.search_runs([exp.experiment_id], "tags.`xbar.task` = 't2'", order_by=["attributes.start_time"])
+    assert [(r.info.status, r.data.tags.get("xbar.stopped_at")) for r in t2_runs] == [
+        ("KILLED", "train_masks@t2"), ("KILLED", "program_spares@t2"), ("FINISHED", None)]
+    assert client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'") == []

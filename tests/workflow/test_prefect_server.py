@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from prefect_stack import DEPLOYMENT, learned_task, mlflow_runs, running_stack, settings, tails, wait_final
+from prefect_stack import (DEPLOYMENT, final_state, learned_task, mlflow_runs, running_stack, settings, tails, wait_final,
+                           wait_for)
 from project import TinyProject, image_folder
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # covers the module fixture's start-up too
@@ -157,3 +158,42 @@ def test_prefects_own_cli_works_against_the_server(stack: dict[str, Any]):
     state = wait_final(stack, run_id, 300, "the run made by `prefect deployment run`")
     assert state.is_failed() and "reserved" in (state.message or "")
     assert run_id in _prefect(stack, "flow-run", "ls")
+
+
+def test_sigterm_stops_serve_and_its_running_flow_with_one_line_and_nothing_left(stack: dict[str, Any]):
+    """Last in this module (it stops the runner): SIGTERM to `xbar serve` while a served add-task run is in
+    DVC: serve exits within a minute with its one line, its run ends CANCELLED with its MLflow parent run
+    KILLED, params.yaml is as before, and no process it started is left."""
+    import os
+    import signal
+
+    import psutil
+    from prefect.deployments import run_deployment
+
+    project: TinyProject = stack["project"]
+    serve = stack["procs"][1]
+    before = project.params.read_bytes()
+    with settings(stack["env"]):
+        run = run_deployment(DEPLOYMENT, parameters={"name": "stopped", "dataset": "optdigits", "epochs": 30},
+                             timeout=0)
+    log = stack["logs"][1]
+    deadline = time.monotonic() + 300
+    while "Running stage 'train_masks@stopped'" not in log.read_text(errors="replace"):
+        assert time.monotonic() < deadline and serve.poll() is None, tails(stack["logs"])
+        time.sleep(0.5)
+    started = psutil.Process(serve.pid).children(recursive=True)
+    shown = len(log.read_text(errors="replace"))
+    t0 = time.monotonic()
+    os.kill(serve.pid, signal.SIGTERM)
+    assert serve.wait(60) in (0, 143), tails(stack["logs"])  # Prefect's runner shuts down on its own: 0
+    print(f"serve stopped in {time.monotonic() - t0:.1f} s")
+    own = [ln for ln in log.read_text(errors="replace")[shown:].splitlines() if ln.startswith("serve: ")]
+    assert len(own) == 1 and own[0].startswith("serve: stopped"), tails(stack["logs"])
+    time.sleep(1)
+    assert [c.pid for c in started if c.is_running() and c.status() != psutil.STATUS_ZOMBIE] == []
+    with settings(stack["env"]):  # the server only: the runner is gone on purpose
+        state = wait_for("the stopped run", lambda: final_state(run.id), 60, stack["logs"], procs=stack["procs"][:1])
+    assert state.is_cancelled(), state
+    (parent,) = mlflow_runs(project, f"tags.`prefect.flow_run_id` = '{run.id}'")
+    assert parent.info.status == "KILLED"
+    assert project.params.read_bytes() == before

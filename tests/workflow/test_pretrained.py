@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from project import make_tiny_project, stage
-from xbar.models import IMAGENET_STATS
+from xbar.models import imagenet_stats
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_weights_are_used_as_they_are_and_qat_takes_a_capped_subset(tmp_path):
     fp32 = torch.load(project.root / "artifacts/backbone/fp32.pt", weights_only=True)["state_dict"]
     body = {k.removeprefix("body."): v for k, v in fp32.items() if k.startswith("body.")}
     assert all(torch.equal(body[k], v) for k, v in weights.items() if not k.startswith("fc."))  # no fp32 training
-    assert torch.equal(fp32["input_norm.mean"], torch.tensor(IMAGENET_STATS["resnet18"][0]))
+    assert torch.equal(fp32["input_norm.mean"], torch.tensor(imagenet_stats("resnet18")[0]))
     metrics = json.loads((project.root / "metrics/pretrain.json").read_text())
     assert metrics["epochs"] == 0 and metrics["weights_file"] == "w.pt"
     assert metrics["weights_sha256"] == hashlib.sha256((project.root / "w.pt").read_bytes()).hexdigest()

@@ -110,3 +110,28 @@ def test_source_tree_has_no_unsafe_loading_shells_or_open_binds():
         import pickle
 
         _NumpyOnly(io.BytesIO(pickle.dumps(os.system))).load()
+
+
+def test_a_class_folder_or_image_linked_outside_the_readable_directories_is_refused(tmp_path, monkeypatch):
+    """`xbar add-task` / the server: an image folder under the project whose class folder (or image) is a
+    symbolic link to a directory outside the project and XBAR_DATA_DIRS is refused, params.yaml untouched."""
+    import shutil
+
+    from flows.add_task import NewTask, plan_new_task
+    from project import image_folder
+    from xbar.errors import UserError
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy2(ROOT / "params.yaml", project / "params.yaml")
+    root = image_folder(project / "data" / "faces", ["a", "b"])
+    outside = image_folder(tmp_path / "outside", ["c"])
+    (root / "c").symlink_to(outside / "c", target_is_directory=True)
+    before = (project / "params.yaml").read_bytes()
+    monkeypatch.delenv("XBAR_DATA_DIRS", raising=False)
+    with pytest.raises(UserError, match=r"class folder .*faces/c links to .*outside the directories"):
+        plan_new_task(project / "params.yaml", NewTask.parse(name="fresh", dataset={"root": "data/faces"}))
+    assert (project / "params.yaml").read_bytes() == before
+    monkeypatch.setenv("XBAR_DATA_DIRS", str(tmp_path / "outside"))
+    plan = plan_new_task(project / "params.yaml", NewTask.parse(name="fresh", dataset={"root": "data/faces"}))
+    assert plan.params.tasks["fresh"].dataset.root == "data/faces"

@@ -1,4 +1,5 @@
-"""Hardware-aware training (`train.hw_aware`): a task trains on the chip's forward, straight through.
+"""Hardware-aware training as the chip forward (`train.hw_aware` with `chip.aware: chip`), straight through.
+(`chip.aware: noise`, aihwkit's weight-noise training, is xbar.chip.noise_aware.)
 
 Inside `hardware_aware(model, device, adc, ...)`, every mapped layer's *training* forward is
 
@@ -14,7 +15,7 @@ Gumbel sample, used by both paths.
   seed namespace of its own (TRAINING_SEEDS; never one of the instances `xbar chip` and the
   comparison evaluate on, seed .. seed + M - 1): the task learns what every chip of the line
   does, not one chip's cells.
-* **The ADC ranges** (`calibrated`) are set once, before training, on `calibration` images run
+* **The ADC ranges** (a calibrated rule) are set once, before training, on `calibration` images run
   through the untrained task model, as the deployed chip calibrates on the task's training images.
 * **Eval mode stays ideal**: the divergence guard's losses, the no-forgetting gate and the
   reported ideal accuracy see exact arithmetic; only the optimizer steps see the chip.
@@ -34,7 +35,7 @@ from torch import nn
 
 from xbar.chip.devices import DevicePreset
 from xbar.chip.evaluate import calibrate_adcs, chip_forward, chip_mode, layer_levels
-from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan
+from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan, reference_targets
 from xbar.chip.instance import ChipInstance, target_cells
 from xbar.errors import UserError
 from xbar.runtime import model_device
@@ -50,7 +51,7 @@ class _Chips:
         self.seed, self.forwards = TRAINING_SEEDS + seed * (1 << 20), 0
         self.instance: ChipInstance | None = None
         self.plans = {name: LayerPlan(layer.lm) for name, layer in model.layers().items()}
-        self.clips: dict[str, torch.Tensor | None] = {}
+        self.ranges: dict[str, torch.Tensor | None] = {}
         spec = model.mapping.spec
         self.read_sigma = device.read_sigma * device.noise_scale * (2**spec.cell_bits - 1)
 
@@ -71,9 +72,13 @@ class _Chips:
         rewritten = (levels != backbone[name]["levels"].to(torch.int64)) & ~spare
         instance = self.instance or self.next_chip()  # a layer run on its own: its first chip
         cells = instance.layer_cells(layer.lm, target_cells(levels, spec, self.adc.signed), spare, rewritten)
-        chip = ChipLayer(self.plans[name], cells, self.adc, spec.cell_bits, spec.weight_levels,
-                         None if multipliers is None else multipliers.detach(), self.read_sigma, instance.read)
-        chip.clip = self.clips.get(name)
+        plan, reference = self.plans[name], None
+        if self.adc.signed == "offset_ref":
+            reference = instance.reference_cells(name, reference_targets(plan, spec), 2**spec.cell_bits - 1)
+        chip = ChipLayer(plan, cells, self.adc, spec.cell_bits, spec.weight_levels,
+                         None if multipliers is None else multipliers.detach(), self.read_sigma, instance.read,
+                         reference)
+        chip.ranges = self.ranges.get(name)
         return chip
 
 
@@ -96,20 +101,20 @@ def hardware_aware(model, device: DevicePreset, adc: AdcConfig, backbone: dict, 
     """Inside the block, `model.net` trains on the chip's forward (module doc); eval mode stays ideal.
 
     `backbone`: levels.pt (name -> {"levels", "scale"}): which cells a task rewrites in place.
-    `calibration`: uint8 images for the calibrated ADC ranges (adc.range `calibrated`).
+    `calibration`: uint8 images for the calibrated ADC ranges (a calibrated adc.range).
     """
     adc.check()
     if model_device(model.net).type != "cpu":
         raise UserError("train.hw_aware: the chip forward runs on the CPU only (set train.device: cpu)")
-    if adc.range == "calibrated" and calibration is None:
-        raise UserError("train.hw_aware with adc_range calibrated: needs calibration images (the task's training "
-                        "images)")
+    if adc.calibrated and (calibration is None or len(calibration) < 1):
+        raise UserError(f"train.hw_aware with adc_range {adc.range}: needs calibration images (the task's "
+                        "training images)")
     chips = _Chips(model, device, adc, seed)
     was_training = model.net.training
-    if adc.range == "calibrated":
+    if adc.calibrated:
         with chip_mode(model, ChipInstance(chips.seed, device, model.mapping), adc, backbone) as calibrated:
             calibrate_adcs(model, calibrated, calibration)
-        chips.clips = {name: chip.clip for name, chip in calibrated.items()}
+        chips.ranges = {name: chip.ranges for name, chip in calibrated.items()}
     model.net.train(was_training)
     layers = model.layers()
     hook = model.net.register_forward_pre_hook(chips.before_forward)

@@ -20,7 +20,8 @@ What a preset models (all Gaussian, independent per cell):
 * drift and relaxation t seconds after programming (t > drift_t0):
   level * (t / t0)**-drift_nu  (power-law decay of the conductance above g_min,
   aihwkit's PCM-style drift) + relax_mean * ln(t / t0) + N(0, (relax_sigma0 +
-  relax_sigma * ln(t / t0))**2) (the log-time relaxation fits of ReRAM);
+  relax_sigma(x) * ln(t / t0))**2), relax_sigma a polynomial in the target level x like
+  prog_sigma (the log-time relaxation fits of ReRAM; level-dependent as aihwkit's Wan 2022 fit);
   `drift_compensation` rescales each layer's digitized partial sums by the
   ratio of a reference read now to the one at programming (aihwkit's
   GlobalDriftCompensation, done on the partial sums so that the digital
@@ -61,6 +62,9 @@ def window_poly(coeffs_us: tuple[float, ...], g_min: float, g_max: float) -> tup
     return tuple(float(c) / w for c in poly.coef)
 
 
+_POLYNOMIALS = ("prog_sigma", "relax_sigma")  # constants given as polynomials in x = level / (B - 1)
+
+
 @dataclass(frozen=True)
 class DevicePreset(Sourced):
     """One cell technology's non-idealities (fractions of the conductance window, rates, seconds)."""
@@ -75,7 +79,7 @@ class DevicePreset(Sourced):
     drift_t0: float = 1.0  # seconds: programming ends here; drift counts from it
     relax_mean: float = 0.0  # mean shift per unit ln(t / t0)
     relax_sigma0: float = 0.0  # relaxation spread once t > t0
-    relax_sigma: float = 0.0  # relaxation spread per unit ln(t / t0)
+    relax_sigma: tuple[float, ...] = (0.0,)  # relaxation spread per unit ln(t / t0): polynomial in x
     drift_compensation: bool = True
     noise_scale: float = 1.0
     sources: tuple[tuple[str, str], ...] = ()
@@ -84,7 +88,7 @@ class DevicePreset(Sourced):
     def ideal(self) -> bool:
         """Exact cells: no noise, no faults, no drift."""
         quiet = self.noise_scale == 0 or not any((*self.prog_sigma, self.read_sigma, self.relax_sigma0,
-                                                   self.relax_sigma))
+                                                   *self.relax_sigma))
         return quiet and not any((self.stuck_low, self.stuck_high, self.drift_nu, self.relax_mean))
 
     def sigma_levels(self, levels: torch.Tensor, max_level: int) -> torch.Tensor:
@@ -95,28 +99,37 @@ class DevicePreset(Sourced):
             sigma = sigma * x + c
         return sigma.clamp_min(0) * max_level * self.noise_scale
 
+    def relax_levels(self, levels: torch.Tensor, max_level: int, log_t: float) -> torch.Tensor:
+        """Relaxation sigma (level units) ln(t / t0) = `log_t` after programming cells to `levels`."""
+        x = levels.float() / max_level
+        sigma = torch.zeros_like(x)
+        for c in reversed(self.relax_sigma):  # Horner
+            sigma = sigma * x + c
+        return (self.relax_sigma0 + sigma.clamp_min(0) * log_t) * max_level * self.noise_scale
+
     def check(self) -> DevicePreset:
         """Bad values -> UserError, one line naming the constant."""
         for key, value in self.constants.items():
-            values = value if key == "prog_sigma" else (value,)
+            values = value if key in _POLYNOMIALS else (value,)
             if key == "drift_compensation":
                 if not isinstance(value, bool):
                     raise UserError(f"device.{key}: expected true or false, got {value!r}")
                 continue
-            if key == "prog_sigma" and (not isinstance(value, tuple) or not value):
-                raise UserError(f"device.prog_sigma: expected a number or a list of polynomial coefficients, "
+            if key in _POLYNOMIALS and (not isinstance(value, tuple) or not value):
+                raise UserError(f"device.{key}: expected a number or a list of polynomial coefficients, "
                                 f"got {value!r}")
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
                     raise UserError(f"device.{key}: expected a number, got {v!r}")
-        for key in ("read_sigma", "relax_sigma0", "relax_sigma", "noise_scale", "drift_nu"):
+        for key in ("read_sigma", "relax_sigma0", "noise_scale", "drift_nu"):
             if getattr(self, key) < 0:
                 raise UserError(f"device.{key}: a noise level, must be >= 0, got {getattr(self, key)!r}")
         x = np.linspace(0, 1, 101)
-        sigma = np.polynomial.Polynomial(self.prog_sigma)(x)
-        if sigma.min() < -1e-12:
-            raise UserError(f"device.prog_sigma: a noise level, must be >= 0 over the window, "
-                            f"got {float(sigma.min()):.3g} at x = {float(x[sigma.argmin()]):.2f}")
+        for key in _POLYNOMIALS:
+            sigma = np.polynomial.Polynomial(getattr(self, key))(x)
+            if sigma.min() < -1e-12:
+                raise UserError(f"device.{key}: a noise level, must be >= 0 over the window, "
+                                f"got {float(sigma.min()):.3g} at x = {float(x[sigma.argmin()]):.2f}")
         for key in ("stuck_low", "stuck_high"):
             if not 0 <= getattr(self, key) <= 1:
                 raise UserError(f"device.{key}: a rate, must lie in [0, 1], got {getattr(self, key)!r}")
@@ -141,11 +154,14 @@ _WAN_1DAY = (0.701, 22.086, -50.773, 47.095, -16.458)
 _WAN_GMAX = 40.0
 
 
-def _wan_relax_sigma() -> float:
-    """Relaxation spread per ln(t): the 1-day spread beyond the 1-s one, mean over the window, at ln(86400)."""
-    x = np.linspace(0, 1, 4)  # the 4 levels of a 2-bit cell
+def _wan_relax_sigma() -> tuple[float, ...]:
+    """Relaxation spread per ln(t), level by level: the 1-day spread beyond the 1-s one, sqrt(sd^2 - s1^2),
+    per ln(86400), as a 4th-order least-squares polynomial in x = g / g_max (so that programming error and
+    relaxation together give aihwkit's 1-day sigma at every level)."""
+    x = np.linspace(0, 1, 201)
     s1, sd = np.polynomial.Polynomial(_WAN_1S)(x), np.polynomial.Polynomial(_WAN_1DAY)(x)
-    return float(np.sqrt(np.maximum(sd**2 - s1**2, 0)).mean() / _WAN_GMAX / math.log(86400.0))
+    extra = np.sqrt(np.maximum(sd**2 - s1**2, 0)) / _WAN_GMAX / math.log(86400.0)
+    return tuple(float(c) for c in np.polynomial.Polynomial.fit(x, extra, 4).convert().coef)
 
 
 PAPER = DevicePreset(
@@ -166,8 +182,9 @@ PAPER = DevicePreset(
         ("drift_t0", "1 s: the first key of ReRamWan2022NoiseModel.coeff_dic"),
         ("relax_mean", "0: the Wan 2022 fits are centred on the target"),
         ("relax_sigma0", "0: see relax_sigma"),
-        ("relax_sigma", f"fit: sqrt(sigma_1day^2 - sigma_1s^2) (coeff_dic[86400] = [-16.458, 47.095, -50.773, "
-                        f"22.086, 0.701][::-1]) averaged over 4 levels, per ln(86400 s) ({AIHWKIT_RERAM})"),
+        ("relax_sigma", f"fit: sqrt(sigma_1day(g)^2 - sigma_1s(g)^2) (coeff_dic[86400] = [-16.458, 47.095, -50.773, "
+                        f"22.086, 0.701][::-1]) per ln(86400 s), level by level: a 4th-order polynomial in g / g_max "
+                        f"({AIHWKIT_RERAM})"),
         ("drift_compensation", "aihwkit's GlobalDriftCompensation (on)"),
         ("noise_scale", "1: ReRamWan2022NoiseModel(noise_scale=1.0)"),
     ),
@@ -185,7 +202,7 @@ CMO = DevicePreset(
     * math.sqrt(math.log((1.0 + _CMO_TREAD) / (2 * _CMO_TREAD))) / _CMO_W,
     relax_mean=-0.08900206 / _CMO_W,
     relax_sigma0=0.41183342 / _CMO_W,
-    relax_sigma=0.04201137 / _CMO_W,
+    relax_sigma=(0.04201137 / _CMO_W,),
     sources=(
         ("prog_sigma", f"ReRamCMONoiseModel coeff_dict[0.2] = [0.00106879, 0.00081107][::-1] uS, linear in g (the "
                        f"default acceptance_range 2e-2 is not a key, so aihwkit falls back to 0.2%); window "
@@ -281,10 +298,11 @@ DEVICES: dict[str, DevicePreset] = {p.name: p.check() for p in (IDEAL, PAPER, CM
 
 
 def _polynomial(overrides: dict[str, object]) -> dict[str, object]:
-    """A prog_sigma override given as a number is a level-independent sigma."""
-    value = overrides.get("prog_sigma")
-    if value is not None:
-        overrides["prog_sigma"] = tuple(value) if isinstance(value, list | tuple) else (value,)
+    """A prog_sigma / relax_sigma override given as a number is a level-independent sigma."""
+    for key in _POLYNOMIALS:
+        value = overrides.get(key)
+        if value is not None:
+            overrides[key] = tuple(value) if isinstance(value, list | tuple) else (value,)
     return overrides
 
 

@@ -26,14 +26,14 @@ from types import MethodType
 import torch
 from torch import nn
 
+from xbar.chip.adc import CALIBRATION_IMAGES
 from xbar.chip.devices import DevicePreset
-from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan
+from xbar.chip.forward import AdcConfig, ChipLayer, LayerPlan, reference_targets
 from xbar.chip.instance import ChipInstance, target_cells
 from xbar.errors import UserError
 from xbar.quant import scale_grad
+from xbar.stats import mean_ci
 from xbar.training import accuracy, as_input, predict
-
-CALIBRATION_IMAGES = 256  # images that set the calibrated ADC ranges
 
 
 def layer_levels(layer: nn.Module) -> torch.Tensor:
@@ -106,8 +106,12 @@ def chip_mode(model, instance: ChipInstance, adc: AdcConfig,  # noqa: ANN001 (a 
         for name, layer in layers.items():
             levels, _, spare, rewritten = setup[name]
             cells = instance.layer_cells(layer.lm, target_cells(levels, spec, adc.signed), spare, rewritten)
-            chips[name] = ChipLayer(LayerPlan(layer.lm), cells, adc, spec.cell_bits, spec.weight_levels,
-                                    layer.column_multipliers(), read_sigma, instance.read)
+            plan = LayerPlan(layer.lm)
+            reference = None
+            if adc.signed == "offset_ref":
+                reference = instance.reference_cells(name, reference_targets(plan, spec), 2**spec.cell_bits - 1)
+            chips[name] = ChipLayer(plan, cells, adc, spec.cell_bits, spec.weight_levels,
+                                    layer.column_multipliers(), read_sigma, instance.read, reference)
             layer.forward = MethodType(chip_forward(chips[name]), layer)
         yield chips
     finally:
@@ -132,6 +136,8 @@ def calibrate_adcs(model, chips: dict[str, ChipLayer], images: torch.Tensor,  # 
 
 def calibration_images(data, n: int = CALIBRATION_IMAGES, seed: int = 0) -> torch.Tensor:  # noqa: ANN001
     """Up to `n` seeded images of a dataset (the task's training split: the test split stays unseen)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"chip.calibration_images: expected at least 1 calibration image, got {n!r}")
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
     return torch.stack([data[int(i)][0] for i in idx])
 
@@ -140,9 +146,10 @@ def _run_on_chip(model, data, instance: ChipInstance, adc: AdcConfig, batch_size
                  calibration: torch.Tensor | None, backbone: dict | None, program: bool = True) -> float:
     """Accuracy (%) of `model` on `data` on `instance` (programmed for the task first unless `program` is off)."""
     with chip_mode(model, instance, adc, backbone, program) as chips:
-        if adc.range == "calibrated":
-            if calibration is None:
-                raise UserError("adc_range calibrated: needs calibration images (the task's training images)")
+        if adc.calibrated:
+            if calibration is None or len(calibration) < 1:
+                raise UserError(f"adc_range {adc.range}: needs at least 1 calibration image (the task's "
+                                "training images)")
             calibrate_adcs(model, chips, calibration, batch_size)
         preds, labels = predict(model.net, data, batch_size)
     return float((preds == labels).float().mean() * 100)
@@ -150,19 +157,19 @@ def _run_on_chip(model, data, instance: ChipInstance, adc: AdcConfig, batch_size
 
 def chip_accuracy(model, data, device: DevicePreset, adc: AdcConfig, instances: int = 5, seed: int = 0,  # noqa: ANN001
                   time_s: float = 0.0, batch_size: int = 512, calibration: torch.Tensor | None = None,
-                  backbone: dict | None = None) -> dict:
+                  backbone: dict | None = None, verify: float = 0.0) -> dict:
     """Ideal accuracy and accuracy on `instances` chip instances (seeds seed .. seed + M - 1), in %.
 
-    Returns {"ideal", "chip_mean", "chip_std" (points, sample std; 0 for one instance), "chip_min",
-    "chip": [per instance]}.
+    Returns {"ideal", "chip_mean", "chip_ci" (half-width of the 95% t-interval over instances; nan for
+    one), "chip_std" (points, sample std; 0 for one instance), "chip_min", "chip": [per instance]}.
     """
     if isinstance(instances, bool) or not isinstance(instances, int) or instances < 1:
         raise UserError(f"instances: expected an integer >= 1, got {instances!r}")
     adc.check()
     ideal = accuracy(model.net, data, batch_size)
-    accs = [_run_on_chip(model, data, ChipInstance(seed + i, device, model.mapping, time_s), adc, batch_size,
-                         calibration, backbone) for i in range(instances)]
-    return {"ideal": ideal, "chip_mean": statistics.fmean(accs),
+    accs = [_run_on_chip(model, data, ChipInstance(seed + i, device, model.mapping, time_s, verify), adc,
+                         batch_size, calibration, backbone) for i in range(instances)]
+    return {"ideal": ideal, "chip_mean": statistics.fmean(accs), "chip_ci": mean_ci(accs).half_width,
             "chip_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "chip_min": min(accs), "chip": accs}
 
 
@@ -180,7 +187,7 @@ def switch_back_accuracies(model, data, instance: ChipInstance, adc: AdcConfig, 
 
 def chip_settings(params, adc_bits: int | None = None, device: str | None = None,  # noqa: ANN001 (Params)
                   overrides: dict | None = None, signed: str | None = None,
-                  adc_range: str | None = None) -> tuple[DevicePreset, AdcConfig]:
+                  adc_range: str | None = None, adc_clip: float | str | None = None) -> tuple[DevicePreset, AdcConfig]:
     """The device preset and ADC of params.yaml (crossbar.adc_bits / signed, chip.*; the device defaults to
     energy.preset's name), or as given."""
     from xbar.chip.devices import resolve_device
@@ -189,30 +196,47 @@ def chip_settings(params, adc_bits: int | None = None, device: str | None = None
     given = params.chip.overrides if overrides is None else {**params.chip.overrides, **overrides}
     preset = resolve_device(technology(params)[1] if device is None else device, given)
     bits = params.crossbar.adc_bits if adc_bits is None else adc_bits
+    clip = params.chip.adc_clip if adc_clip is None else adc_clip
     return preset, AdcConfig(bits, adc_range or params.chip.adc_range, signed or params.crossbar.signed,
-                             params.chip.adc_clip_percentile).check()
+                             clip).check()
 
 
 def evaluate_tasks(params, tasks: dict[str, dict], levels: dict, data: dict, device: DevicePreset,  # noqa: ANN001
                    adc: AdcConfig, instances: int, time_s: float = 0.0, switches: int = 0) -> dict[str, dict]:
     """Every task (name -> task.pt contents, in learning order) on `instances` chips, as the chip runs it
     once all of them are learned (xbar.methods.chip_view). `data`: name -> TaskData. Accuracies in %,
-    chip_std in points. `switches` > 0 adds, on the first instance, the accuracy when the task is learned
-    and after each of `switches` switches back to it ("switch_back"), and the largest drop from the first
-    ("device_forgetting", points): what the device forgets as the spare PEs are re-programmed."""
+    chip_ci (95% half-width over instances) and chip_std in points. `switches` > 0 adds, per instance, the
+    accuracy when the task is learned and after each of `switches` switches back to it; "switch_back" is
+    their mean over instances, "device_forgetting" the largest mean drop from the first reading (points)
+    and "device_forgetting_ci" its 95% half-width: what the device forgets as the spare PEs are
+    re-programmed."""
+    from xbar.energy.presets import energy_preset
     from xbar.methods import chip_view, load_task_model
+    from xbar.stats import check_instances, paired_ci
 
+    check_instances(instances)
     out = {}
     for name in tasks:
         model = load_task_model(chip_view(tasks, name), levels, params)
-        calib = calibration_images(data[name].train, seed=params.seed) if adc.range == "calibrated" else None
+        calib = None
+        if adc.calibrated:
+            calib = calibration_images(data[name].train, params.chip.calibration_images, params.seed)
+        verify = params.chip.verify_tolerance
         res = chip_accuracy(model, data[name].test, device, adc, instances, params.seed, time_s,
-                            params.train.eval_batch_size, calib, levels)
-        out[name] = {k: round(res[k], 2) for k in ("ideal", "chip_mean", "chip_std", "chip_min")}
+                            params.train.eval_batch_size, calib, levels, verify)
+        out[name] = {k: round(res[k], 2) for k in ("ideal", "chip_mean", "chip_ci", "chip_std", "chip_min")}
         if switches > 0:
-            chip = ChipInstance(params.seed, device, model.mapping, time_s)
-            accs = switch_back_accuracies(model, data[name].test, chip, adc, switches,
-                                          params.train.eval_batch_size, calib, levels)
-            out[name]["switch_back"] = [round(a, 2) for a in accs]
-            out[name]["device_forgetting"] = round(accs[0] - min(accs[1:]), 2)
+            chips = [ChipInstance(params.seed + i, device, model.mapping, time_s, verify) for i in range(instances)]
+            runs = [switch_back_accuracies(model, data[name].test, chip, adc, switches, params.train.eval_batch_size,
+                                           calib, levels) for chip in chips]
+            first = [r[0] for r in runs]
+            drops = [paired_ci(first, [r[s] for r in runs]) for s in range(1, switches + 1)]
+            worst = max(drops, key=lambda d: d.mean)
+            out[name]["switch_back"] = [round(statistics.fmean(r[s] for r in runs), 2) for s in range(switches + 1)]
+            out[name]["device_forgetting"] = round(worst.mean, 2)
+            out[name]["device_forgetting_ci"] = round(worst.half_width, 2)
+            if verify:  # the verify loop's re-writes per programming of the task, one pulse each
+                writes = statistics.fmean(c.verify_writes for c in chips) / (switches + 1)
+                out[name]["verify_writes"] = round(writes, 1)
+                out[name]["verify_j"] = writes * energy_preset(params).write_j_per_pulse()
     return out

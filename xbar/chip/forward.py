@@ -11,81 +11,45 @@ column multiplier) in floating point. The chip computes, per output position:
    input_bit (at most rows x (2**cell_bits - 1) = 216 at 72 rows, 2-bit cells).
    Cells are in level units above g_min (see xbar.chip.devices); device effects
    are in the cell levels (per programming) and in read noise (per read).
-3. **ADC** of `adc_bits` per column and cycle: code = clamp(round(psum /
-   delta), 0, 2**adc_bits - 1), value = code x delta. The step delta =
-   max(1, R / (2**adc_bits - 1)) never goes below one cell level (an ADC with
-   at least as many codes as the partial sum has values reads it exactly; a
-   finer step would only add fractional digits). R, the ADC's range:
-   * `full`: the full scale of the column, rows in the tile x top cell level
-     (data-independent, no clipping: a 5-bit ADC then steps 216 / 31 ~ 7 levels);
-   * `calibrated`: the largest partial sum each bit slice of the layer saw on
-     calibration images (NeuroSim's inference wrapper scales its ADC to the
-     min..max of the partial sums of every batch -- `LinearQuantizeOut`; here
-     the range is fixed once, on calibration images, as a chip would), or the
-     `clip_percentile`-th percentile of them; larger sums saturate.
+3. **ADC** of `adc_bits` per column and cycle, its range set by the rule of xbar.chip.adc
+   (`full`, or calibrated `per_layer` / `per_crossbar` / `per_column` with a percentile or MSE clip).
 4. **Shift-add.** value x 2**j (cycle) x B**(K-1-k) (slice, B = 2**cell_bits),
    summed per column; the column mask multiplies this digitized sum (the
    shift-adder's shift, or 0 / 1), as the paper's Figure 3 places it.
-5. **Signed weights.** `offset` (the mapping's encoding, xbar.crossbar): cells
-   hold u = w + L, so the digital side subtracts L x sum(codes) of the tile's
-   rows, a popcount of the input bits, exact. The ADC pays for it: a weight 0
-   is stored as u = 7 = (1, 3), so every driven row adds 1 to the MSB slice and
-   3 to the LSB slice whatever the weight; the partial sums sit on a large
-   data-dependent pedestal and the ADC spends its codes on it.
-   `differential`: a positive and a negative array hold max(w, 0) and
-   max(-w, 0); their columns are subtracted in analog (MNSIM's `Sub_Position =
-   0`) and one signed ADC (codes -(2**(b-1) - 1) .. 2**(b-1) - 1) reads the
-   difference, which is centred on 0: no pedestal, no digital correction, but
-   twice the cells (chip forward only: the mapping and the energy model stay
-   offset-encoded).
+5. **Signed weights** (xbar.crossbar). `offset`: cells hold u = w + L, so the
+   digital side subtracts L x sum(codes) of the tile's rows, a popcount of the
+   input bits, exact; the ADC pays for it: a weight 0 is stored as u = 7 = (1, 3),
+   so the partial sums sit on a data-dependent pedestal. `offset_ref` (NeuroSim):
+   the same cells, and per row tile a reference column per slice holding L's
+   digit; its partial sums are digitized like any column, shift-added and
+   subtracted from every output of the tile after the ADC (the reference's own
+   device error and ADC error enter). `differential`: a positive and a negative
+   array hold max(w, 0) and max(-w, 0); their columns are subtracted in analog
+   (MNSIM's `Sub_Position = 0`) and one signed ADC (codes -(2**(b-1) - 1) ..
+   2**(b-1) - 1) reads the difference, centred on 0: no pedestal, no digital
+   correction.
 6. **Row tiles** are summed digitally; the layer's scale, the input step and
    the bias apply last.
 
 Vectorized as one grouped convolution per input cycle: the input channels of
 each row tile are gathered into one conv group whose outputs are the tile's
 bit-slice columns (plus one all-ones column: the tile's input popcount), so
-no Python loop runs over output positions.
+no Python loop runs over output positions. (offset_ref adds K reference
+columns per conv group.)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from xbar.chip.instance import LayerCells, check_scheme
-from xbar.crossbar import LayerMap
-from xbar.errors import UserError
+from xbar.chip.adc import AdcConfig, adc_step, clip_ranges
+from xbar.chip.instance import LayerCells
+from xbar.crossbar import CrossbarSpec, LayerMap
 
-ADC_RANGES = ("full", "calibrated")
+__all__ = ["AdcConfig", "ChipLayer", "LayerPlan", "reference_targets"]
+
 CHUNK_ELEMENTS = 1 << 23  # partial sums held at once (float32: 32 MiB)
-
-
-@dataclass(frozen=True)
-class AdcConfig:
-    """The periphery: ADC bits, the ADC's range and the signed-weight scheme."""
-
-    bits: int = 5
-    range: str = "calibrated"
-    signed: str = "offset"
-    clip_percentile: float = 100.0  # calibrated range: this percentile of |partial sums| (100: the largest)
-
-    def check(self) -> AdcConfig:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
-            raise UserError(f"adc_bits: expected an integer in 1..16, got {self.bits!r}")
-        if isinstance(self.clip_percentile, bool) or not isinstance(self.clip_percentile, int | float) \
-                or not 50 <= self.clip_percentile <= 100:
-            raise UserError(f"adc_clip_percentile: expected a percentile in 50..100, got {self.clip_percentile!r}")
-        if self.range not in ADC_RANGES:
-            raise UserError(f"adc_range: {self.range!r} is not an ADC range (one of {', '.join(ADC_RANGES)})")
-        check_scheme(self.signed)
-        return self
-
-    @property
-    def top_code(self) -> int:
-        """Largest ADC code: unsigned for offset, symmetric signed for differential."""
-        return 2**self.bits - 1 if self.signed == "offset" else 2 ** (self.bits - 1) - 1
 
 
 class LayerPlan:
@@ -120,7 +84,15 @@ class LayerPlan:
         t_idx, o_idx = tile.reshape(cout, -1).T, torch.arange(cout).expand(cin_g * kernel, cout)
         col[t_idx, o_idx] = column.reshape(cout, -1).T  # every weight of (tile, output) has one column
         self.column = col  # [T, Cout]: the mask unit of (row tile, output)
+        self.crossbar = lm.placement.column_crossbar.long()[col.clamp_min(0)]  # [T, Cout]: its crossbar (local)
         self.groups, self.cout, self.kernel, self.shape = groups, cout, kernel, lm.shape
+
+
+def reference_targets(plan: LayerPlan, spec: CrossbarSpec) -> torch.Tensor:
+    """Target levels of a layer's reference columns (offset_ref): L's digit per slice on every row slot of
+    every row tile and conv group, [T, G, K, width, kernel]."""
+    digits = spec.reference_levels().to(torch.int64)
+    return digits.view(1, 1, -1, 1, 1).expand(plan.tiles, plan.groups, -1, plan.width, plan.kernel).clone()
 
 
 class ChipLayer:
@@ -128,27 +100,48 @@ class ChipLayer:
 
     def __init__(self, plan: LayerPlan, cells: LayerCells, adc: AdcConfig, cell_bits: int, weight_levels: int,
                  multipliers: torch.Tensor | None = None, read_sigma: float = 0.0,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, reference: torch.Tensor | None = None) -> None:
         self.plan, self.adc, self.generator = plan, adc.check(), generator
         self.base, self.offset = 2**cell_bits, weight_levels if adc.signed == "offset" else 0
         lv = cells.levels  # [arrays, *shape, K]
         self.arrays, self.k = lv.shape[0], lv.shape[-1]
-        g = lv[0] if adc.signed == "offset" else lv[0] - lv[1]  # differential: currents subtract in analog
-        self.weight = self._conv_weight(g.reshape(plan.cout, -1, plan.kernel, self.k))
+        cout_g = plan.cout // plan.groups
+        self.refs = self.k if adc.signed == "offset_ref" else 0  # reference columns per conv group
+        if self.refs and reference is None:  # exact reference cells: L's digits
+            digits = torch.tensor([(weight_levels // self.base**i) % self.base for i in reversed(range(self.k))])
+            reference = digits.view(1, 1, -1, 1, 1).expand(plan.tiles, plan.groups, -1, plan.width, plan.kernel)
+        g = lv[0] if adc.signed != "differential" else lv[0] - lv[1]  # differential: currents subtract in analog
+        self.weight = self._conv_weight(g.reshape(plan.cout, -1, plan.kernel, self.k), reference)
         self.gain = cells.drift_gain
-        self.integer_cells = bool((lv == lv.round()).all())
+        self.integer_cells = bool((lv == lv.round()).all()) and (reference is None or
+                                                                 bool((reference == reference.round()).all()))
         self.read_sigma = read_sigma  # level units, per cell and read
         m = torch.ones(plan.tiles, plan.cout) if multipliers is None else multipliers.float()[plan.column.clamp_min(0)]
         self.mask = m.reshape(plan.tiles, plan.groups, -1)  # [T, G, cout_g]
-        top = self.base - 1
-        self.full_scale = plan.rows * top  # [T]
-        self.clip: torch.Tensor | None = None  # calibrated range per slice [K]
+        self.full_scale = plan.rows * (self.base - 1)  # [T]
+        self.unit, self.ref_unit, self.units = self._units(cout_g)
+        self.ranges: torch.Tensor | None = None  # calibrated range per unit
         self.bins = int(self.full_scale.max()) + 1
-        self.seen = torch.zeros(self.k, self.bins, dtype=torch.int64)  # |partial sum| histogram per slice
+        self.seen = torch.zeros(self.units, self.bins, dtype=torch.int64)  # |partial sum| histogram per unit
+        self.peak = torch.zeros(self.units)  # the largest |partial sum| per unit (clip 100 needs only this)
         self.calibrating = False
 
-    def _conv_weight(self, g: torch.Tensor) -> torch.Tensor:
-        """[T * G * (K * cout_g + 1), width, kh, kw]: per (tile, group) the K slices of its outputs, then ones."""
+    def _units(self, cout_g: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """ADC range unit of every column [T, G, K, cout_g] and reference column [T, G, K], and their count."""
+        p, k, rule = self.plan, self.k, self.adc.range
+        t, g = p.tiles, p.groups
+        if rule == "per_column":
+            n = t * g * k * cout_g
+            return torch.arange(n).view(t, g, k, cout_g), n + torch.arange(t * g * k).view(t, g, k), n + t * g * k
+        if rule == "per_crossbar":
+            xb = p.crossbar.reshape(t, g, cout_g)
+            return (xb.unsqueeze(2).expand(t, g, k, cout_g), xb[:, :, :1].expand(t, g, k),
+                    int(p.crossbar.max()) + 1)
+        return torch.zeros(t, g, k, cout_g, dtype=torch.int64), torch.zeros(t, g, k, dtype=torch.int64), 1
+
+    def _conv_weight(self, g: torch.Tensor, reference: torch.Tensor | None) -> torch.Tensor:
+        """[T * G * (K * cout_g + refs + 1), width, kh, kw]: per (tile, group) the K slices of its outputs,
+        the reference columns (offset_ref), then ones."""
         p, k = self.plan, self.k
         cout_g = p.cout // p.groups
         cells = g[:, p.slot.reshape(-1)].reshape(p.cout, p.tiles, p.width, p.kernel, k)
@@ -156,27 +149,40 @@ class ChipLayer:
         cells = cells.reshape(p.tiles, p.groups, cout_g, k, p.width, p.kernel).transpose(2, 3)
         cells = cells.reshape(p.tiles, p.groups, k * cout_g, p.width, p.kernel)
         ones = p.mask.reshape(p.tiles, p.groups, cout_g, p.width, p.kernel).amax(2, keepdim=True)
-        w = torch.cat([cells, ones], 2)
+        parts = [cells] + ([reference.float() * ones] if self.refs else []) + [ones]
+        w = torch.cat(parts, 2)
         kh, kw = p.shape[2:] if len(p.shape) == 4 else (1, 1)
         return w.reshape(-1, p.width, kh, kw).contiguous()
 
-    def delta(self) -> torch.Tensor:
-        """ADC step per (tile, slice), [T, 1, K, 1, 1] (broadcast over groups, outputs, positions)."""
+    def steps(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """ADC steps of the columns [T, G, K, cout_g] and of the reference columns [T, G, K]."""
         top = self.adc.top_code
-        if self.adc.range == "calibrated" and self.clip is not None:
-            r = self.clip.view(1, -1).expand(self.plan.tiles, -1)
-        else:
-            r = self.full_scale.view(-1, 1).expand(-1, self.k)
-        return (r / max(top, 1)).clamp_min(1.0).view(self.plan.tiles, 1, self.k, 1, 1)
+        if self.adc.calibrated and self.ranges is not None:
+            return adc_step(self.ranges[self.unit], top), adc_step(self.ranges[self.ref_unit], top)
+        fs = self.full_scale.view(-1, 1, 1)
+        return (adc_step(fs.unsqueeze(-1).expand(self.unit.shape), top),
+                adc_step(fs.expand(self.ref_unit.shape), top))
 
     def start_calibration(self) -> None:
-        self.calibrating, self.seen = True, torch.zeros_like(self.seen)
+        self.calibrating, self.seen, self.peak = True, torch.zeros_like(self.seen), torch.zeros_like(self.peak)
 
     def finish_calibration(self) -> None:
-        """The range of each slice's ADC: the clip_percentile-th percentile of the |partial sums| seen."""
+        """Every calibrated ADC's range from the |partial sums| its unit saw (xbar.chip.adc.clip_ranges)."""
         self.calibrating = False
-        cdf = self.seen.cumsum(1).double() / self.seen.sum(1, keepdim=True).clamp_min(1)
-        self.clip = (cdf < self.adc.clip_percentile / 100 - 1e-12).sum(1).float().clamp_min(1.0)
+        if self.adc.clip == 100:  # the largest seen, rounded to a level: what the histogram's 100th percentile gives
+            self.ranges = self.peak.round().clamp(1, self.bins - 1)
+        else:
+            self.ranges = clip_ranges(self.seen, self.adc.clip, self.adc.top_code)
+
+    def _record(self, values: torch.Tensor, unit: torch.Tensor) -> None:
+        """Add the |partial sums| `values` [n, *unit shape, P] of units `unit` to the histogram (or the peak)."""
+        if self.adc.clip == 100:
+            top = values.abs().amax(0).amax(-1)  # over images and positions
+            self.peak.scatter_reduce_(0, unit.reshape(-1), top.reshape(-1), "amax")
+            return
+        v = values.abs().round().clamp_max(self.bins - 1).long()
+        idx = (unit.unsqueeze(0).unsqueeze(-1) * self.bins + v).flatten()
+        self.seen += torch.bincount(idx, minlength=self.units * self.bins).view(self.units, self.bins)
 
     def __call__(self, codes: torch.Tensor, act_bits: int, conv_args: tuple | None) -> torch.Tensor:
         """Integer-domain output sum_t m_t * sum_rows w * code, [N, Cout, (Ho, Wo)], for input codes."""
@@ -186,7 +192,8 @@ class ChipLayer:
         stride, padding, dilation, _ = conv_args or (1, 0, 1, 1)
         x = x.index_select(1, p.gather)
         cout_g = p.cout // p.groups
-        per_image = p.tiles * p.groups * (self.k * cout_g + 1) * self._positions(x, stride, padding, dilation)
+        per_image = p.tiles * p.groups * (self.k * cout_g + self.refs + 1) * self._positions(x, stride, padding,
+                                                                                            dilation)
         chunk = max(1, CHUNK_ELEMENTS // max(per_image, 1))
         out = [self._run(x[i: i + chunk], act_bits, stride, padding, dilation) for i in range(0, len(x), chunk)]
         y = torch.cat(out)
@@ -199,47 +206,69 @@ class ChipLayer:
         out = F.conv2d(probe, self.weight.to("meta"), None, stride, padding, dilation, groups)
         return out.shape[2] * out.shape[3]
 
+    def _noise(self, psum: torch.Tensor, pop: torch.Tensor, arrays: int) -> None:
+        """Read noise, in place: a column sum of n driven cells gets N(0, n * read_sigma**2) per array."""
+        noise = torch.randn(psum.shape, generator=self.generator)
+        psum.add_(noise.mul_(self.read_sigma * (arrays * pop).sqrt()))
+
     def _run(self, x: torch.Tensor, act_bits: int, stride, padding, dilation) -> torch.Tensor:  # noqa: ANN001
-        p, k, n = self.plan, self.k, len(x)
+        p, k, n, r = self.plan, self.k, len(x), self.refs
         cout_g = p.cout // p.groups
-        step = self.delta()  # [T, 1, K, 1, 1] against psum [n, T, G, K, cout_g, P]
         top = self.adc.top_code
-        lowest = 0 if self.adc.signed == "offset" else -top
+        lowest = 0 if self.adc.signed != "differential" else -top
         exact = self.calibrating or self.exact_adc()
+        step, ref_step = self.steps()  # [T, G, K, cout_g], [T, G, K]
+        step, ref_step = step.unsqueeze(-1), ref_step.unsqueeze(-1)  # broadcast over positions
         # the shift-adder's weight of slice s: B**(K-1-s), times the ADC step (codes -> partial sums)
-        slice_w = self.base ** torch.arange(k - 1, -1, -1, dtype=torch.float32).view(1, 1, k, 1, 1)
-        slice_w = slice_w if exact else slice_w * step
-        acc = ones = None
+        slice_w = self.base ** torch.arange(k - 1, -1, -1, dtype=torch.float32)
+        col_w = slice_w.view(1, 1, k, 1, 1) * (1.0 if exact else step)
+        ref_w = slice_w.view(1, 1, k, 1) * (1.0 if exact else ref_step)
+        acc = ones = ref_acc = None
         for j in range(act_bits):  # input cycles, LSB first
             bits = torch.bitwise_right_shift(x, j).bitwise_and_(1).float()
             out = F.conv2d(bits, self.weight, None, stride, padding, dilation, p.tiles * p.groups)
             hw = out.shape[2:]
-            out = out.reshape(n, p.tiles, p.groups, k * cout_g + 1, -1)
+            out = out.reshape(n, p.tiles, p.groups, k * cout_g + r + 1, -1)
             psum = out[:, :, :, : k * cout_g].unflatten(3, (k, cout_g))  # a view: ops below work in place
-            pop = out[:, :, :, k * cout_g:]  # [n, T, G, 1, P]: driven rows of the tile (digital popcount)
+            ref = out[:, :, :, k * cout_g: k * cout_g + r]  # [n, T, G, K, P]: reference columns (offset_ref)
+            pop = out[:, :, :, k * cout_g + r:]  # [n, T, G, 1, P]: driven rows of the tile (digital popcount)
             if self.read_sigma:
-                noise = torch.randn(psum.shape, generator=self.generator)
-                psum.add_(noise.mul_((self.read_sigma * (self.arrays * pop).sqrt()).unsqueeze(3)))
-            if self.calibrating:  # a histogram of the rounded |partial sums| of each slice
-                seen = psum.abs().round().clamp_max(self.bins - 1).long()
-                for s in range(k):
-                    self.seen[s] += torch.bincount(seen[:, :, :, s].flatten(), minlength=self.bins)
+                self._noise(psum, pop.unsqueeze(3), self.arrays)
+                if r:
+                    self._noise(ref, pop, 1)
+            if self.calibrating:
+                self._record(psum, self.unit)
+                if r:
+                    self._record(ref, self.ref_unit)
             elif not exact:  # the ADC: codes
                 psum.div_(step).round_().clamp_(lowest, top)
+                if r:
+                    ref.div_(ref_step).round_().clamp_(lowest, top)
             if acc is None:
                 acc, ones = torch.zeros(psum[:, :, :, 0].shape), torch.zeros(pop.shape)
+                ref_acc = torch.zeros(ref[:, :, :, :1].shape)
             for s in range(k):  # shift-add: slice and cycle significance
-                acc.addcmul_(psum[:, :, :, s], slice_w[:, :, s] * 2.0**j)
+                acc.addcmul_(psum[:, :, :, s], col_w[:, :, s] * 2.0**j)
+                if r:
+                    ref_acc.addcmul_(ref[:, :, :, s: s + 1], ref_w[:, :, s: s + 1] * 2.0**j)
             ones.add_(pop, alpha=2.0**j)  # the sum of the input codes, digital
         if self.gain != 1.0:  # global drift compensation, on the digitized sums
             acc.mul_(self.gain)
+            ref_acc.mul_(self.gain)  # (empty unless offset_ref)
         if self.offset:
             acc.sub_(ones, alpha=self.offset)
+        if r:
+            acc.sub_(ref_acc)  # the reference's digitized sum, after the ADC (NeuroSim)
         y = torch.einsum("ntgop,tgo->ngop", acc, self.mask)  # the column mask, then the row tiles
         return y.reshape(n, p.cout, *hw)
 
     def exact_adc(self) -> bool:
-        """The ADC reads every possible partial sum exactly: integer cells, no read noise, step 1, no clip."""
+        """The ADC reads every possible partial sum exactly: integer cells, no read noise, every step a level
+        or a power-of-two fraction of one (xbar.chip.adc), and every range covering the column's full scale."""
         if self.read_sigma or not self.integer_cells:
             return False
-        return bool((self.delta() == 1).all()) and float(self.full_scale.max()) <= self.adc.top_code
+        step, ref_step = self.steps()
+        top = self.adc.top_code
+        fs = self.full_scale.view(-1, 1, 1)
+        return bool((step <= 1).all() and (ref_step <= 1).all() and (step * top >= fs.unsqueeze(-1)).all()
+                    and (ref_step * top >= fs).all())

@@ -13,60 +13,44 @@ programming of it (so two runs of one instance agree cell for cell):
 * a method that rewrites backbone cells (fine-tuning, Piggyback's masked-out
   weights set to the zero level) re-programs them in place: `program_pe(pe,
   spare=False)`, and only the rewritten cells get fresh error (the chip writes
-  only cells whose level changes, xbar.deployment).
+  only cells whose level changes, xbar.chip.deployment).
 
 Simplification: the spare PE standing in for backbone PE p always sits in the
 same physical slot (its stuck faults are drawn per (spare, p)); the slot
-assignment of xbar.deployment, which re-uses slots to save writes, is not
+assignment of xbar.chip.deployment, which re-uses slots to save writes, is not
 replayed here. Every cell is read `time_s` seconds after its programming.
 
-Signed weights (`signed`, see xbar.chip.forward): `offset` stores u = w + L
-over cells_per_weight cells; `differential` stores max(w, 0) and max(-w, 0) on a
-positive and a negative array (the cell count doubles), each over
-ceil((weight_bits - 1) / cell_bits) cells.
+Signed weights (`signed`, xbar.crossbar): `offset` and `offset_ref` store u = w + L over the
+spec's cells (`offset_ref` also holds a reference weight L per row tile, `reference_cells`);
+`differential` stores max(w, 0) and max(-w, 0) on a positive and a negative array.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from xbar.chip.devices import DevicePreset
-from xbar.crossbar import CrossbarSpec, LayerMap, Mapping
+from xbar.crossbar import SCHEMES, CrossbarSpec, LayerMap, Mapping, check_scheme
 from xbar.errors import UserError
 
-SCHEMES = ("offset", "differential")
+__all__ = ["SCHEMES", "ChipInstance", "LayerCells", "check_scheme", "target_cells"]
+
+MAX_VERIFY_WRITES = 16  # program-and-verify gives up after this many writes of a cell (ours; the last error stays)
 
 
-def check_scheme(signed: str) -> str:
-    if signed not in SCHEMES:
-        raise UserError(f"crossbar.signed: {signed!r} is not a signed-weight scheme (one of {', '.join(SCHEMES)})")
-    return signed
-
-
-def magnitude_cells(spec: CrossbarSpec) -> int:
-    """Cells holding one weight's magnitude (0..L) on one array of the differential scheme."""
-    return math.ceil((spec.weight_bits - 1) / spec.cell_bits)
-
-
-def target_cells(levels: torch.Tensor, spec: CrossbarSpec, signed: str = "offset") -> torch.Tensor:
-    """Cell levels the chip programs for integer weight `levels`: [arrays, *shape, cells], MSB cell first.
-
-    offset: one array, u = w + L in base 2**cell_bits (xbar.crossbar's encoding);
-    differential: two arrays (positive, negative) holding max(w, 0) and max(-w, 0).
-    """
-    check_scheme(signed)
-    w = levels.round().to(torch.int64)
-    if signed == "offset":
-        return spec.cell_levels(w).to(torch.int64).unsqueeze(0)
-    base, k = 2**spec.cell_bits, magnitude_cells(spec)
-    arrays = []
-    for mag in (w.clamp_min(0), (-w).clamp_min(0)):
-        arrays.append(torch.stack([(mag // base**i) % base for i in reversed(range(k))], -1))
-    return torch.stack(arrays)
+def target_cells(levels: torch.Tensor, spec: CrossbarSpec, signed: str | None = None) -> torch.Tensor:
+    """Cell levels the chip programs for integer weight `levels`: [arrays, *shape, slices], MSB cell first;
+    one array (offset, offset_ref) or two (differential: positive, negative). `signed`: the spec's scheme
+    unless given."""
+    spec = spec if signed is None else replace(spec, signed=check_scheme(signed))
+    cells = spec.cell_levels(levels.round().to(torch.int64)).to(torch.int64)
+    if spec.signed != "differential":
+        return cells.unsqueeze(0)
+    return cells.unflatten(-1, (2, spec.slices)).movedim(-2, 0)
 
 
 @dataclass
@@ -80,9 +64,14 @@ class LayerCells:
 class ChipInstance:
     """One seeded chip: fixed stuck-at faults, programming error drawn per programming of each PE."""
 
-    def __init__(self, seed: int, device: DevicePreset, mapping: Mapping, time_s: float = 0.0) -> None:
+    def __init__(self, seed: int, device: DevicePreset, mapping: Mapping, time_s: float = 0.0,
+                 verify: float = 0.0) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise UserError(f"chip instance seed: expected an integer >= 0, got {seed!r}")
+        if isinstance(verify, bool) or not isinstance(verify, int | float) or not verify >= 0:
+            raise UserError(f"chip.verify_tolerance: expected a tolerance >= 0 levels (0: no verify), got {verify!r}")
+        self.verify = float(verify)  # program-and-verify: rewrite a cell until |error| <= verify levels
+        self.verify_writes = 0  # re-writes the verify loop made in cells programmed for a task (spare, rewritten)
         if not (isinstance(time_s, int | float) and math.isfinite(time_s) and time_s >= 0):
             raise UserError(f"chip time: expected seconds >= 0, got {time_s!r}")
         self.seed, self.device, self.mapping, self.time_s = seed, device, mapping, float(time_s)
@@ -151,31 +140,62 @@ class ChipInstance:
                                                                  uniform), z)
             return z
 
-        lv = flat.float()
-        if any(dev.prog_sigma) and dev.noise_scale:
-            lv = (lv + dev.sigma_levels(flat, top) * draws("program")).clamp(0, top)
         stuck = None
-        if dev.stuck_low or dev.stuck_high:
-            # faults belong to the physical cell: no generation (a spare slot's faults are its own)
-            u = self._draw("stuck", "backbone", pe_of, {}, (arrays, k), True)
-            if bool(spare.any()):
-                u = torch.where(spare[None, :, None], self._draw("stuck", "spare", pe_of, {}, (arrays, k), True), u)
-            stuck = (u < dev.stuck_low, u >= 1 - dev.stuck_high)
+        if dev.stuck_low or dev.stuck_high:  # faults belong to the physical cell: no generation
+            stuck = self._draw("stuck", "backbone", pe_of, {}, (arrays, k), True)
+            if bool(spare.any()):  # a spare slot's faults are its own
+                stuck = torch.where(spare[None, :, None], self._draw("stuck", "spare", pe_of, {}, (arrays, k), True),
+                                    stuck)
+        lv, gain, writes = self._effects(flat, draws, stuck, top)
+        if writes is not None:  # what programming the task's cells cost the verify loop (the backbone: once)
+            self.verify_writes += int(writes[:, spare | rewritten].sum())
+        return LayerCells(lv.reshape(targets.shape), gain)
+
+    def reference_cells(self, name: str, targets: torch.Tensor, top: int) -> torch.Tensor:
+        """Cells of layer `name`'s reference columns (offset_ref) holding `targets`, programmed once with
+        the backbone (a spare PE's reference columns are not re-drawn: a simplification)."""
+        if self.device.ideal:
+            return targets.float()
+        g = torch.Generator().manual_seed(self._key("reference", name, 0, 0))
+        stuck = torch.rand(targets.shape, generator=g)
+        lv, _, _ = self._effects(targets, lambda kind: torch.randn(targets.shape, generator=g), stuck, top)
+        return lv
+
+    def _effects(self, targets: torch.Tensor, draws, stuck_u: torch.Tensor | None, top: int):  # noqa: ANN001
+        """Programming error, stuck cells, drift and relaxation on cells programmed to `targets`; the
+        draws come from `draws(kind)` (standard normal, the targets' shape) and `stuck_u` (uniform)."""
+        dev = self.device
+        lv, writes = targets.float(), None
+        if any(dev.prog_sigma) and dev.noise_scale:
+            sigma = dev.sigma_levels(targets, top)
+            err = sigma * draws("program")
+            if self.verify:  # program-and-verify: re-write each cell off by more than the tolerance
+                writes = torch.zeros(err.shape, dtype=torch.int32)
+                for i in range(1, MAX_VERIFY_WRITES):
+                    bad = err.abs() > self.verify
+                    if not bool(bad.any()):
+                        break
+                    writes += bad
+                    err = torch.where(bad, sigma * draws(f"program{i}"), err)
+            lv = (lv + err).clamp(0, top)
+        stuck = None
+        if stuck_u is not None and (dev.stuck_low or dev.stuck_high):
+            stuck = (stuck_u < dev.stuck_low, stuck_u >= 1 - dev.stuck_high)
             lv = self._stick(lv, stuck, top)
         gain = 1.0
-        if self.time_s > dev.drift_t0 and (dev.drift_nu or dev.relax_mean or dev.relax_sigma0 or dev.relax_sigma):
+        if self.time_s > dev.drift_t0 and (dev.drift_nu or dev.relax_mean or dev.relax_sigma0 or any(dev.relax_sigma)):
             log_t = math.log(self.time_s / dev.drift_t0)
             before = lv
             lv = lv * (self.time_s / dev.drift_t0) ** -dev.drift_nu + dev.relax_mean * log_t * top
-            spread = (dev.relax_sigma0 + dev.relax_sigma * log_t) * top * dev.noise_scale
-            if spread:
+            spread = dev.relax_levels(targets, top, log_t)  # level-dependent, from the target level
+            if bool((spread > 0).any()):
                 lv = lv + spread * draws("relax")
             lv = lv.clamp(0, top)
             if stuck is not None:
                 lv = self._stick(lv, stuck, top)
             if dev.drift_compensation and float(lv.sum()) > 0:
                 gain = float(before.sum() / lv.sum())  # a reference read (all rows on) then and now
-        return LayerCells(lv.reshape(targets.shape), gain)
+        return lv, gain, writes
 
     @staticmethod
     def _stick(lv: torch.Tensor, stuck: tuple[torch.Tensor, torch.Tensor], top: int) -> torch.Tensor:

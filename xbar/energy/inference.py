@@ -5,7 +5,8 @@ conv, 1 for a linear layer), with the input applied bit-serially over
 `act_bits` cycles. Per crossbar and image:
 
 * cell reads      = positions * act_bits * input_activity * active cells   (x cell_read_j)
-* ADC conversions = positions * act_bits * active physical columns          (x adc_j)
+* ADC conversions = positions * act_bits * (active outputs x bit slices     (x adc_j)
+                    + reference columns); a differential pair is one conversion
 * shift-add       = one per ADC conversion                                   (x shift_add_j)
 * mask buffer     = positions * masked columns * mask bits                   (x mask_read_j_per_bit)
 * interconnect    = positions * (rows_used * act_bits / crossbars sharing the row tile's input
@@ -108,7 +109,8 @@ def crossbar_use(mapping: Mapping, io: dict[str, LayerIO], columns: dict[str, Co
         tiles = np.array([x.get("row_tile", i) for i, x in enumerate(lm.crossbars)], dtype=np.int64)
         parts["input_share"].append(1.0 / np.bincount(tiles)[tiles])
         parts["active_columns"].append(cols)
-        parts["active_cells"].append(cells)
+        rows = np.array([x["rows_used"] for x in lm.crossbars], dtype=np.int64)
+        parts["active_cells"].append(cells + rows * spec.reference_cols)  # offset_ref: its reference columns
         parts["masked_columns"].append(masked)
     return CrossbarUse(**{k: np.concatenate(v) for k, v in parts.items()})
 
@@ -118,7 +120,8 @@ def component_energy(use: CrossbarUse, spec: CrossbarSpec, preset: EnergyPreset,
     """Per crossbar and image, joules by component (the formulas of the module docstring)."""
     psum_bits = act_bits + spec.weight_bits + math.ceil(math.log2(spec.rows))  # a column's partial sum
     p, cycles = use.positions.astype(np.float64), float(act_bits)
-    conversions = p * cycles * use.active_columns * spec.cells_per_weight
+    # one conversion per bit slice of an output (differential: per subtracted pair), plus the reference columns
+    conversions = p * cycles * (use.active_columns * spec.slices + spec.reference_cols)
     return {
         "cells_j": p * cycles * preset.input_activity * use.active_cells * preset.cell_read_j,
         "adc_j": conversions * preset.adc_j,

@@ -100,7 +100,9 @@ def change_stats(spec: CrossbarSpec, p: torch.Tensor, spare_change_share: float 
     n = 2 * spec.weight_levels + 1
     zero = spec.weight_levels  # index of level 0
     blank = torch.zeros(n, n, dtype=torch.float64)
-    blank[:, 0] = p  # "old" = cells all at level 0: the weight -L is offset-encoded as all-zero cells
+    blank_level = int((spec.cell_levels(torch.arange(-spec.weight_levels, spec.weight_levels + 1)).sum(1) == 0)
+                      .nonzero()[0])  # "old" = cells all at level 0: -L offset-encoded, 0 differential
+    blank[:, blank_level] = p
     to_zero = torch.zeros(n, n, dtype=torch.float64)
     to_zero[:, zero] = p
     move = _nudge(spec, spare_change_share)
@@ -169,10 +171,11 @@ def typical_methods(mapping: Mapping, io: dict[str, LayerIO], preset: EnergyPres
         """(cells written, level steps) of the new task, counted as the scenario `how` says."""
         if method.trains_all:
             return writes(finetune_stats[how.finetune], n_w)
+        trips = 2 if how.round_trip else 1  # to the task, and back to the deployed state
         if method.element_masks:  # zero the new mask's; on a switch, restore the old mask's as well
-            return writes(stats["to_zero"], n_w * m if how.piggyback == "zero" else n_w * 2 * m * (1 - m))
+            return writes(stats["to_zero"], trips * (n_w * m if how.piggyback == "zero" else n_w * 2 * m * (1 - m)))
         if method.spare_pes:
-            return writes(spare_stats[how.spare_pes], spare_weights)
+            return writes(spare_stats[how.spare_pes], trips * spare_weights)
         return 0.0, 0.0  # masks live in the mask buffers only
 
     def table(how: EnergyScenario) -> dict[str, dict]:

@@ -8,9 +8,10 @@
 | `xbm` | xbm.py | column binary mask (shift_levels = 0), head | per task |
 | `xma` | xma.py | column shift mask, head | per task |
 | `xma2` | xma2.py | spare PEs' weights (4-bit QAT from the backbone's levels), column shift masks on every other PE, head | per task |
+| `head_only` | head_only.py | the head only: the comparison's reference row, not listed in params.yaml | train.bn |
 
 `registry.py` says what a method object holds; `layers.py` is the task model
-(CrossbarLayer), `recipe.py` the training recipe they share, `task.py` build /
+(CrossbarLayer), `recipe.py` the training recipe they share, `presets.py` the named recipes, `task.py` build /
 export / rebuild of task.pt. To add a method: one file here that subclasses
 `Method` and calls `register`, plus its import below (or, outside xbar, a module
 named in params.yaml's `plugins:`).
@@ -24,7 +25,8 @@ from importlib import import_module
 
 # built-in methods register themselves on import, in the order of the paper's tables
 from xbar.methods import finetune_shared, finetune_separate, piggyback, xbm, xma, xma2  # noqa: F401
-from xbar.methods.registry import Method, get, names, register, unregister
+from xbar.methods import head_only  # noqa: F401 (the comparison's reference row, not listed)
+from xbar.methods.registry import Method, get, known, names, register, unregister
 
 _LAZY = {
     "layers": ("HEAD_BITS", "CrossbarLayer", "TaskModel", "backbone_net", "crossbar_spec", "deploy_cells", "new_head",
@@ -36,7 +38,7 @@ _LAZY = {
 }
 _HOME = {name: module for module, exported in _LAZY.items() for name in exported}
 
-__all__ = ["Method", "get", "names", "register", "unregister", *_HOME]
+__all__ = ["Method", "get", "known", "names", "register", "unregister", *_HOME]
 
 
 def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the task-model API, imported on first use)

@@ -25,6 +25,11 @@ class ColumnMaskMethod(Method):
         for layer in model.layers().values():
             layer.add_column_mask(model.shift_levels, train.temperature)
 
+    def mask_distance(self) -> float:
+        from xbar.masks import START_LOGIT
+
+        return START_LOGIT  # eval's threshold is a logit of 0
+
     def export_masks(self, model: TaskModel, task: dict) -> None:
         import torch
 

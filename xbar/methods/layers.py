@@ -182,8 +182,9 @@ class TaskModel:
     # kept on held-out images (0: the closed-form head on the untrained masks; None: no held-out images, the last)
     steps: int = 0
     kept_step: int | None = None
-    lr_scale: float = 1.0  # of every lr, where the run held: below 1 after the divergence guard stopped a run
-    head_fit: str = "trained"  # the deployed head: trained, or logistic (refit on the kept network, recipe step 8)
+    lr_scale: float = 1.0  # always 1: a run never changes its lrs (kept for train.json's readers)
+    recipe: str = "default"  # the recipe it trained under (xbar.methods.presets.Recipe.label)
+    head_fit: str = "ridge head, then SGD"  # the head procedure (the recipe's, the same for every method)
 
     def layers(self) -> dict[str, CrossbarLayer]:
         return {n: m for n, m in self.net.named_modules() if isinstance(m, CrossbarLayer)}

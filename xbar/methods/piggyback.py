@@ -11,13 +11,6 @@ if TYPE_CHECKING:
     from xbar.params import TaskSpec, TrainParams
 
 
-# Piggyback's real mask lives on a fixed, far smaller scale (init 1e-2, threshold
-# 5e-3, constants of the method) than the logit-scale column mask, so its Adam lr
-# is a constant too, not train.mask_lr: 5e-4 was the best of 1e-4 / 5e-4 / 2e-3 on
-# mnist and animals (1e-4 barely flips a mask; 2e-3 collapses the frozen-BN network).
-MASK_LR = 5e-4
-
-
 class Piggyback(Method):
     name = "piggyback"
     trains = "element-wise binary mask on every mapped layer, head (BN: train.bn)"
@@ -27,8 +20,13 @@ class Piggyback(Method):
         for layer in model.layers().values():
             layer.add_element_mask()
 
-    def mask_lr(self, train: TrainParams) -> float:
-        return MASK_LR
+    def mask_lr(self, train: TrainParams) -> None:
+        return None  # the recipe's reach rule (train.mask_lr is the column masks'), or the paper preset's 1e-4
+
+    def mask_distance(self) -> float:
+        from xbar.masks import ElementBinaryMask
+
+        return ElementBinaryMask.INIT - ElementBinaryMask.THRESHOLD
 
     def export_masks(self, model: TaskModel, task: dict) -> None:
         task["element_masks"] = {n: l.element_mask.binary().clone() for n, l in model.layers().items()}

@@ -1,77 +1,20 @@
-"""The training recipe every method shares (`train_task`).
+"""The training recipe every method shares (`train_task`); `train.recipe` names it (xbar.methods.presets).
 
-1. a task with per-task BN first re-estimates its statistics on the new task
-   (`recalibrate_bn`), so training and the head fit below see the same features;
-2. the head is fit in closed form (ridge regression on up to 4096 training
-   images' features, `init_head`): SGD from a random head on raw pooled features
-   is badly conditioned and cost every mask method tens of points;
-3. SGD (train.lr) on head, BN, clips; `TensorAdam` on 4-bit weights (in
-   quantization levels) and masks (the method's `mask_lr`); every lr warms up
-   over the first tenth of the optimizer steps, then
-   follows a cosine to zero (`lr_factor`), at least MIN_STEPS steps;
-4. BN statistics are re-estimated once more with the deterministic (eval) masks:
-   during training the column masks are Gumbel samples, the deployed ones are not;
-5. the divergence guard: the trained model's loss on the images the head was fit
-   on must not end above the closed-form head's (`check_converged`; a run that
-   does gets its head refit in closed form on the deployed network first,
-   `refit_head`); `fit` stops a run whose loss rises far above its start;
-6. the checkpoint a task keeps is chosen on held-out images (`Validation`):
-   VAL_SHARE of each class's training images (a task with fewer than
-   MIN_VAL_IMAGES to spare trains on all of them and keeps its last step) are
-   held out, and the model as deployed (eval masks) is scored on them at the
-   start (the closed-form head on the untrained masks) and CHECKPOINTS times
-   over the run; the lowest validation loss wins. The guard judges the last
-   step all the same: a run that diverged fails. A low training loss does not
-   say the masks generalize: on 800 RGB photo crops (ResNet-18, the robustness
-   suite), XMA2's training loss fell to 0.04 while its test accuracy fell from
-   the closed-form head's 93.75% to 86.25%;
-7. a run the guard stops (step 5) is retried from the same start at half of
-   every lr, down to 1/2**BACKOFFS (`with_backoff`; `model.lr_scale`), and only
-   the last retry's failure reaches the user. Where a run diverges depends on the
-   task, the backbone and the run's length together (the suite: XBM on 2,327
-   textures, Piggyback on 800 RGB photos, each at the lrs that hold everywhere
-   else), so no one lr fits every task; halving it until the run holds does;
-8. the head that deploys (`deploy_head`): logistic regression, the linear
-   probe's model, on the kept network's features replaces the trained head where
-   it holds out better; a task with nothing held out keeps its trained head.
-   Step 2's ridge head starts training well but is no probe: on the suite's
-   tiniest tasks it ends 8 points below logistic regression on the same
-   features, and a run that keeps step 0 (training never beat the start on
-   held-out images) deployed exactly it.
+Rules, each with its evidence in docs/decisions.md ("Recipes", "Masks that learn"):
+- optimizers are torch.optim's with per-element state: SGD (momentum) on the head, BN affine and clips; Adam
+  on the real-valued masks and on 4-bit latent weights (fine-tuned, spare PEs). A frozen entry of a spare-PE
+  layer gets no gradient, so it is in no Adam statistic; weight decay only on the head's weight;
+- every method of a task runs the same optimizer steps (epochs x batches, at least MIN_STEPS), warm-up then
+  cosine (a preset may state its own: Piggyback's step schedule, batch and Adam lrs);
+- mask lr by the reach rule: a mask entry whose gradient keeps its sign crosses its threshold at MASK_REACH
+  of the run (Adam moves such an entry by about lr per step), for column and element masks alike;
+- one head procedure per recipe, the same for every method: the ridge head fit in closed form, then trained
+  with the rest; the trained head deploys (nothing is swapped after training);
+- the checkpoint kept is the one that holds out best (xbar.methods.validation), the same for every method;
+- a run the guard stops is a failure reported with its lrs (`Diverged`, one line): no retry, no lr change.
 
-What keeps it from diverging on any task size, epochs or backbone (measured on
-tasks of 100-200 images, where the first recipe ended at losses of 20 to 200):
-
-- the closed-form head's logit scale is the one that minimizes *label-smoothed*
-  cross-entropy. Plain cross-entropy is minimized by an infinite scale on any
-  training set the ridge head separates (small tasks: the search hit its bound
-  of 1000), and the gradient every trainable below the head gets grows with that
-  scale: SGD at train.lr then blew up. Label smoothing bounds the logit gap at
-  log(1 + (1 - eps) C / eps) (3 for 2 classes, 7 for 100) whatever the task;
-- warm-up, and a schedule counted in optimizer steps, not epochs;
-- 4-bit weights (fine-tuned, spare PEs) train with `TensorAdam` at
-  CELL_STEP_LEVELS of their layer's quantization step per optimizer step (root
-  mean square over the layer, each weight in proportion to its gradient): a
-  weight changes the network only when it crosses half a level, whatever the
-  layer's scale or the size of its gradients. SGD at train.lr flipped 10-20% of
-  them in the first four steps of a small task and, under frozen BN (no batch
-  statistics to renormalize a spare PE's output), diverged on the default
-  benchmark's first task; per-weight Adam moves every weight by the full step
-  (a 12-image fine-tune diverged). At a tenth of a level, the weights at the
-  root mean square crossed half a level together a few steps after the warm-up
-  and XMA2 diverged on both robustness-suite backbones (2,327 textures at step
-  13, 800 RGB photos at step 11); at a twentieth both held;
-- lr in proportion to the batch (linear scaling) when the training set is
-  smaller than train.batch_size; batches of nearly equal size (`BalancedBatches`);
-- BN statistics from at least MIN_BN_IMAGES images: a smaller task keeps the
-  backbone's statistics, and BN runs on them during training.
-
-The BN rule (`model.bn`, from train.bn or the task's `bn`; the same for every
-method that can use it): `frozen` keeps the backbone's BN statistics and affine,
-as the paper's chip has no per-task per-channel affine; `per_task` trains and
-re-estimates the task's own (stored in `model_state`, charged as a digital
-per-channel affine: xbar.memory, xbar.energy). A fine-tune rewrites every
-weight, so its BN is always its own.
+BN (`model.bn`): `frozen` keeps the backbone's statistics and affine (the paper's chip has no per-task affine);
+`per_task` trains and re-estimates the task's own (charged: xbar.memory, xbar.energy).
 """
 
 from __future__ import annotations
@@ -79,32 +22,29 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Subset
 
-from xbar.methods.layers import TaskModel
-from xbar.methods.validation import Validation, held_out, image_losses  # noqa: F401 (held_out: re-exported)
-from xbar.methods.registry import get
-from xbar.params import TaskSpec, TrainParams
 from xbar.errors import Diverged, UserError
+from xbar.methods.layers import TaskModel
+from xbar.methods.presets import STEP_AT, STEP_FACTOR, Recipe, recipe_for
+from xbar.methods.registry import get
+from xbar.methods.validation import Validation, held_out, image_losses  # noqa: F401 (held_out: re-exported)
+from xbar.params import TaskSpec, TrainParams
 from xbar.runtime import batches, model_device
-from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, fit, fit_head, head_features, head_images,
-                           logistic_head, optimizer_steps, ridge_head)  # noqa: F401 (ridge_head: re-exported by xbar.methods)
+from xbar.training import (HEAD_INIT_IMAGES, as_input, batch_images, fit, fit_head, head_images, optimizer_steps,
+                           ridge_head)  # noqa: F401 (ridge_head: re-exported by xbar.methods)
 
-T = TypeVar("T")
-
-WEIGHT_DECAY = 5e-4  # head and fine-tuned / spare-PE weights only
+WEIGHT_DECAY = 5e-4  # on the head's weight only (SGD); no decay on masks or 4-bit weights
 WARMUP_SHARE = 0.1  # of the optimizer steps, lr rising linearly from lr / warm-up steps to lr
 MIN_STEPS = 50  # a tiny task still gets this many optimizer steps (the data is cycled)
-CELL_STEP_LEVELS = 0.05  # TensorAdam's step on 4-bit weights (rms), in quantization levels of their layer (module doc)
+CELL_LR_LEVELS = 0.05  # Adam's lr on 4-bit latent weights, in quantization levels of their layer
+MASK_REACH = 0.5  # a mask entry whose gradient keeps its sign crosses its threshold at this share of the run
 MIN_BN_IMAGES = 32  # BN statistics from fewer images are off by more than sqrt(2 / 31) = 25% (std of a variance)
-BACKOFFS = 3  # a run the guard stops is retried at 1/2, 1/4, 1/8 of every lr before it fails (module doc, step 7)
-CONVERGED_SE = 2.0  # the trained model's loss may exceed the head's by this many standard errors (noise)
+CONVERGED_SE = 2.0  # the trained model's loss may exceed the start's by this many standard errors (noise)
 
 
 @torch.no_grad()
@@ -234,69 +174,12 @@ def bn_mode(batch_statistics: bool):  # noqa: ANN201 (a callable for fit)
     return apply
 
 
-def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None,
-               scale: float = 1.0) -> list[torch.optim.Optimizer]:
-    """SGD (momentum) on weights, head, BN and clips; `TensorAdam` on the real-valued masks (the
-    method's `mask_lr`: train.mask_lr for column masks, a constant for Piggyback's).
-
-    SGD's lr is train.lr for train.batch_size images per step, in proportion for a smaller
-    `batch` (linear scaling: a task smaller than the batch); Adam's lrs by the square root of
-    that share (Adam's scaling rule: Malladi et al., NeurIPS 2022). At the full step, a 12-image
-    fine-tune whose closed-form head already fit (loss 0.04) jumped to 2.6 within 8 steps.
-    4-bit weights (fine-tuned, spare PEs): Adam, CELL_STEP_LEVELS of the layer's quantization
-    step per step (module doc). `scale` multiplies every lr (a retried run, `train_task`).
-    (Adam on the head and BN was tried: it adapts the head too slowly to the masked features,
-    -1 to -4 points for xma / xma2.)
-    """
-    g = parameter_groups(model)
-    head_weight = model.net.head.weight
-    share = min(1.0, (batch or train.batch_size) / train.batch_size)
-    lr, adam = train.lr * share * scale, math.sqrt(share) * scale
-    groups = [{"params": [head_weight], "weight_decay": WEIGHT_DECAY},
-              {"params": [p for p in g.head if p is not head_weight] + g.digital, "weight_decay": 0.0}]
-    opts: list[torch.optim.Optimizer] = [
-        torch.optim.SGD(groups, lr=lr, momentum=train.momentum, nesterov=train.momentum > 0)]
-    if g.cells:
-        cells = [{"params": [layer.latent], "lr": adam * CELL_STEP_LEVELS * float(layer.scale)}
-                 for layer in model.layers().values() if layer.latent is not None]
-        opts.append(TensorAdam(cells, lr=adam * CELL_STEP_LEVELS))
-    if g.masks:
-        opts.append(TensorAdam(g.masks, lr=adam * get(model.method).mask_lr(train)))
-    return opts
-
-
-class TensorAdam(torch.optim.Optimizer):
-    """Adam whose second moment is one number per tensor (a layer's mask or 4-bit weights), not one per entry.
-
-    Per-entry Adam steps every entry whose gradient keeps its sign by the full lr, however small
-    that gradient: on a small task, whose batches repeat the same images, every such entry of a
-    mask then crosses its threshold on the same step (Piggyback's 1e-2 -> 5e-3 after 10 steps at
-    5e-4, a column logit's 2 -> 0 after 4 at 0.5), and the network collapses at once (measured:
-    the loss jumped from 0.05 to 80 on the step the masks flipped). With one second moment per
-    tensor, a tensor's entries still move by about lr (root mean square) per step, as with Adam,
-    but each in proportion to its gradient: the entries with the largest gradients flip first.
-    """
-
-    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-12) -> None:  # noqa: ANN001
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-
-    @torch.no_grad()
-    def step(self, closure=None) -> None:  # noqa: ANN001 (torch's signature)
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["t"], state["m"] = 0, torch.zeros_like(p)
-                    state["v"] = torch.zeros((), dtype=p.dtype, device=p.device)
-                state["t"] += 1
-                state["m"].mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                state["v"].mul_(beta2).add_(p.grad.pow(2).mean(), alpha=1 - beta2)
-                m_hat = state["m"] / (1 - beta1 ** state["t"])
-                v_hat = state["v"] / (1 - beta2 ** state["t"])
-                p.add_(m_hat / (v_hat.sqrt() + group["eps"]), alpha=-group["lr"])
+def lr_schedule(recipe: Recipe, steps: int) -> Callable[[int], float]:
+    """The lr multiplier at each optimizer step: warm-up then cosine (`lr_factor`), or the preset's step
+    schedule (x STEP_FACTOR from STEP_AT of the run: Piggyback's epoch 15 of 30)."""
+    if recipe.schedule == "step":
+        return lambda t: 1.0 if t < STEP_AT * steps else STEP_FACTOR
+    return lambda t: lr_factor(t, steps)
 
 
 def lr_factor(step: int, steps: int) -> float:
@@ -304,6 +187,57 @@ def lr_factor(step: int, steps: int) -> float:
     WARMUP_SHARE of the steps, times a cosine from 1 to 0 over all of them."""
     warmup = max(1, math.ceil(WARMUP_SHARE * steps))
     return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def mask_lr(model: TaskModel, train: TrainParams, recipe: Recipe, steps: int) -> float:
+    """Adam's lr on the masks: the preset's, else train.mask_lr (column masks), else the reach rule: the
+    method's distance from a mask's start to its threshold over the lr factors summed to MASK_REACH of the run."""
+    method = get(model.method)
+    fixed = recipe.mask_lr if recipe.mask_lr is not None else method.mask_lr(train)
+    if fixed is not None:
+        return fixed
+    factor = lr_schedule(recipe, steps)
+    return method.mask_distance() / sum(factor(t) for t in range(max(1, math.ceil(MASK_REACH * steps))))
+
+
+def optimizers(model: TaskModel, train: TrainParams, batch: int | None = None, steps: int | None = None,
+               recipe: Recipe | None = None) -> list[torch.optim.Optimizer]:
+    """SGD (momentum) on head, BN and clips; per-element Adam on 4-bit latent weights (CELL_LR_LEVELS of the
+    layer's quantization step) and on the masks (`mask_lr`); a preset's own head optimizer where it has one.
+
+    SGD's lr is train.lr for a full batch, in proportion for a smaller `batch` (a task smaller than the batch);
+    Adam's lrs by the square root of that share (Malladi et al., NeurIPS 2022). `steps`: the run's optimizer
+    steps (the mask lr's reach rule; default: MIN_STEPS).
+    """
+    recipe = recipe or recipe_for(train.recipe, model.method)
+    g = parameter_groups(model)
+    full = recipe.batch_size or train.batch_size
+    share = min(1.0, (batch or full) / full)
+    lr, adam = train.lr * share, math.sqrt(share)
+    head_weight = model.net.head.weight
+    opts: list[torch.optim.Optimizer] = []
+    sgd = [{"params": [p for p in g.head if p is not head_weight] + g.digital, "weight_decay": 0.0}]
+    if recipe.head == "random_adam":
+        opts.append(torch.optim.Adam(g.head, lr=adam * recipe.head_lr))
+        sgd = [{"params": g.digital, "weight_decay": 0.0}]
+    else:
+        sgd.insert(0, {"params": [head_weight], "weight_decay": WEIGHT_DECAY})
+    sgd = [group for group in sgd if group["params"]]
+    if sgd:
+        opts.insert(0, torch.optim.SGD(sgd, lr=lr, momentum=train.momentum, nesterov=train.momentum > 0))
+    cells = [{"params": [layer.latent], "lr": adam * CELL_LR_LEVELS * float(layer.scale)}
+             for layer in model.layers().values() if layer.latent is not None]
+    if cells:
+        opts.append(torch.optim.Adam(cells, lr=adam * CELL_LR_LEVELS))
+    if g.masks:
+        opts.append(torch.optim.Adam(g.masks, lr=adam * mask_lr(model, train, recipe, steps or MIN_STEPS)))
+    return opts
+
+
+def describe_lrs(opts: list[torch.optim.Optimizer]) -> str:
+    """The run's initial lrs, e.g. "SGD 0.05, Adam 0.21" (a diverged run's line names them)."""
+    return ", ".join(f"{type(o).__name__} {o.param_groups[0].get('initial_lr', o.param_groups[0]['lr']):.3g}"
+                     for o in opts)
 
 
 def check_task_data(n_train: int, num_classes: int, who: str) -> None:
@@ -314,86 +248,62 @@ def check_task_data(n_train: int, num_classes: int, who: str) -> None:
 
 
 def check_converged(before: torch.Tensor, after: torch.Tensor, who: str, hint: str) -> None:
-    """The divergence guard's end check: training must not end above the closed-form head's loss.
+    """The divergence guard's end check: training must not end above the loss it started from.
 
-    `before` / `after`: each head image's loss under the untrained head and the trained model.
-    The mean of their difference may exceed zero by CONVERGED_SE standard errors (the noise of
-    that mean over these images: Gumbel masks and BN re-estimation move it a little), no more.
+    `before` / `after`: each head image's loss at the start and under the trained model. The mean of their
+    difference may exceed zero by CONVERGED_SE standard errors (the noise of that mean over these images:
+    Gumbel masks and BN re-estimation move it a little), no more.
     """
     diff = (after - before).double()
     noise = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
     if float(diff.mean()) > CONVERGED_SE * noise:
-        raise Diverged(f"{who}: training ended at loss {float(after.mean()):.3g}, above the untrained closed-form "
-                        f"head's {float(before.mean()):.3g} on the same training images ({hint}); nothing was written")
+        raise Diverged(f"{who}: training ended at loss {float(after.mean()):.3g}, above the start's "
+                       f"{float(before.mean()):.3g} on the same training images ({hint}); nothing was written")
 
 
 def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, desc: str,  # noqa: ANN001
                augmented=None, labels: np.ndarray | None = None) -> float:  # noqa: ANN001 (Datasets)
-    """Fit the head in closed form, then train the method's trainables; keep the checkpoint that held out
-    best (module doc, step 6; `model.kept_step`) and return its mean loss (eval mode, as deployed) on the
-    images the head was fit on. The optimizer steps draw
-    from `augmented` if given (the same images with train-time augmentation), all else from `data`;
+    """Train the method's trainables under train.recipe (module doc); keep the checkpoint that held out best
+    (`model.kept_step`) and return its mean loss (eval mode, as deployed) on the head images. The optimizer
+    steps draw from `augmented` if given (the same images with train-time augmentation), all else from `data`;
     `labels`: `data`'s labels in order (read from `data` when not given), for the held-out split.
 
-    A run the guard stops is retried from the same start at half of every learning rate, at most
-    BACKOFFS times (module doc, step 7; `model.lr_scale`). Raises a one-line UserError, before anything
-    is written, for a task with fewer training images than classes, and when the last retry diverges too.
+    Raises a one-line UserError before anything is written: a task with fewer training images than classes;
+    a run the guard stops (`Diverged`, naming its lrs).
     """
     method = get(model.method)
+    recipe = recipe_for(train.recipe, method.name)
     who = desc if method.name in desc else f"{desc} ({method.name})"
     check_task_data(len(data), model.net.head.out_features, who)
-    masks = " or the mask lr" if method.column_masks or method.element_masks else ""
-
-    def attempt(scale: float, retried: str) -> float:
-        hint = f"{retried}lower train.lr (now {train.lr:g}){masks}, or give the task more images"
-        return train_attempt(model, data, spec, train, seed, who, hint, scale, augmented, labels)
-
-    loss, model.lr_scale = with_backoff(model.net, attempt)
-    return loss
-
-
-def with_backoff(net: nn.Module, attempt: Callable[[float, str], T]) -> tuple[T, float]:
-    """`attempt(scale, retried)` (a training run with every lr times `scale`; `retried` starts its guard's hint)
-    and the scale it held at: 1, then, each time the guard stops it (`Diverged`), again from `net`'s state
-    at the start at half the scale, at most BACKOFFS times; the last one's line is raised (module doc, step 7)."""
-    start = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    for tries in range(BACKOFFS + 1):
-        scale = 0.5**tries
-        try:
-            return attempt(scale, f"retried down to 1/{2**tries} of every learning rate; " if tries else ""), scale
-        except Diverged:
-            if tries == BACKOFFS:
-                raise
-            net.load_state_dict(start)
-    raise AssertionError("unreachable")
-
-
-def train_attempt(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed: int, who: str,  # noqa: ANN001
-                  hint: str, scale: float, augmented=None, labels: np.ndarray | None = None) -> float:  # noqa: ANN001
-    """One run of `train_task` with every learning rate times `scale` (steps 1-6 of the module doc)."""
-    n = len(data)
     workers = train.workers
     validation = Validation.of(model, data, labels, seed, workers)
     if validation is not None:  # train on the rest
-        data, augmented = Subset(data, validation.train), None if augmented is None else Subset(augmented,
-                                                                                               validation.train)
-        n = len(data)
+        data = Subset(data, validation.train)
+        augmented = None if augmented is None else Subset(augmented, validation.train)
+    n = len(data)
     own_bn = bn_statistics(model, n)
     if own_bn:  # per-task BN starts from the task's own statistics
         recalibrate_bn(model.net, data, seed, workers=workers)
-    before = init_head(model, data, seed, workers=workers)
+    if recipe.head == "ridge_sgd":
+        before = init_head(model, data, seed, workers=workers)
+    else:  # the preset's fresh head (PyTorch's default init, seeded by the caller)
+        before = image_losses(model, data, head_images(n, seed), workers=workers)
     noise = torch.Generator().manual_seed(seed)  # Gumbel noise of its own: no other training draws from it
     for layer in model.layers().values():
         if layer.column_mask is not None:
             layer.column_mask.generator = noise
-    batch = batch_images(n, train.batch_size)
-    opts = optimizers(model, train, batch, scale)
-    steps = optimizer_steps(n, spec.epochs, train.batch_size, MIN_STEPS)
-    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps)) for opt in opts]
+    batch_size = recipe.batch_size or train.batch_size
+    batch = batch_images(n, batch_size)
+    steps = optimizer_steps(n, spec.epochs, batch_size, MIN_STEPS)
+    opts = optimizers(model, train, batch, steps, recipe)
+    factor = lr_schedule(recipe, steps)
+    schedules = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in opts]
+    hint = f"{recipe.name} recipe at lrs {describe_lrs(opts)}: lower train.lr or train.mask_lr, or give the " \
+           "task more images"
 
     mode = train_mode(model, batch)
     if validation is not None:
-        validation.check(0, mode)  # the start: the closed-form head on the untrained masks
+        validation.check(0, mode)  # the start: the head on the untrained masks
     done = 0
 
     def after_step() -> None:
@@ -404,76 +314,16 @@ def train_attempt(model: TaskModel, data, spec: TaskSpec, train: TrainParams, se
         if validation is not None and done in validation.at(steps):
             validation.check(done, mode)
 
-    fit(model.net, data if augmented is None else augmented, opts, spec.epochs, train.batch_size, seed, who,
+    fit(model.net, data if augmented is None else augmented, opts, spec.epochs, batch_size, seed, who,
         after_step=after_step, train_mode=mode, min_steps=MIN_STEPS, hint=hint, workers=workers)
     if own_bn:
         recalibrate_bn(model.net, data, seed, workers=workers)
     after = image_losses(model, data, head_images(n, seed), workers=workers)
-    if float(after.mean()) > float(before.mean()):
-        after = refit_head(model, data, seed, after, workers)
-    check_converged(before, after, who, hint)  # on the last step: a run that ends above the head failed
+    check_converged(before, after, who, hint)  # on the last step: a run that ends above its start failed
     model.steps, model.kept_step = steps, None if validation is None else validation.best_step
     if validation is not None and validation.best_step != steps:  # an earlier checkpoint held out better
         validation.restore_best()
         if own_bn:
             recalibrate_bn(model.net, data, seed, workers=workers)
-    model.head_fit = "logistic" if deploy_head(model, data, validation, seed, workers) else "trained"
+    model.recipe, model.head_fit = recipe.label(spec.epochs), recipe.head_procedure
     return float(image_losses(model, data, head_images(n, seed), workers=workers).mean())
-
-
-@torch.no_grad()
-def deploy_head(model: TaskModel, data, validation: Validation | None, seed: int,  # noqa: ANN001 (Dataset)
-                workers: int | None = None) -> bool:
-    """Step 8 of the module doc: the head that deploys. Logistic regression (`logistic_head`: the linear
-    probe's model) on the kept network's features as deployed (eval masks) replaces the trained head where
-    its held-out loss is lower, and is then refit on the held-out images too. With none held out there is
-    no evidence either way, and the trained head stays. Returns whether it was replaced."""
-    if validation is None:
-        return False
-    net = model.net
-    was_training = net.training
-    net.eval()
-    head = net.head
-    feats, labels = head_features(net, data, head_images(len(data), seed), workers=workers)
-    held, held_labels = head_features(net, validation.data, validation.val, workers=workers)
-    trained = float(F.cross_entropy(head(held), held_labels))
-    kept = {k: v.clone() for k, v in head.state_dict().items()}
-    set_head(head, *logistic_head(feats, labels, head.out_features), feats)
-    replaced = float(F.cross_entropy(head(held), held_labels)) < trained
-    if replaced:
-        feats, labels = torch.cat([feats, held]), torch.cat([labels, held_labels])
-        set_head(head, *logistic_head(feats, labels, head.out_features), feats)
-    else:
-        head.load_state_dict(kept)
-    net.train(was_training)
-    return replaced
-
-
-@torch.no_grad()
-def set_head(head: nn.Module, weight: torch.Tensor, bias: torch.Tensor, feats: torch.Tensor) -> None:
-    """The 8-bit head's weights, its clips estimated afresh from them and from `feats`."""
-    head.weight.copy_(weight)
-    head.bias.copy_(bias)
-    head.weight_quant.ready.fill_(False)
-    head.act_quant.ready.fill_(False)
-    head(feats)
-
-
-@torch.no_grad()
-def refit_head(model: TaskModel, data, seed: int, trained: torch.Tensor,  # noqa: ANN001
-               workers: int | None = None) -> torch.Tensor:
-    """The repair tried before the guard's end check fails a run: the closed-form head refit on the
-    trained network as deployed (eval masks, final BN), kept when its loss on the head images is lower
-    than the trained head's (`trained`); returns the kept head's losses.
-
-    Training sees Gumbel-sampled masks, the chip the deterministic ones: on a task small enough for
-    the closed-form head to fit it exactly, the trained head can end worse on the deployed network
-    than a head fit to that network's features (measured: XBM on 20 images, 0.34 against 0.07).
-    A run that trained normally ends below the closed-form head's loss and never gets here.
-    """
-    head = {k: v.clone() for k, v in model.net.head.state_dict().items()}
-    refit = init_head(model, data, seed, workers=workers)
-    if float(refit.mean()) < float(trained.mean()):
-        return refit
-    model.net.head.load_state_dict(head)
-    return trained

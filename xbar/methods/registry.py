@@ -55,6 +55,7 @@ class Method:
     spare_pes: ClassVar[bool] = False
     continues_previous: ClassVar[bool] = False
     gated: ClassVar[bool] = True
+    listed: ClassVar[bool] = True  # in `names()` (params.yaml's methods); False: a reference the comparison adds
 
     @property
     def keeps_backbone(self) -> bool:
@@ -78,9 +79,13 @@ class Method:
         """Put the method's trainables on a freshly built task model (its mapped layers are CrossbarLayers)."""
         raise NotImplementedError(f"method {self.name}: attach")
 
-    def mask_lr(self, train: TrainParams) -> float:
-        """Adam's learning rate on the real-valued masks."""
+    def mask_lr(self, train: TrainParams) -> float | None:
+        """A fixed Adam lr on the real-valued masks (train.mask_lr); None: the recipe's reach rule."""
         return train.mask_lr
+
+    def mask_distance(self) -> float:
+        """How far a mask's real value starts from its threshold (the recipe's reach rule sets the lr by it)."""
+        raise NotImplementedError(f"method {self.name}: mask_distance")
 
     def export_masks(self, model: TaskModel, task: dict) -> None:
         """Fill task.pt's mask entries (column_masks, mask_values, element_masks) from the trained model."""
@@ -123,23 +128,39 @@ def unregister(name: str) -> None:
 
 
 def names() -> tuple[str, ...]:
-    """Every registered method, built-ins first in the order of the paper's tables."""
-    return tuple(_REGISTRY)
+    """Every listed method, built-ins first in the order of the paper's tables."""
+    return tuple(n for n, m in _REGISTRY.items() if m.listed)
+
+
+def known(name: str) -> bool:
+    """Whether `name` is a registered method, listed or not (e.g. head_only, the comparison's reference)."""
+    return name in _REGISTRY
 
 
 def get(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserError(f"method: {name!r} is unknown (one of {', '.join(_REGISTRY)})") from None
+        raise UserError(f"method: {name!r} is unknown (one of {', '.join(names())})") from None
 
 
 def load_plugins(modules: list[str] | tuple[str, ...]) -> None:
-    """Import the modules of params.yaml's `plugins:` list (each registers its methods)."""
+    """Import the modules of params.yaml's `plugins:` list (each registers its methods or backbones,
+    xbar.backbones; a module imported for the first time that registers neither is refused)."""
+    import sys
+
+    from xbar.backbones.registry import count as backbones
+
     for module in modules:
         if not isinstance(module, str) or not _MODULE.match(module):
             raise UserError(f"plugins: {module!r} is not a Python module name (e.g. my_lab.methods)")
+        fresh, before = module not in sys.modules, len(_REGISTRY) + backbones()
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise UserError(f"plugins: cannot import {module!r} ({err})") from None
+        except Exception as err:  # the module's own code failed: one line, not its traceback
+            raise UserError(f"plugins: importing {module!r} failed ({type(err).__name__}: {err})") from None
+        if fresh and len(_REGISTRY) + backbones() == before:
+            raise UserError(f"plugins: {module!r} registers no method and no backbone "
+                            "(call xbar.methods.register or xbar.backbones.register in it)")

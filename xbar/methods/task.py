@@ -16,7 +16,7 @@ from xbar.errors import UserError
 from xbar.memory import TaskStorage, column_mask_bytes, task_storage
 from xbar.methods.layers import CrossbarLayer, TaskModel, backbone_net, crossbar_spec, deploy_cells, new_head, quantized_net
 from xbar.methods.recipe import set_trainable
-from xbar.methods.registry import get, names
+from xbar.methods.registry import get, known, names
 from xbar.params import Params, TaskSpec
 from xbar.runtime import to_cpu
 
@@ -51,13 +51,16 @@ def build_task_model(params: Params, spec: TaskSpec, quant: dict, levels: dict, 
     mapping = deploy_cells(net, levels, crossbar_spec(params))
     if body is not None:
         net.load_state_dict(body, strict=False)
-    model = TaskModel(net, method.name, mapping, bn=params.bn_rule(spec))
+    from xbar.methods.presets import recipe_for
+
+    model = TaskModel(net, method.name, mapping, bn=recipe_for(params.train.recipe, method.name).bn or params.bn_rule(spec))
     if method.spare_pes:
         if spare_pes is None:
             raise ValueError(f"{method.name} needs the ranked spare PEs")
         model.spare_pes = torch.as_tensor(spare_pes, dtype=torch.int64).sort().values
     method.attach(model, spec, params.train)
     set_trainable(model)
+    mapping.release_placements()  # not resident while the task trains (xbar.crossbar)
     return model
 
 
@@ -108,7 +111,7 @@ def load_task_model(task: dict, levels: dict, params: Params) -> TaskModel:
     its spare PEs: that would break the no-forgetting invariant.
     """
     method = task.get("method")
-    if method not in names():
+    if not known(method):
         raise UserError(f"task.pt: unknown method {method!r} (one of {', '.join(names())})")
     keeps_backbone = get(method).keeps_backbone
     net = quantized_net(params, task["num_classes"], task["channels"])
@@ -179,7 +182,8 @@ def mask_report(task: dict, mapping: Mapping) -> dict:
 
 
 def _masks(task: dict, mapping: Mapping) -> dict:
-    """Mask level histogram and mask memory (bytes) of a task.pt (`mask_report`).
+    """Mask level histogram, the share of masks at each level (column masks: of the frozen PEs' columns;
+    Piggyback: "0" is the share flipped) and mask memory (bytes) of a task.pt (`mask_report`).
 
     Column masks count the columns of frozen PEs only (a spare PE's columns
     carry no mask): K = len(mask_values) values per column, unpacked =
@@ -191,15 +195,18 @@ def _masks(task: dict, mapping: Mapping) -> dict:
         counts = sum(layer_mask_levels(task, mapping).values())
         masked, k = int(counts.sum()), len(values)
         return {"mask_histogram": {f"{v:g}": int(c) for v, c in zip(values, counts)}, "masked_units": masked,
+                "mask_shares": {f"{v:g}": round(int(c) / max(masked, 1), 6) for v, c in zip(values, counts)},
                 "mask_bytes_unpacked": column_mask_bytes(masked, k, packed=False),
                 "mask_bytes_packed": column_mask_bytes(masked, k, packed=True)}
     if task["element_masks"]:
         ones = sum(int(m.sum()) for m in task["element_masks"].values())
         total = sum(m.numel() for m in task["element_masks"].values())
-        return {"mask_histogram": {"0": total - ones, "1": ones}, "masked_units": total,
+        return {"mask_histogram": {"0": total - ones, "1": ones}, "masked_units": total,  # "0": flipped
+                "mask_shares": {"0": round((total - ones) / max(total, 1), 6), "1": round(ones / max(total, 1), 6)},
                 "mask_bytes_unpacked": column_mask_bytes(total, 2, packed=False),
                 "mask_bytes_packed": column_mask_bytes(total, 2, packed=False)}  # 1 bit a weight: nothing to pack
-    return {"mask_histogram": {}, "masked_units": 0, "mask_bytes_unpacked": 0, "mask_bytes_packed": 0}
+    return {"mask_histogram": {}, "mask_shares": {}, "masked_units": 0, "mask_bytes_unpacked": 0,
+            "mask_bytes_packed": 0}
 
 
 def stored_bytes(task: dict, mapping: Mapping, packed: bool = True) -> TaskStorage:
