@@ -71,7 +71,7 @@ def run(params: Params, task: str) -> None:
     write_json(task_metrics(task, "train"), {
         "method": spec.method, "train_accuracy": round(learned.train_accuracy, 2),
         "test_accuracy": round(learned.test_accuracy, 2), "final_loss": round(learned.final_loss, 4),
-        "epochs": spec.epochs, "optimizer_steps": model.steps, "kept_step": model.kept_step,
+        "epochs": spec.epochs, "optimizer_steps": model.steps, "kept_step": model.kept_step, "curve": model.curve,
         "lr_scale": model.lr_scale, "head_fit": model.head_fit,
         "seconds": round(learned.seconds, 1),
         "spare_pes_used": int(exported["spare_pes"].numel()), "spare_pes": exported["spare_pes"].tolist(),
@@ -81,8 +81,6 @@ def run(params: Params, task: str) -> None:
         **masks, "train_images": len(data.train), "test_images": len(data.test), "data_digest": data.digest,
     })
     kept = "" if model.kept_step is None else f", kept the checkpoint of step {model.kept_step} of {model.steps}"
-    kept += "" if model.lr_scale == 1 else f", held at {model.lr_scale:g} of every learning rate"
-    kept += ", head refit by logistic regression" if model.head_fit == "logistic" else ""
     print(f"train_masks {task} ({spec.method}): test accuracy {learned.test_accuracy:.2f}% "
           f"(train {learned.train_accuracy:.2f}%{kept})")
 

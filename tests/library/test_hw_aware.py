@@ -78,7 +78,8 @@ def test_calibrated_adc_needs_calibration_images(xma2):
 
 
 @pytest.mark.slow
-def test_hw_aware_learn_is_deterministic_and_trains_on_the_chip(pretrained):
+@pytest.mark.parametrize("aware", ["chip", "noise"])
+def test_hw_aware_learn_is_deterministic_and_trains_on_the_chip(pretrained, aware):
     """The per-task step with train.hw_aware: the same params give the same masks; the chip's noise changes
     what the task learns (the same step without it learns other masks)."""
     params, quant, levels = pretrained
@@ -87,14 +88,15 @@ def test_hw_aware_learn_is_deterministic_and_trains_on_the_chip(pretrained):
     def masks(hw_aware: bool) -> dict:
         p = params.model_copy(update={"train": params.train.model_copy(update={"hw_aware": hw_aware,
                                                                                "device": "cpu"})})
-        p = p.model_copy(update={"chip": p.chip.model_copy(update={"device": "paper", "aware": "chip",
-                                                                   "overrides": {"noise_scale": 3.0}})})
+        p = p.model_copy(update={"chip": p.chip.model_copy(update={"device": "paper", "aware": aware})})
         spec = TaskSpec(dataset="optdigits", method="xma", epochs=2)
         seed_everything(0, 2)
         learned = learn(p, spec, Backbone(quant, levels), data, "hw")
-        return learned.task["column_masks"]
+        # what the task learned: its column-mask codes and its trained state (head, clips)
+        return learned.task["column_masks"] | learned.task["model_state"]
 
     first, again, plain = masks(True), masks(True), masks(False)
+    assert first.keys() == again.keys() == plain.keys()
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert any(not torch.equal(first[k], plain[k]) for k in first)
 

@@ -77,6 +77,11 @@ def test_the_task_run_spans_its_stages_and_the_pipeline_run_ends_with_repro(pipe
     assert [r.info.run_name for r in runs(project, "attributes.status = 'RUNNING'")] == []
     exp = MlflowClient(project.mlflow_uri).get_experiment_by_name("xbar")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # a model-training experiment
+    # the training curve: every held-out check of train.json as step metrics of the task's run
+    curve = json.loads((root / "metrics/tasks/first/train.json").read_text())["curve"]
+    assert len(curve) >= 2 and curve[0]["step"] == 0
+    history = MlflowClient(project.mlflow_uri).get_metric_history(info.run_id, "curve/held_out_accuracy")
+    assert sorted((m.step, m.value) for m in history) == [(p["step"], p["held_out_accuracy"]) for p in curve]
 
 
 def test_a_logged_model_per_task_loads_and_predicts_as_the_task_did(pipeline):

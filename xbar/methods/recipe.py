@@ -321,6 +321,7 @@ def train_task(model: TaskModel, data, spec: TaskSpec, train: TrainParams, seed:
     after = image_losses(model, data, head_images(n, seed), workers=workers)
     check_converged(before, after, who, hint)  # on the last step: a run that ends above its start failed
     model.steps, model.kept_step = steps, None if validation is None else validation.best_step
+    model.curve = [] if validation is None else validation.curve
     if validation is not None and validation.best_step != steps:  # an earlier checkpoint held out better
         validation.restore_best()
         if own_bn:

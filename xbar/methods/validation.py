@@ -27,14 +27,23 @@ CHECKPOINTS = 4  # validation checks over a run, evenly spaced, besides its star
 def image_losses(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512,  # noqa: ANN001
                  workers: int | None = None) -> torch.Tensor:
     """Cross-entropy of each image `idx` of `data` under the model in eval mode (as deployed), on the CPU."""
+    return image_scores(model, data, idx, batch_size, workers)[0]
+
+
+def image_scores(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512,  # noqa: ANN001
+                 workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy, correct) of each image `idx` under the model in eval mode (as deployed), on the CPU."""
     net = model.net
     was_training = net.training
     net.eval()
     chunks = [chunk.tolist() for chunk in idx.split(batch_size)]
-    out = [F.cross_entropy(net(as_input(x)), y, reduction="none").cpu()
-           for x, y in batches(data, chunks, model_device(net), workers)]
+    losses, correct = [], []
+    for x, y in batches(data, chunks, model_device(net), workers):
+        logits = net(as_input(x))
+        losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+        correct.append((logits.argmax(1) == y).cpu())
     net.train(was_training)
-    return torch.cat(out)
+    return torch.cat(losses), torch.cat(correct)
 
 
 def held_out(labels: np.ndarray, seed: int) -> np.ndarray:
@@ -61,6 +70,7 @@ class Validation:
     best_loss: float = math.inf
     best_step: int = -1
     best_state: dict = field(default_factory=dict)
+    curve: list[dict] = field(default_factory=list)  # each check: step, held-out loss and accuracy (%)
 
     @classmethod
     def of(cls, model: TaskModel, data, labels: np.ndarray | None, seed: int,  # noqa: ANN001 (Dataset)
@@ -82,7 +92,10 @@ class Validation:
     def check(self, step: int, mode) -> None:  # noqa: ANN001 (train_mode's callable)
         """Score the model as deployed on the held-out images; keep its state if it is the best yet.
         `mode` puts the network back in training mode as `fit` runs it (frozen BN stays frozen)."""
-        loss = float(image_losses(self.model, self.data, self.val, workers=self.workers).mean())
+        losses, correct = image_scores(self.model, self.data, self.val, workers=self.workers)
+        loss = float(losses.mean())
+        self.curve.append({"step": step, "held_out_loss": round(loss, 4),
+                           "held_out_accuracy": round(100 * float(correct.float().mean()), 2)})
         mode(self.model.net)
         if loss < self.best_loss:
             self.best_loss, self.best_step = loss, step
