@@ -351,7 +351,7 @@ def test_compare_same_results_on_threads_and_dask_and_in_mlflow(tmp_path):
     report = json.loads(project.python("-m", "xbar.cli", "report", "--json").stdout)
     final = {(r["label"], r["task"]): r["accuracy_final"] for r in dask.iter_rows(named=True)}
     assert report["comparison"] == {label: {t: final[(label, t)] for t in tasks}
-                                    for label in ["finetune_shared", "piggyback", "xma2@10", "xma2@20"]}
+                                    for label in ["head_only", "finetune_shared", "piggyback", "xma2@10", "xma2@20"]}
     from mlflow import MlflowClient
 
     client = MlflowClient(project.mlflow_uri)

@@ -16,10 +16,10 @@ from xbar.methods import Method, get, names, register, unregister
 TOY_ENV = "XBAR_TEST_TOY_METHOD"  # set for the stage processes: importing this module there registers the toy
 
 
-class HeadOnly(Method):
+class LinearProbe(Method):
     """A linear probe: only the task head trains; the backbone, its BN and every cell stay as deployed."""
 
-    name = "head_only"
+    name = "linear_probe"
     trains = "the task head only"
     bn_rules = ("frozen",)
 
@@ -28,14 +28,14 @@ class HeadOnly(Method):
 
 
 if os.environ.get(TOY_ENV) == "1":
-    register(HeadOnly())
+    register(LinearProbe())
 
 
 @pytest.fixture
 def toy():
-    register(HeadOnly())
-    yield get("head_only")
-    unregister("head_only")
+    register(LinearProbe())
+    yield get("linear_probe")
+    unregister("linear_probe")
 
 
 def test_the_toy_method_is_a_registered_method_everywhere(toy):
@@ -43,10 +43,10 @@ def test_the_toy_method_is_a_registered_method_everywhere(toy):
     from xbar.params import parse_params
     from project import tiny_params
 
-    assert "head_only" in names() and toy.keeps_backbone and toy.gated and not toy.spare_pes
-    params = parse_params(tiny_params({"t1": {"method": "head_only"}}))
-    assert params.tasks["t1"].method == "head_only"
-    assert [c.label for c in configurations(["head_only", "xma2"], [0.1])] == ["head_only", "xma2@10"]
+    assert "linear_probe" in names() and toy.keeps_backbone and toy.gated and not toy.spare_pes
+    params = parse_params(tiny_params({"t1": {"method": "linear_probe"}}))
+    assert params.tasks["t1"].method == "linear_probe"
+    assert [c.label for c in configurations(["linear_probe", "xma2"], [0.1])] == ["head_only", "linear_probe", "xma2@10"]
 
 
 def test_the_toy_method_learns_tasks_in_the_comparison(toy, backbone):
@@ -56,9 +56,13 @@ def test_the_toy_method_learns_tasks_in_the_comparison(toy, backbone):
     from project import tiny_params
 
     params, quant, levels = backbone
-    raw = tiny_params({"t1": {"method": "head_only"}, "t2": {"method": "head_only", "dataset": "lfw_faces"}})
+    raw = tiny_params({"t1": {"method": "linear_probe"}, "t2": {"method": "linear_probe", "dataset": "lfw_faces"}})
     raw["model"] = params.model.model_dump()
-    result = run_configuration(parse_params(raw), Configuration("head_only"), Backbone(quant, levels))
+    # the closed-form head is already a probe's optimum here: at the default SGD lr the head's noise ends it
+    # a little above its start, which the divergence guard fails (docs/decisions.md, the guard's entry)
+    raw["train"] = {**raw.get("train", {}), "lr": 0.005}
+    result = run_configuration(parse_params(raw), Configuration("linear_probe"), Backbone(quant, levels))
+    assert result.failure is None
     rows = {r["task"]: r for r in result.tasks.iter_rows(named=True)}
     assert set(rows) == {"t1", "t2"}
     assert rows["t1"]["accuracy_at_learn"] > 10.0  # above chance on optdigits' 10 classes
@@ -71,7 +75,7 @@ def test_the_toy_method_learns_tasks_in_the_comparison(toy, backbone):
 def test_the_toy_method_learns_a_task_through_the_dvc_stages(tmp_path: Path):
     from project import ROOT, make_tiny_project
 
-    project = make_tiny_project(tmp_path / "project", {"t1": {"method": "head_only"}, "t2": {}}, git=False)
+    project = make_tiny_project(tmp_path / "project", {"t1": {"method": "linear_probe"}, "t2": {}}, git=False)
     raw = project.params.read_text()
     project.params.write_text(raw + f"plugins: [{Path(__file__).stem}]\n")
     project.env.update({TOY_ENV: "1", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
@@ -82,9 +86,9 @@ def test_the_toy_method_learns_a_task_through_the_dvc_stages(tmp_path: Path):
     project.run("git", "commit", "-q", "-m", "tiny project with a toy method")
     project.dvc("repro")
     task = torch.load(project.root / "artifacts/tasks/t1/task.pt", weights_only=True)
-    assert task["method"] == "head_only" and not task["column_masks"] and not task["element_masks"]
+    assert task["method"] == "linear_probe" and not task["column_masks"] and not task["element_masks"]
     metrics = project.root / "metrics/tasks"
     program = json.loads((metrics / "t1/program.json").read_text())
-    assert program["method"] == "head_only" and program["cells_written"] == 0
+    assert program["method"] == "linear_probe" and program["cells_written"] == 0
     gate = json.loads((metrics / "t2/evaluate.json").read_text())  # t1 after t2 (xma2) was learned
     assert gate["gate"] == "passed" and gate["forgetting"]["t1"] == 0

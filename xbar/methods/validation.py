@@ -30,6 +30,7 @@ def image_losses(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 51
     return image_scores(model, data, idx, batch_size, workers)[0]
 
 
+@torch.no_grad()
 def image_scores(model: TaskModel, data, idx: torch.Tensor, batch_size: int = 512,  # noqa: ANN001
                  workers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, correct) of each image `idx` under the model in eval mode (as deployed), on the CPU."""
