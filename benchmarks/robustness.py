@@ -208,7 +208,7 @@ def run_method(params: Params, backbone: Backbone, data: TaskData, method: str, 
                 "seconds": round(time.perf_counter() - began, 1)}
     return {"method": method, "diverged": False, "final_loss": round(learned.final_loss, 4),
             "accuracy": round(learned.test_accuracy, 2), "kept_step": learned.model.kept_step,
-            "lr_scale": learned.model.lr_scale, "head_fit": learned.model.head_fit,
+            "head_fit": learned.model.head_fit,
             "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -296,7 +296,7 @@ def main() -> None:
                     loss = "-" if row["final_loss"] is None else f"{row['final_loss']:.4f}"
                     print(f"{backbone_name:9s} {task:14s} {epochs:2d} ep {method:18s} loss {loss:>8s}  "
                           f"accuracy {acc}  probe {probe:6.2f}  kept step {row.get('kept_step')}  "
-                          f"lr x{row.get('lr_scale')}  head {row.get('head_fit')}  "
+                          f"head {row.get('head_fit')}  "
                           f"({row['seconds']:.0f} s)", flush=True)
     result = {"rows": rows, "goals": goals(rows), "backbone_seconds": timing,
               "seconds": round(time.perf_counter() - began, 1)}

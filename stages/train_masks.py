@@ -72,7 +72,7 @@ def run(params: Params, task: str) -> None:
         "method": spec.method, "train_accuracy": round(learned.train_accuracy, 2),
         "test_accuracy": round(learned.test_accuracy, 2), "final_loss": round(learned.final_loss, 4),
         "epochs": spec.epochs, "optimizer_steps": model.steps, "kept_step": model.kept_step, "curve": model.curve,
-        "lr_scale": model.lr_scale, "head_fit": model.head_fit,
+        "head_fit": model.head_fit,
         "seconds": round(learned.seconds, 1),
         "spare_pes_used": int(exported["spare_pes"].numel()), "spare_pes": exported["spare_pes"].tolist(),
         "pes": mapping.n_pes, "shift_levels": model.shift_levels,

@@ -183,7 +183,6 @@ class TaskModel:
     steps: int = 0
     kept_step: int | None = None
     curve: list[dict] = field(default_factory=list)  # the held-out checks of training (xbar.methods.validation)
-    lr_scale: float = 1.0  # always 1: a run never changes its lrs (kept for train.json's readers)
     recipe: str = "default"  # the recipe it trained under (xbar.methods.presets.Recipe.label)
     head_fit: str = "ridge head, then SGD"  # the head procedure (the recipe's, the same for every method)
 
